@@ -1,0 +1,37 @@
+"""The interpretable filter loss of Zhang, Wu and Zhu, "Interpretable CNNs" (CVPR 2018).
+
+Public API:
+    make_templates, mutual_information: the paper's templates and exact MI(X; T).
+    ICNNMask: the mask layer.
+    attach_icnn, ICNNHandle: masks + loss on named layers of any model, through hooks.
+    approximate_gradient, assign_categories, FilterLossState: the pieces of the loss.
+"""
+
+from icnn_compress.icnn._attach import ICNNHandle, attach_icnn, find_activation, last_conv_name
+from icnn_compress.icnn._loss import FilterLossState, approximate_gradient, assign_categories
+from icnn_compress.icnn._mask import ICNNMask
+from icnn_compress.icnn._templates import (
+    default_tau,
+    log_template_prior,
+    make_templates,
+    mask_shape,
+    mutual_information,
+    template_scores,
+)
+
+__all__ = [
+    "FilterLossState",
+    "ICNNHandle",
+    "ICNNMask",
+    "approximate_gradient",
+    "assign_categories",
+    "attach_icnn",
+    "default_tau",
+    "find_activation",
+    "last_conv_name",
+    "log_template_prior",
+    "make_templates",
+    "mask_shape",
+    "mutual_information",
+    "template_scores",
+]

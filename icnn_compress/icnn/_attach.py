@@ -1,0 +1,504 @@
+"""Attach the mask layer and the filter loss to named layers of any ``nn.Module``."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from icnn_compress.errors import ICNNError
+from icnn_compress.icnn._loss import FilterLossState
+from icnn_compress.icnn._mask import ICNNMask
+
+__all__ = ["ICNNHandle", "attach_icnn", "find_activation", "last_conv_name"]
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+SCHEDULES = ("constant", "paper")
+BALANCES = ("none", "grad")
+NORMALIZES = ("mean_max", "none")
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ICNNError(f"The model has no module named {name!r}.{hint}")
+    return modules[name]
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def last_conv_name(model: nn.Module) -> str:
+    """Name of the last ``nn.Conv2d`` registered in ``model`` (the paper's "top conv layer")."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise ICNNError("layers='auto' needs a model with at least one nn.Conv2d; this model has none.")
+    return names[-1]
+
+
+def find_activation(model: nn.Module, conv_name: str) -> str:
+    """Name of the ReLU module that takes a conv's output (through an optional BatchNorm).
+
+    Traced with ``torch.fx`` where possible; otherwise the conv's next siblings in an
+    ``nn.Sequential``. Raises ``ICNNError`` when no single-use ReLU module follows.
+    """
+    hint = (
+        f"name the activation module after {conv_name!r}, or a block whose output is post-ReLU "
+        "(for example torchvision ResNet's 'layer4')"
+    )
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # untraceable model: fall back to nn.Sequential order
+        graph = None
+    if graph is not None:
+        uses: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                uses[node.target] = uses.get(node.target, 0) + 1
+        node = next((n for n in graph.nodes if n.op == "call_module" and n.target == conv_name), None)
+        while node is not None:
+            users = list(node.users)
+            if len(users) != 1 or users[0].op != "call_module":
+                break
+            nxt = users[0]
+            mod = model.get_submodule(nxt.target)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                node = nxt
+                continue
+            if isinstance(mod, _ACTIVATIONS):
+                if uses[nxt.target] > 1:
+                    raise ICNNError(
+                        f"The activation {nxt.target!r} after {conv_name!r} is shared by "
+                        f"{uses[nxt.target]} calls, so a hook on it would mask all of them; {hint}."
+                    )
+                return str(nxt.target)
+            break
+        raise ICNNError(f"No ReLU module takes the output of {conv_name!r} (through BatchNorm); {hint}.")
+    parent_name, _, child = conv_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.Sequential):
+        names = [n for n, _ in parent.named_children()]
+        for nxt in names[names.index(child) + 1 :]:
+            mod = getattr(parent, nxt)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                continue
+            if isinstance(mod, _ACTIVATIONS):
+                return f"{parent_name}.{nxt}" if parent_name else nxt
+            break
+    raise ICNNError(f"Could not find the ReLU after {conv_name!r} (the model is not fx-traceable); {hint}.")
+
+
+@dataclass
+class _Site:
+    """One place where maps are masked and fed to the loss."""
+
+    name: str  # the key users see (the conv or module they named, or '<name>.icnn_conv')
+    mask: ICNNMask
+    state: FilterLossState | None = None  # created at the first forward (channel count known)
+    maps: Tensor | None = None
+    calls: int = 0
+
+    def record(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            raise ICNNError(
+                f"The ICNN layer {self.name!r} ran {self.calls} times in one forward pass: its module is "
+                "shared (for example torchvision ResNet's block.relu); attach to the block instead."
+            )
+        self.maps = x
+        if self._balance and self.state is not None:
+            return self.state.tap(x)
+        return x
+
+    _balance: bool = field(default=False, repr=False)
+
+
+class ICNNHandle:
+    """What ``attach_icnn`` returns: the loss, the filter categories and the life cycle of the hooks.
+
+    Attributes:
+        layers: the layer names (as given, with ``"auto"`` resolved), plus ``'<name>.icnn_conv'`` for
+            every inserted interpretable conv layer; the keys of ``filter_categories``.
+        hook_points: layer name -> name of the module whose output is masked (the ReLU after a conv).
+        last_mi: layer name -> mean MI (nats) per filter at the last ``loss`` call.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, options: dict) -> None:
+        self.model = model
+        self.num_classes = num_classes
+        self.options = options
+        self.layers: list[str] = []
+        self.hook_points: dict[str, str] = {}
+        self.last_mi: dict[str, float] = {}
+        self.epoch = 0
+        self.step = 0
+        self.frozen = False
+        self.removed = False
+        self._sites: dict[str, _Site] = {}
+        self._point_sites: dict[str, list[_Site]] = {}
+        self._extras: dict[str, tuple[str, nn.Sequential]] = {}  # hook point -> (root attr, conv+relu)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    # ----- construction -----
+    def _add_point(self, layer: str, point: str, extra_conv: bool) -> None:
+        opts = self.options
+        mask = ICNNMask(beta=opts["beta"], centre=opts["centre"], enabled=opts["mask"])
+        site = _Site(layer, mask, _balance=opts["balance"] == "grad")
+        mask.set_recorder(site.record)
+        sites = [site]
+        self.layers.append(layer)
+        self.hook_points[layer] = point
+        if extra_conv:
+            module = _get(self.model, point)
+            channels = self._channels_of(layer, module)
+            # registered on the activation module (a leaf whose forward ignores children), so the
+            # new parameters are in model.parameters() without changing any existing key
+            extra = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+            module.add_module("icnn_conv", extra)
+            attr = f"{point}.icnn_conv"
+            self._extras[point] = (attr, extra)
+            extra_name = f"{layer}.icnn_conv"
+            extra_mask = ICNNMask(beta=opts["beta"], centre=opts["centre"], enabled=opts["mask"])
+            extra_site = _Site(extra_name, extra_mask, _balance=site._balance)
+            extra_mask.set_recorder(extra_site.record)
+            sites.append(extra_site)
+            self.layers.append(extra_name)
+            self.hook_points[extra_name] = attr
+        for s in sites:
+            self._sites[s.name] = s
+        self._point_sites[point] = sites
+        self._hooks.append(_get(self.model, point).register_forward_hook(self._make_hook(point)))
+
+    def _channels_of(self, layer: str, module: nn.Module) -> int:
+        conv = _get(self.model, layer)
+        if isinstance(conv, nn.Conv2d) and isinstance(module, _ACTIVATIONS):
+            return conv.out_channels
+        raise ICNNError(f"extra_conv on {layer!r} needs a Conv2d layer name (followed by its ReLU).")
+
+    def _make_hook(self, point: str):
+        def hook(module: nn.Module, inputs, output: Tensor) -> Tensor:
+            return self._apply_point(point, output)
+
+        return hook
+
+    def _apply_point(self, point: str, x: Tensor) -> Tensor:
+        sites = self._point_sites[point]
+        x = sites[0].mask(x)
+        if len(sites) > 1:
+            x = sites[1].mask(self._extras[point][1](x))
+        return x
+
+    def _reset_calls(self, module: nn.Module, inputs) -> None:
+        for site in self._sites.values():
+            site.calls = 0
+
+    # ----- public API -----
+    @property
+    def filter_categories(self) -> dict[str, Tensor]:
+        """Layer name -> ``LongTensor[C]`` of per-filter classes (-1 before the first ``loss`` call)."""
+        out = {}
+        for name, site in self._sites.items():
+            out[name] = (
+                site.state.categories.clone() if site.state is not None else torch.empty(0, dtype=torch.long)
+            )
+        return out
+
+    def lambda_factor(self) -> float:
+        """Multiplier of ``weight`` at the current epoch/step (schedule and warm-up)."""
+        factor = 1.0 / (self.epoch + 1) if self.options["schedule"] == "paper" else 1.0
+        warm = self.options["warmup_steps"]
+        if warm > 0:
+            factor *= min(1.0, (self.step + 1) / warm)
+        return factor
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the handle the current epoch (0-based), for the ``"paper"`` 1/t schedule."""
+        self.epoch = int(epoch)
+
+    def loss(self, targets: Tensor) -> Tensor:
+        """The weighted filter loss of the last forward pass, summed over layers.
+
+        Args:
+            targets: ``(N,)`` integer class indices in ``[0, num_classes)`` of that batch.
+
+        Returns:
+            A scalar to add to the task loss. Its backward is the paper's label-driven approximate
+            gradient (ICNN_SPEC.md section 4) times lambda; its value is ``-lambda * sum_f MI_f``.
+        """
+        if self.removed:
+            raise ICNNError("This ICNN handle was removed; attach_icnn again to use the loss.")
+        if not torch.is_tensor(targets) or targets.dim() != 1:
+            raise ICNNError(
+                f"targets must be a 1-D tensor of class indices. Got {type(targets).__name__}"
+                f"{'' if not torch.is_tensor(targets) else ' of shape ' + str(tuple(targets.shape))} instead."
+            )
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise ICNNError(f"targets must hold integer class indices. Got dtype {targets.dtype} instead.")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+            raise ICNNError(
+                f"targets must be in [0, {self.num_classes}) for num_classes={self.num_classes}. "
+                f"Got values in [{int(targets.min())}, {int(targets.max())}] instead."
+            )
+        opts = self.options
+        weight = opts["weight"] * self.lambda_factor()
+        total = None
+        for name, site in self._sites.items():
+            maps = site.maps
+            if maps is None:
+                raise ICNNError(
+                    f"No maps recorded for {name!r}: run the model's forward (with grad enabled) first."
+                )
+            if maps.shape[0] != targets.shape[0]:
+                raise ICNNError(
+                    f"targets has {targets.shape[0]} entries but the last forward pass had "
+                    f"{maps.shape[0]} images."
+                )
+            if bool((maps.detach() < 0).any()):
+                raise ICNNError(
+                    f"The maps of {name!r} have negative values (min {float(maps.detach().min()):.3g}); "
+                    "the loss needs feature maps after ReLU: attach to the conv (its ReLU is found) "
+                    "or to the activation module."
+                )
+            if site.state is None:
+                site.state = self._new_state(maps.shape[1])
+            loss, mi = site.state.loss(
+                maps,
+                targets.to(maps.device),
+                tau=opts["tau"],
+                beta=opts["beta"],
+                normalize=opts["normalize"] == "mean_max",
+                balance=opts["balance"] == "grad",
+                weight=weight,
+            )
+            self.last_mi[name] = float(mi.mean())
+            site.maps = None
+            total = loss if total is None else total + loss
+        self.step += 1
+        return total
+
+    def _new_state(self, channels: int) -> FilterLossState:
+        o = self.options
+        return FilterLossState(
+            channels,
+            self.num_classes,
+            categories=o["categories"],
+            positive_class=o["positive_class"],
+            category_stat=o["category_stat"],
+            refresh_every=o["refresh_every"],
+            z_momentum=o["z_momentum"],
+            stat_momentum=o["stat_momentum"],
+        )
+
+    def freeze(self) -> dict[str, str]:
+        """Turn the hooks into real modules inside the model, so export and pruning keep the masks.
+
+        The hook point ``P`` (the ReLU after a conv, or the block you named) becomes
+        ``nn.Sequential(P, mask[, conv, relu, mask])``; when ``P`` already is an ``nn.Sequential`` the
+        modules are appended to it instead, so its state-dict keys stay the same. The loss keeps
+        working after ``freeze``.
+
+        Returns:
+            hook point name -> the name under which the masked output is now produced.
+        """
+        if self.removed:
+            raise ICNNError("This ICNN handle was removed; nothing to freeze.")
+        if self.frozen:
+            return {p: p for p in self._point_sites}
+        for h in self._hooks[1:]:
+            h.remove()
+        self._hooks = self._hooks[:1]
+        for point, sites in self._point_sites.items():
+            module = _get(self.model, point)
+            extra = []
+            if len(sites) > 1:
+                _, seq = self._extras[point]
+                del module._modules["icnn_conv"]
+                extra = [seq, sites[1].mask]
+            if isinstance(module, nn.Sequential):
+                for m in [sites[0].mask, *extra]:
+                    module.append(m)
+            else:
+                _set(self.model, point, nn.Sequential(module, sites[0].mask, *extra))
+        self.frozen = True
+        return {p: p for p in self._point_sites}
+
+    def remove(self) -> None:
+        """Detach everything and restore the model exactly (before any training happened)."""
+        if self.frozen:
+            raise ICNNError(
+                "The masks were frozen into the model and are part of it now; remove() is only "
+                "for detaching hooks before freeze()."
+            )
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for point in self._extras:
+            del _get(self.model, point)._modules["icnn_conv"]
+        self._extras = {}
+        for site in self._sites.values():
+            site.mask.set_recorder(None)
+            site.maps = None
+        self.removed = True
+
+    def state_dict(self) -> dict:
+        """Running estimates, categories and schedule position, for checkpoints."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "sites": {
+                n: (s.state.state_dict() if s.state is not None else None) for n, s in self._sites.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        for name, st in state["sites"].items():
+            if name not in self._sites:
+                raise ICNNError(
+                    f"ICNN state has a layer {name!r} that this handle does not have ({self.layers})."
+                )
+            if st is None:
+                continue
+            site = self._sites[name]
+            site.state = self._new_state(st["class_stats"].shape[0])
+            site.state.load_state_dict(st)
+
+
+def attach_icnn(
+    model: nn.Module,
+    layers: str | list[str] = "auto",
+    num_classes: int = 2,
+    *,
+    weight: float = 0.5,
+    balance: str = "grad",
+    normalize: str = "mean_max",
+    schedule: str = "constant",
+    warmup_steps: int = 200,
+    beta: float = 4.0,
+    tau: float | None = None,
+    centre: str = "argmax",
+    mask: bool = True,
+    categories: str = "multi",
+    positive_class: int = 1,
+    category_stat: str = "sum",
+    refresh_every: int = 50,
+    z_momentum: float = 0.1,
+    stat_momentum: float = 0.1,
+    extra_conv: bool | list[str] = False,
+) -> ICNNHandle:
+    """Make the filters of named conv layers interpretable: masks in the forward pass, plus the loss.
+
+    Args:
+        model: any CNN; it is changed only through forward hooks (and, with ``extra_conv``, new
+            submodules) until ``handle.freeze()``.
+        layers: module names: a ``Conv2d`` (its ReLU, through BatchNorm, is found and masked), an
+            activation module, or a block whose output is post-ReLU. ``"auto"``: the last conv layer.
+        num_classes: K, the number of classes of the targets passed to ``handle.loss``.
+        weight: lambda. With ``balance="grad"`` (default) it is the ratio of the RMS of the filter
+            loss's gradient to the RMS of the task loss's gradient at the same maps, per filter
+            (a scale-free balance); with ``balance="none"`` it is the literal weight of the loss
+            (the spec's experiments needed 1e3-1e5 there).
+        normalize: ``"mean_max"`` divides each filter's maps by the batch mean of their maximum
+            before the loss (scale-free templates); ``"none"`` uses raw activations.
+        schedule: ``"constant"`` or ``"paper"`` (lambda / t in epoch t, counted from 1).
+        warmup_steps: linear ramp of lambda over the first steps (0: none). On the toy task of
+            the test suite, the warm-up is what keeps the accuracy cost at zero.
+        beta, tau, centre, mask: template slope, template scale (``None``: ``0.5/n**2``), mask centre
+            (``"argmax"`` or ``"centroid"``), and ``mask=False`` to train without the mask layer.
+        categories: ``"multi"`` (filter -> argmax class of its mean response, refreshed),
+            ``"balanced"`` (~C/K filters per class) or ``"single"`` (every filter -> positive_class).
+        category_stat: per-image statistic for categories: ``"sum"`` (paper) or ``"max"`` (authors).
+        refresh_every: re-assign categories every this many loss calls.
+        z_momentum, stat_momentum: momentum of the running ``Z_T`` and class statistics.
+        extra_conv: ``True`` (every layer) or a list of layer names on top of which the paper's
+            extra 3x3 conv + ReLU with interpretable filters is inserted (named ``<layer>.icnn_conv``).
+
+    Returns:
+        An ``ICNNHandle``.
+
+    Example:
+        >>> icnn = attach_icnn(model, "features.8", num_classes=10)
+        >>> loss = F.cross_entropy(model(x), y) + icnn.loss(y)
+    """
+    options = dict(
+        weight=float(weight),
+        balance=balance,
+        normalize=normalize,
+        schedule=schedule,
+        warmup_steps=int(warmup_steps),
+        beta=float(beta),
+        tau=tau,
+        centre=centre,
+        mask=bool(mask),
+        categories=categories,
+        positive_class=int(positive_class),
+        category_stat=category_stat,
+        refresh_every=int(refresh_every),
+        z_momentum=float(z_momentum),
+        stat_momentum=float(stat_momentum),
+    )
+    for key, allowed in (("balance", BALANCES), ("normalize", NORMALIZES), ("schedule", SCHEDULES)):
+        if options[key] not in allowed:
+            raise ICNNError(
+                f"The '{key}' option of attach_icnn must be one of {allowed}. Got {options[key]!r} instead."
+            )
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ICNNError(
+            f"The 'weight' option of attach_icnn must be a finite float >= 0. Got {weight!r} instead."
+        )
+    if not isinstance(num_classes, int) or num_classes < 1 or (categories != "single" and num_classes < 2):
+        raise ICNNError(
+            f"num_classes must be an int >= 2 (>= 1 with categories='single'). Got {num_classes!r} instead."
+        )
+    # validates the remaining options once, before any hook is installed
+    FilterLossState(
+        1,
+        num_classes,
+        categories=categories,
+        positive_class=positive_class,
+        category_stat=category_stat,
+        refresh_every=refresh_every,
+        z_momentum=z_momentum,
+        stat_momentum=stat_momentum,
+    )
+    ICNNMask(beta=beta, centre=centre)
+
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise ICNNError("layers must name at least one layer (or be 'auto').")
+    names = [last_conv_name(model) if n == "auto" else n for n in names]
+    if len(set(names)) != len(names):
+        raise ICNNError(f"layers has duplicates: {names}.")
+    extra_names = set(names if extra_conv is True else (extra_conv or []))
+    unknown = extra_names - set(names)
+    if unknown:
+        raise ICNNError(f"extra_conv names {sorted(unknown)}, which are not in layers {names}.")
+
+    handle = ICNNHandle(model, num_classes, options)
+    points = []
+    for name in names:
+        module = _get(model, name)
+        if not isinstance(module, (nn.Conv2d, *_ACTIVATIONS)) and not any(
+            isinstance(m, nn.Conv2d) for m in module.modules()
+        ):
+            raise ICNNError(
+                f"Layer {name!r} is a {type(module).__name__}, not a conv layer: name an nn.Conv2d, "
+                "its ReLU, or a block of conv layers whose output is post-ReLU."
+            )
+        point = find_activation(model, name) if isinstance(module, nn.Conv2d) else name
+        if point in points:
+            raise ICNNError(f"Two layers resolve to the same activation {point!r}: {names}.")
+        points.append(point)
+    for name, point in zip(names, points, strict=False):
+        handle._add_point(name, point, name in extra_names)
+    handle._hooks.insert(0, model.register_forward_pre_hook(handle._reset_calls))
+    return handle

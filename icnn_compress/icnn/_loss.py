@@ -1,0 +1,309 @@
+"""The filter loss with the paper's label-driven approximate gradient (ICNN_SPEC.md sections 4, 5).
+
+``FilterLossState`` holds what persists across steps for one layer: the running log-space
+estimates of ``Z_T`` (per filter, per template), the per-class statistics that assign each filter
+to a category, and (for gradient balancing) a running measure of the classification gradient.
+
+Normalisation of ``Z_T``: ``log_z`` estimates ``log mean_x exp(s_T(x))`` rather than
+``log sum_x``; the dataset size ``|X|`` cancels in ``log p(x|T) - log p(x)`` and only rescales the
+gradient by a constant, so the estimate (and hence training) does not depend on the dataset size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from icnn_compress._dist import all_reduce_
+from icnn_compress.errors import ICNNError
+from icnn_compress.icnn._templates import log_template_prior, make_templates, template_scores
+
+__all__ = ["FilterLossState", "approximate_gradient", "assign_categories"]
+
+CATEGORY_MODES = ("multi", "balanced", "single")
+CATEGORY_STATS = ("sum", "max")
+
+
+class _InjectGradient(torch.autograd.Function):
+    """Returns a precomputed value; its backward hands a precomputed gradient to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, value: Tensor, grad: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None
+
+
+class _GradientTap(torch.autograd.Function):
+    """Identity whose backward adds the per-filter sum of squared incoming gradients to a state."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, state: FilterLossState) -> Tensor:  # type: ignore[override]
+        ctx.state = state
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        g = grad_out.detach().float()
+        ctx.state.add_task_gradient(g.pow(2).sum(dim=(0, 2, 3)), g[:, 0].numel())
+        return grad_out, None
+
+
+def approximate_gradient(
+    scores: Tensor, log_z: Tensor, templates: Tensor, template_index: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The paper's dominant-term gradient of ``-MI`` and the per-filter MI estimate.
+
+    Args:
+        scores: ``s_T(x)``, ``(N, C, T)``.
+        log_z: running ``log Z_T`` per filter, ``(C, T)`` (treated as a constant).
+        templates: ``(T, P)`` flattened templates.
+        template_index: ``T_hat`` per map, ``(N, C)``: the argmax position for images of the
+            filter's category, ``T - 1`` (the negative template) otherwise.
+
+    Returns:
+        ``(grad, mi)``: ``dLoss/dx`` of shape ``(N, C, P)`` for ``Loss = -sum_c MI_c`` with each
+        map weighted ``1/N`` (the batch mean), and the MI estimate ``(C,)`` in nats.
+    """
+    n = scores.shape[0]
+    num_t = templates.shape[0]
+    log_pt = log_template_prior(num_t - 1, device=scores.device, dtype=scores.dtype)
+    log_px_t = scores - log_z  # log p(x|T), up to the constant log|X|
+    log_px = torch.logsumexp(log_px_t + log_pt, dim=2)  # (N, C)
+    mi = (torch.exp(log_pt + log_px_t) * (log_px_t - log_px[..., None])).sum(dim=2).mean(dim=0)
+    lp_hat = log_px_t.gather(2, template_index[..., None]).squeeze(2)  # (N, C)
+    coef = torch.exp(log_pt[template_index] + lp_hat) * (lp_hat - log_px)
+    grad = -(coef[..., None] * templates[template_index]) / n
+    return grad, mi
+
+
+def assign_categories(stats: Tensor, mode: str = "multi") -> Tensor:
+    """Filter -> category from per-class statistics ``(C, K)`` (paper: argmax over classes).
+
+    ``mode="balanced"`` gives each class ``~C/K`` filters, maximising the total share of each
+    filter's statistic that its class holds (Hungarian assignment over class slots).
+    """
+    if mode == "multi":
+        return stats.argmax(dim=1)
+    c, k = stats.shape
+    share = (stats / stats.sum(dim=1, keepdim=True).clamp_min(1e-12)).cpu().double().numpy()
+    slots = math.ceil(c / k)
+    cost = -np.repeat(share, slots, axis=1)  # column j is class j // slots
+    rows, cols = linear_sum_assignment(cost)
+    out = torch.empty(c, dtype=torch.long)
+    out[torch.as_tensor(rows)] = torch.as_tensor(cols // slots, dtype=torch.long)
+    return out.to(stats.device)
+
+
+class FilterLossState:
+    """Per-layer state of the filter loss; ``state_dict()`` / ``load_state_dict()`` for resume.
+
+    Args:
+        num_filters: C, the layer's channel count.
+        num_classes: K.
+        categories: ``"multi"`` (paper rule), ``"balanced"`` or ``"single"`` (all filters belong to
+            ``positive_class``).
+        positive_class: the class of every filter in ``"single"`` mode.
+        category_stat: ``"sum"`` (paper: ``sum_ij x``) or ``"max"`` (authors' code: ``max_ij x``).
+        refresh_every: re-assign categories every this many updates (and at the first).
+        z_momentum, stat_momentum: momentum of the running estimates (1 = last batch only).
+    """
+
+    def __init__(
+        self,
+        num_filters: int,
+        num_classes: int,
+        *,
+        categories: str = "multi",
+        positive_class: int = 1,
+        category_stat: str = "sum",
+        refresh_every: int = 50,
+        z_momentum: float = 0.1,
+        stat_momentum: float = 0.1,
+    ) -> None:
+        if categories not in CATEGORY_MODES:
+            raise ICNNError(
+                f"The 'categories' option must be one of {CATEGORY_MODES}. Got {categories!r} instead."
+            )
+        if category_stat not in CATEGORY_STATS:
+            raise ICNNError(
+                f"The 'category_stat' option must be one of {CATEGORY_STATS}. Got {category_stat!r} instead."
+            )
+        if categories == "single" and not 0 <= positive_class < num_classes:
+            raise ICNNError(
+                f"The 'positive_class' option must be in [0, {num_classes}). Got {positive_class!r} instead."
+            )
+        for key, val in (("z_momentum", z_momentum), ("stat_momentum", stat_momentum)):
+            if not 0 < val <= 1:
+                raise ICNNError(f"The '{key}' option must be a float in (0, 1]. Got {val!r} instead.")
+        if refresh_every < 1:
+            raise ICNNError(f"The 'refresh_every' option must be an int >= 1. Got {refresh_every!r} instead.")
+        self.num_filters = num_filters
+        self.num_classes = num_classes
+        self.mode = categories
+        self.positive_class = positive_class
+        self.category_stat = category_stat
+        self.refresh_every = refresh_every
+        self.z_momentum = z_momentum
+        self.stat_momentum = stat_momentum
+        self.updates = 0
+        self.log_z: Tensor | None = None  # (C, T)
+        self.class_stats = torch.zeros(num_filters, num_classes, dtype=torch.float64)
+        self.class_seen = torch.zeros(num_classes, dtype=torch.bool)
+        if categories == "single":
+            self.categories = torch.full((num_filters,), positive_class, dtype=torch.long)
+        else:
+            self.categories = torch.full((num_filters,), -1, dtype=torch.long)
+        self.task_grad_ms: Tensor | None = None  # running mean square of the task gradient, (C,)
+        self._pending_sq = torch.zeros(num_filters, dtype=torch.float64)
+        self._pending_count = 0
+
+    # ----- task-gradient bookkeeping (balance="grad") -----
+    def add_task_gradient(self, sum_sq: Tensor, count: int) -> None:
+        self._pending_sq += sum_sq.to(self._pending_sq)
+        self._pending_count += count
+
+    def _consume_task_gradient(self, device: torch.device) -> Tensor | None:
+        packed = torch.cat(
+            [self._pending_sq, torch.tensor([float(self._pending_count)], dtype=torch.float64)]
+        )
+        packed = all_reduce_(packed.to(device)).cpu()
+        self._pending_sq.zero_()
+        self._pending_count = 0
+        if packed[-1] > 0:
+            ms = packed[:-1] / packed[-1]
+            self.task_grad_ms = ms if self.task_grad_ms is None else 0.9 * self.task_grad_ms + 0.1 * ms
+        return self.task_grad_ms
+
+    # ----- statistics -----
+    def update_categories(self, per_image: Tensor, targets: Tensor) -> None:
+        """Fold one batch of per-image statistics ``(N, C)`` into the class statistics."""
+        k = self.num_classes
+        onehot = torch.nn.functional.one_hot(targets, k).to(per_image.dtype)  # (N, K)
+        packed = torch.cat([per_image.t() @ onehot, onehot.sum(0, keepdim=True)], dim=0).double()
+        packed = all_reduce_(packed).cpu()
+        sums, counts = packed[:-1], packed[-1]
+        present = counts > 0
+        mean = sums[:, present] / counts[present]
+        m = self.stat_momentum
+        fresh = present & ~self.class_seen
+        old = present & self.class_seen
+        self.class_stats[:, fresh] = sums[:, fresh] / counts[fresh]
+        self.class_stats[:, old] = (1 - m) * self.class_stats[:, old] + m * mean[:, old[present]]
+        self.class_seen |= present
+        if self.mode != "single" and (
+            self.updates % self.refresh_every == 0 or bool((self.categories < 0).any())
+        ):
+            self.categories = assign_categories(self.class_stats, self.mode)
+
+    def update_log_z(self, scores: Tensor) -> Tensor:
+        """Fold one batch of scores ``(N, C, T)`` into the running ``log Z_T``; returns it."""
+        with torch.no_grad():
+            peak = all_reduce_(scores.amax(dim=0), "max")
+            count = scores.new_tensor([scores.shape[0]])
+            packed = torch.cat([torch.exp(scores - peak).sum(dim=0).flatten(), count])
+            packed = all_reduce_(packed)
+            batch = peak + torch.log(packed[:-1].view_as(peak)) - math.log(float(packed[-1]))
+            m = self.z_momentum
+            if self.log_z is None or self.log_z.shape != batch.shape or m >= 1:
+                self.log_z = batch
+            else:
+                self.log_z = torch.logaddexp(self.log_z.to(batch) + math.log1p(-m), batch + math.log(m))
+        return self.log_z
+
+    # ----- the loss -----
+    def loss(
+        self,
+        maps: Tensor,
+        targets: Tensor,
+        *,
+        tau: float | None,
+        beta: float,
+        normalize: bool,
+        balance: bool,
+        weight: float,
+    ) -> tuple[Tensor, Tensor]:
+        """Weighted filter loss of one layer for one batch.
+
+        Args:
+            maps: ``(N, C, h, w)`` post-ReLU maps of the last forward pass (graph attached).
+            targets: ``(N,)`` class indices.
+            weight: ``lambda`` for this step; with ``balance`` it is the ratio of the filter-loss
+                gradient's RMS to the task gradient's RMS at this layer, per filter.
+
+        Returns:
+            ``(loss, mi)``: a scalar whose backward is ``weight`` times the approximate gradient,
+            and the per-filter MI estimate ``(C,)``.
+        """
+        n, c, h, w = maps.shape
+        x = maps.detach().float()
+        with torch.no_grad():
+            flat = x.reshape(n, c, h * w)
+            peak_val, peak_idx = flat.max(dim=2)  # (N, C)
+            self.update_categories(x.sum(dim=(2, 3)) if self.category_stat == "sum" else peak_val, targets)
+            if normalize:
+                packed = all_reduce_(torch.cat([peak_val.sum(0), peak_val.new_tensor([n])]))
+                scale = (packed[:-1] / packed[-1]).clamp_min(1e-6)  # (C,) batch mean of max x
+            else:
+                scale = torch.ones(c, device=x.device)
+            xn = x / scale[None, :, None, None]
+            templates = make_templates((h, w), tau=tau, beta=beta, device=x.device).reshape(h * w + 1, -1)
+            scores = template_scores(xn, templates)
+            log_z = self.update_log_z(scores)
+            cats = self.categories.to(x.device)
+            own = targets[:, None] == cats[None, :]
+            t_hat = torch.where(own, peak_idx, torch.full_like(peak_idx, h * w))
+            grad, mi = approximate_gradient(scores, log_z, templates, t_hat)
+            grad = grad.reshape(n, c, h, w) / scale[None, :, None, None]
+            if balance:
+                task_ms = self._consume_task_gradient(x.device)
+                if task_ms is None:  # no task gradient seen yet: no filter-loss gradient this step
+                    factor = torch.zeros(c, device=x.device)
+                else:
+                    own_ms = all_reduce_(
+                        torch.cat([grad.pow(2).sum(dim=(0, 2, 3)), grad.new_tensor([n * h * w])])
+                    )
+                    own_rms = (own_ms[:-1] / own_ms[-1]).sqrt().clamp_min(1e-30)
+                    factor = weight * task_ms.to(x.device).float().sqrt() / own_rms
+            else:
+                factor = torch.full((c,), float(weight), device=x.device)
+            grad = grad * factor[None, :, None, None]
+            value = -(mi * factor).sum()
+        self.updates += 1
+        loss = _InjectGradient.apply(maps, value.to(maps.dtype), grad.to(maps.dtype))
+        return loss, mi
+
+    def tap(self, x: Tensor) -> Tensor:
+        """Identity on ``x`` that measures the task gradient flowing back into it."""
+        return _GradientTap.apply(x, self)
+
+    def state_dict(self) -> dict:
+        return {
+            "updates": self.updates,
+            "log_z": None if self.log_z is None else self.log_z.detach().cpu(),
+            "class_stats": self.class_stats.clone(),
+            "class_seen": self.class_seen.clone(),
+            "categories": self.categories.clone(),
+            "task_grad_ms": None if self.task_grad_ms is None else self.task_grad_ms.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["class_stats"].shape != self.class_stats.shape:
+            raise ICNNError(
+                f"ICNN state has {tuple(state['class_stats'].shape)} filters x classes; "
+                f"this layer has {tuple(self.class_stats.shape)}."
+            )
+        self.updates = int(state["updates"])
+        self.log_z = state["log_z"]
+        self.class_stats = state["class_stats"].clone()
+        self.class_seen = state["class_seen"].clone()
+        self.categories = state["categories"].clone()
+        self.task_grad_ms = state["task_grad_ms"]
