@@ -20,7 +20,7 @@ from torch import Tensor
 
 from icnn_compress._dist import all_reduce_
 from icnn_compress.errors import ICNNError
-from icnn_compress.icnn._templates import log_template_prior, make_templates, template_scores
+from icnn_compress.icnn._templates import cached_templates, log_template_prior, template_scores
 
 __all__ = ["FilterLossState", "approximate_gradient", "assign_categories"]
 
@@ -255,7 +255,7 @@ class FilterLossState:
             else:
                 scale = torch.ones(c, device=x.device)
             xn = x / scale[None, :, None, None]
-            templates = make_templates((h, w), tau=tau, beta=beta, device=x.device).reshape(h * w + 1, -1)
+            templates = cached_templates(h, w, tau, beta, x.device)
             scores = template_scores(xn, templates)
             log_z = self.update_log_z(scores)
             cats = self.categories.to(x.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 
@@ -9,10 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from icnn_compress.errors import ICNNError
+from icnn_compress.icnn._templates import mask_shape
 
 __all__ = ["CENTRES", "ICNNMask"]
 
 CENTRES = ("argmax", "centroid")
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_table(h: int, w: int, beta: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``relu`` of the peak-1 template shape for every centre, ``(h*w, h, w)``."""
+    return mask_shape((h, w), beta=beta, device=device, dtype=dtype).clamp_min(0.0)
 
 
 class ICNNMask(nn.Module):
@@ -77,7 +85,12 @@ class ICNNMask(nn.Module):
     def mask(self, x: Tensor) -> Tensor:
         """The (non-negative) mask for ``x``, ``(N, C, h, w)``, without gradient."""
         with torch.no_grad():
-            h, w = x.shape[-2:]
+            n, c, h, w = x.shape
+            if self.centre == "argmax":
+                # one gather from the table of all centred masks: cheaper than building each one
+                table = _mask_table(h, w, self.beta, x.device, x.dtype)
+                idx = x.reshape(n, c, h * w).argmax(dim=2)
+                return table[idx]
             a, b = self.centres(x)
             ii = torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
             jj = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)

@@ -11,6 +11,7 @@ exactly the paper's formulas.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -59,6 +60,12 @@ def mask_shape(
     dist = di[:, None, :, None] + dj[None, :, None, :]  # (a, b, i, j)
     shape = torch.clamp(1.0 - beta * dist / side, min=-1.0)
     return shape.reshape(h * w, h, w)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_templates(h: int, w: int, tau: float | None, beta: float, device: torch.device) -> Tensor:
+    """Flattened float32 templates ``(h*w + 1, h*w)`` for the loss, cached per shape and device."""
+    return make_templates((h, w), tau=tau, beta=beta, device=device).reshape(h * w + 1, h * w)
 
 
 def make_templates(

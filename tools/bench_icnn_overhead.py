@@ -1,0 +1,96 @@
+"""Training-step time with and without the interpretable filter loss.
+
+vgg_small (~1M parameters), Fashion-MNIST-sized input (1x28x28), batch 64, SGD, the loss and masks
+on the top two conv layers. Steps with and without the loss are interleaved in one process after a
+warm-up; the medians are compared. Writes tools/results/icnn_overhead.json (summary.step_ratio).
+
+    .venv/bin/python tools/bench_icnn_overhead.py [--threads 2] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icnn_compress import attach_icnn, models
+from icnn_compress._io import atomic_write_json, environment_info
+
+
+def make(device: str, with_loss: bool, seed: int):
+    torch.manual_seed(seed)
+    model = models.create("vgg_small", num_classes=10, in_channels=1).to(device)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-2:]
+    handle = attach_icnn(model, convs, num_classes=10, warmup_steps=0) if with_loss else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, handle, opt, convs
+
+
+def step(model, handle, opt, x, y, device):
+    t0 = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    if handle is not None:
+        loss = loss + handle.loss(y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "icnn_overhead.json"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(a.seed)
+    x = torch.rand(a.batch, 1, 28, 28, generator=g).to(a.device)
+    y = torch.randint(0, 10, (a.batch,), generator=g).to(a.device)
+    plain = make(a.device, False, a.seed)
+    icnn = make(a.device, True, a.seed)
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    for i in range(a.warmup + a.repeats):
+        for key, (model, handle, opt, _) in (("without", plain), ("with", icnn)):
+            t = step(model, handle, opt, x, y, a.device)
+            if i >= a.warmup:
+                times[key].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "benchmark": "icnn_overhead",
+        "command": f"python tools/bench_icnn_overhead.py --threads {a.threads} --device {a.device}",
+        "environment": environment_info(),
+        "setup": {
+            "model": "vgg_small",
+            "params": sum(p.numel() for p in plain[0].parameters()),
+            "input": [a.batch, 1, 28, 28],
+            "icnn_layers": icnn[3],
+            "device": a.device,
+            "threads": a.threads,
+            "warmup_steps": a.warmup,
+            "repeats": a.repeats,
+            "seed": a.seed,
+        },
+        "step_seconds": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in times.items()},
+        "summary": {"step_ratio": med["with"] / med["without"], "target": "<= 1.10"},
+    }
+    atomic_write_json(result, a.out)
+    print(
+        f"median step without {med['without'] * 1e3:.1f} ms, with {med['with'] * 1e3:.1f} ms, "
+        f"ratio {result['summary']['step_ratio']:.3f} -> {a.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
