@@ -54,7 +54,7 @@ def test_pickled_model_is_refused(tmp_path):
 
 def test_torchvision_weights_name_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(ConfigError, match="not in the local cache .* never downloads"):
+    with pytest.raises(ConfigError, match=r"not in the local cache .* never downloads"):
         models.create("resnet18", weights="IMAGENET1K_V1")
     # the same name works once its file is in the cache
     ref = models.create("resnet18", num_classes=1000)
