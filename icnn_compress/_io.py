@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_json", "environment_info"]
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "environment_info"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -34,6 +34,11 @@ def _atomic(path: Path, write) -> None:
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
     _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:

@@ -245,7 +245,8 @@ class FilterLossState:
         """
         n, c, h, w = maps.shape
         x = maps.detach().float()
-        with torch.no_grad():
+        # the statistics need float32 even under autocast (exp/log-sum-exp of template scores)
+        with torch.no_grad(), torch.autocast(maps.device.type, enabled=False):
             flat = x.reshape(n, c, h * w)
             peak_val, peak_idx = flat.max(dim=2)  # (N, C)
             self.update_categories(x.sum(dim=(2, 3)) if self.category_stat == "sum" else peak_val, targets)
@@ -293,6 +294,8 @@ class FilterLossState:
             "class_seen": self.class_seen.clone(),
             "categories": self.categories.clone(),
             "task_grad_ms": None if self.task_grad_ms is None else self.task_grad_ms.clone(),
+            "pending_sq": self._pending_sq.clone(),
+            "pending_count": self._pending_count,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -307,3 +310,5 @@ class FilterLossState:
         self.class_seen = state["class_seen"].clone()
         self.categories = state["categories"].clone()
         self.task_grad_ms = state["task_grad_ms"]
+        self._pending_sq = state["pending_sq"].clone()
+        self._pending_count = int(state["pending_count"])

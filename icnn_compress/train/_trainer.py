@@ -1,0 +1,353 @@
+"""The fine-tune loop: task loss + an optional extra loss (the ICNN handle's), checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from icnn_compress import _dist
+from icnn_compress._io import atomic_save
+from icnn_compress.errors import ConfigError, TrainingError
+
+__all__ = ["Callback", "Trainer"]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "loglinear", "constant")
+
+
+class Callback:
+    """Base class of Trainer callbacks; every hook is optional (dispatched with ``getattr``)."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, state: dict) -> None: ...
+    def on_fit_end(self, trainer: Trainer) -> None: ...
+
+
+def _lr_factor(
+    schedule: str, progress: float, *, lr: float, lr_end: float, step_every: float, gamma: float
+) -> float:
+    """Multiplier of the base lr at ``progress`` in [0, 1] of the run."""
+    if schedule == "cosine":
+        return (lr_end + (lr - lr_end) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
+    if schedule == "loglinear":  # the paper: log-linear from lr to lr_end
+        return math.exp(math.log(lr_end / lr) * progress)
+    if schedule == "step":
+        return gamma ** math.floor(progress / step_every) if step_every > 0 else 1.0
+    return 1.0
+
+
+class Trainer:
+    """Fine-tune ``model`` on ``train_loader`` with cross-entropy plus an optional extra loss.
+
+    Args:
+        model: the network (moved to ``device``; wrapped in DistributedDataParallel when a process
+            group is initialised, e.g. under ``torchrun``).
+        train_loader, val_loader: batches of ``(images, labels, ...)``; extra items are ignored.
+        epochs: number of epochs.
+        extra_loss: ``fn(targets) -> scalar`` added to the task loss each step, e.g.
+            ``handle.loss`` of ``attach_icnn``. If it is a bound method of an object with
+            ``state_dict``/``load_state_dict``/``set_epoch`` (the ICNN handle), that state is
+            checkpointed and the epoch is passed on.
+        optimizer: ``"sgd"`` (momentum) or ``"adamw"``; lr, momentum, weight_decay as usual.
+        schedule: ``"cosine"``, ``"step"`` (x``gamma`` every ``step_epochs``), ``"loglinear"``
+            (lr -> lr_end, the paper's) or ``"constant"``; updated every step.
+        clip_grad_norm: max global gradient norm (``None``: no clipping).
+        amp: mixed precision (bfloat16/float16 autocast); ``None`` = on for CUDA, off on CPU.
+        out_dir: where ``checkpoints/last.pt`` (atomic, each epoch) and ``metrics.jsonl`` go;
+            ``None`` keeps nothing on disk.
+        resume: continue from ``out_dir/checkpoints/last.pt`` when it exists.
+        callbacks: objects with any of the ``Callback`` hooks.
+        device: ``"cpu"``, ``"cuda"``, ...; ``None`` = CUDA when available.
+        seed: seeds torch/numpy/random at the start of ``fit`` (not on resume: RNG state is restored).
+        progress: tqdm progress bars (rank 0 only).
+
+    Example:
+        >>> icnn = attach_icnn(model, "auto", num_classes=10)
+        >>> Trainer(model, train_dl, val_dl, extra_loss=icnn.loss, epochs=3).fit()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: DataLoader,
+        val_loader: DataLoader | None = None,
+        *,
+        epochs: int = 1,
+        extra_loss: Callable[[Tensor], Tensor] | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        schedule: str = "cosine",
+        lr_end: float = 0.0,
+        step_epochs: int = 30,
+        gamma: float = 0.1,
+        clip_grad_norm: float | None = None,
+        amp: bool | None = None,
+        out_dir: str | Path | None = None,
+        resume: bool = False,
+        callbacks: Sequence[Any] = (),
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"The 'optimizer' parameter of Trainer must be one of {OPTIMIZERS}. Got {optimizer!r}."
+            )
+        if schedule not in SCHEDULES:
+            raise ConfigError(
+                f"The 'schedule' parameter of Trainer must be one of {SCHEDULES}. Got {schedule!r}."
+            )
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(
+                f"The 'epochs' parameter of Trainer must be an int >= 1. Got {epochs!r} instead."
+            )
+        if not lr > 0:
+            raise ConfigError(f"The 'lr' parameter of Trainer must be a float > 0. Got {lr!r} instead.")
+        if schedule == "loglinear" and not lr_end > 0:
+            raise ConfigError("schedule='loglinear' needs lr_end > 0 (the paper: lr 1e-4 -> lr_end 1e-5).")
+        if resume and out_dir is None:
+            raise ConfigError("resume=True needs out_dir (where the checkpoint is).")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.epochs, self.extra_loss = epochs, extra_loss
+        owner = getattr(extra_loss, "__self__", None)
+        self._extra_state = (
+            owner if all(hasattr(owner, a) for a in ("state_dict", "load_state_dict")) else None
+        )
+        self.lr, self.lr_end, self.schedule = lr, lr_end, schedule
+        self.step_epochs, self.gamma = step_epochs, gamma
+        self.clip_grad_norm = clip_grad_norm
+        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.resume, self.callbacks, self.seed = resume, list(callbacks), seed
+        self.progress = progress and _dist.rank() == 0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+        self.net: nn.Module = self.model
+        if _dist.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.history: list[dict] = []
+
+    # ----- helpers -----
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / "checkpoints" / "last.pt" if self.out_dir is not None else None
+
+    def _steps_total(self) -> int:
+        return max(1, self.epochs * len(self.train_loader))
+
+    def _set_lr(self) -> float:
+        progress = self.global_step / self._steps_total()
+        f = _lr_factor(self.schedule, progress, lr=self.lr, lr_end=self.lr_end,
+                       step_every=self.step_epochs / self.epochs, gamma=self.gamma)  # fmt: skip
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * f
+        return self.lr * f
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs: weights, optimizer, counters, RNG states, extra-loss state."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "history": json.dumps(self.history),
+            "rng": {
+                "torch": torch.random.get_rng_state(),
+                "numpy": json.dumps(_np_state_to_list(np.random.get_state())),
+                "python": json.dumps(_py_state_to_list(random.getstate())),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "loader": self._loader_generator_state(),
+            },
+        }
+        if self._extra_state is not None:
+            state["extra"] = self._extra_state.state_dict()
+        return state
+
+    def _loader_generator_state(self):
+        gen = getattr(self.train_loader, "generator", None)
+        return gen.get_state() if gen is not None else torch.empty(0, dtype=torch.uint8)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.history = json.loads(state["history"])
+        rng = state["rng"]
+        torch.random.set_rng_state(rng["torch"])
+        np.random.set_state(_np_state_from_list(json.loads(rng["numpy"])))
+        random.setstate(_py_state_from_list(json.loads(rng["python"])))
+        if torch.cuda.is_available() and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        gen = getattr(self.train_loader, "generator", None)
+        if gen is not None and rng["loader"].numel():
+            gen.set_state(rng["loader"])
+        if self._extra_state is not None and "extra" in state:
+            self._extra_state.load_state_dict(state["extra"])
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None or _dist.rank() != 0:
+            return
+        state = self.state_dict()
+        self._call("on_checkpoint", state)
+        atomic_save(state, self.checkpoint_path)
+
+    def _log(self, record: dict) -> None:
+        if self.out_dir is None or _dist.rank() != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ----- the loop -----
+    def fit(self) -> Trainer:
+        """Train for the remaining epochs; returns ``self`` (metrics in ``history``)."""
+        if self.resume and self.checkpoint_path is not None and self.checkpoint_path.is_file():
+            self.load_state_dict(
+                torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+            )
+        elif self.epoch == 0:
+            torch.manual_seed(self.seed)
+            np.random.seed(self.seed)
+            random.seed(self.seed)
+        self._call("on_fit_start")
+        while self.epoch < self.epochs:
+            metrics = self.train_epoch(self.epoch)
+            if self.val_loader is not None:
+                metrics.update(self.evaluate())
+            self.epoch += 1
+            self.history.append(metrics)
+            self._log(metrics)
+            self.save_checkpoint()
+            self._call("on_epoch_end", self.epoch - 1, metrics)
+        self._call("on_fit_end")
+        return self
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.net.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if self._extra_state is not None and hasattr(self._extra_state, "set_epoch"):
+            self._extra_state.set_epoch(epoch)
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "extra_loss": 0.0, "correct": 0.0, "seen": 0.0}
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
+                   leave=False)  # fmt: skip
+        lr = self.lr
+        for batch in bar:
+            x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            lr = self._set_lr()
+            with torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp):
+                out = self.net(x)
+                task = F.cross_entropy(out, y)
+                extra = self.extra_loss(y) if self.extra_loss is not None else None
+                loss = task + extra if extra is not None else task
+            if not torch.isfinite(loss.detach()):
+                where = f"epoch {epoch + 1}, step {self.global_step}"
+                ckpt = (
+                    self.checkpoint_path
+                    if (self.checkpoint_path and self.checkpoint_path.is_file())
+                    else None
+                )
+                raise TrainingError(
+                    f"The loss became {float(loss.detach())} at {where} (task {float(task.detach()):.4g}, "
+                    f"extra {float(extra.detach()) if extra is not None else 0:.4g}). Training stopped; "
+                    + (f"the last good checkpoint is {ckpt}. " if ckpt else "no checkpoint was written yet. ")
+                    + "Lower lr, set clip_grad_norm, or lower the extra loss weight."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.clip_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            n = float(y.numel())
+            sums["loss"] += float(task.detach()) * n
+            sums["extra_loss"] += float(extra.detach()) * n if extra is not None else 0.0
+            sums["correct"] += float((out.detach().argmax(1) == y).sum())
+            sums["seen"] += n
+            bar.set_postfix(loss=f"{float(task.detach()):.3f}", lr=f"{lr:.2e}")
+            self._call("on_step_end", self.global_step, float(loss.detach()))
+        packed = _dist.all_reduce_(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device))
+        total = dict(zip(sums, packed.tolist()))
+        seen = max(total["seen"], 1.0)
+        return {
+            "epoch": epoch + 1,
+            "train_loss": total["loss"] / seen,
+            "train_extra_loss": total["extra_loss"] / seen,
+            "train_acc": total["correct"] / seen,
+            "lr": lr,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader | None = None) -> dict:
+        """Top-1 accuracy and mean cross-entropy on ``loader`` (default: the validation loader)."""
+        loader = loader or self.val_loader
+        self.net.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for batch in tqdm(loader, desc="eval", disable=not self.progress, leave=False):
+            x, y = batch[0].to(self.device), batch[1].to(self.device)
+            with torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp):
+                out = self.model(x)
+            sums += torch.tensor([float(F.cross_entropy(out.float(), y, reduction="sum")),
+                                  float((out.argmax(1) == y).sum()), float(y.numel())],
+                                 dtype=torch.float64, device=self.device)  # fmt: skip
+        loss, correct, seen = _dist.all_reduce_(sums).tolist()
+        return {"val_loss": loss / max(seen, 1), "val_acc": correct / max(seen, 1)}
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+# numpy / python RNG states as plain lists, so checkpoints load with weights_only=True
+def _np_state_to_list(state) -> list:
+    return [state[0], state[1].tolist(), *state[2:]]
+
+
+def _np_state_from_list(state: list):
+    return (state[0], np.array(state[1], dtype=np.uint32), *state[2:])
+
+
+def _py_state_to_list(state) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _py_state_from_list(state: list):
+    return (state[0], tuple(state[1]), state[2])

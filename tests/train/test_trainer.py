@@ -1,0 +1,148 @@
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from icnn_compress import ConfigError, Trainer, TrainingError, attach_icnn
+
+
+def tiny_net() -> nn.Sequential:  # no BatchNorm, so DDP and a single process agree exactly
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+    )
+
+
+def make_data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.rand(n, 3, 12, 12, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+def loader(ds, batch=8, seed=0):
+    return DataLoader(ds, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def run(out_dir, epochs, resume=False, with_icnn=True, **kw):
+    torch.manual_seed(0)
+    model = tiny_net()
+    handle = attach_icnn(model, "3", num_classes=4, warmup_steps=0) if with_icnn else None
+    t = Trainer(model, loader(make_data()), loader(make_data(16, 1)), epochs=epochs, lr=0.05,
+                extra_loss=handle.loss if handle else None, out_dir=out_dir, resume=resume,
+                progress=False, **kw)  # fmt: skip
+    t.fit()
+    return t, handle
+
+
+def test_fit_logs_and_checkpoints(tmp_path):
+    t, _ = run(tmp_path, 2)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert {"train_loss", "train_extra_loss", "val_acc", "lr", "seconds"} <= set(json.loads(lines[0]))
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and "extra" in state
+
+
+class StopAfterFirstEpoch:
+    def on_epoch_end(self, trainer, epoch, metrics):
+        raise KeyboardInterrupt
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full, full_h = run(tmp_path / "full", 3)
+    with pytest.raises(KeyboardInterrupt):  # interrupted after epoch 1 (its checkpoint is written) ...
+        run(tmp_path / "part", 3, callbacks=[StopAfterFirstEpoch()])
+    resumed, res_h = run(tmp_path / "part", 3, resume=True)  # ... and resumed to 3
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert torch.equal(full_h.filter_categories["3"], res_h.filter_categories["3"])
+    assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in resumed.history]
+
+
+class Explode(nn.Module):
+    def forward(self, x):
+        return x * float("nan")
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    t, _ = run(tmp_path, 1, with_icnn=False)
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    t.model.append(Explode())
+    t.epochs = 2
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2.*last good checkpoint is"):
+        t.fit()
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(optimizer="lbfgs"), "'optimizer' parameter of Trainer must be one of"),
+    (dict(schedule="linear"), "'schedule' parameter of Trainer must be one of"),
+    (dict(epochs=0), "'epochs' parameter of Trainer must be an int >= 1"),
+    (dict(resume=True), "resume=True needs out_dir"),
+    (dict(schedule="loglinear"), "needs lr_end > 0"),
+])  # fmt: skip
+def test_trainer_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Trainer(tiny_net(), loader(make_data()), **kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "loglinear", "constant"])
+def test_schedules_and_adamw(schedule):
+    t = Trainer(tiny_net(), loader(make_data()), epochs=2, schedule=schedule, lr=0.01, lr_end=1e-3,
+                step_epochs=1, optimizer="adamw", clip_grad_norm=1.0, progress=False)  # fmt: skip
+    t.fit()
+    assert t.history[-1]["lr"] <= 0.01 + 1e-12
+    if schedule == "constant":
+        assert t.history[-1]["lr"] == pytest.approx(0.01)
+
+
+# ----- DDP: 2 gloo processes on CPU vs 1 process over the same global batch -----
+def _ddp_worker(rank, world, port, out, balance):
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = tiny_net()
+    handle = attach_icnn(model, "3", num_classes=4, warmup_steps=0, balance=balance, refresh_every=2)
+    ds = make_data()
+    dl = DataLoader(ds, batch_size=8 // world, sampler=DistributedSampler(ds, shuffle=False))
+    Trainer(model, dl, epochs=2, extra_loss=handle.loss, progress=False, device="cpu").fit()
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "icnn": handle.state_dict()}, out)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("balance", ["grad", "none"])
+def test_ddp_two_processes_match_one(tmp_path, balance):
+    results = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}.pt"
+        mp.spawn(_ddp_worker, args=(world, _free_port(), str(out), balance), nprocs=world, join=True)
+        results[world] = torch.load(out, weights_only=True)
+    one, two = results[1], results[2]
+    for k, v in one["model"].items():
+        torch.testing.assert_close(two["model"][k], v, rtol=0, atol=1e-5, msg=k)
+    s1, s2 = one["icnn"]["sites"]["3"], two["icnn"]["sites"]["3"]
+    assert torch.equal(s1["categories"], s2["categories"])
+    torch.testing.assert_close(s2["log_z"], s1["log_z"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s2["class_stats"], s1["class_stats"], rtol=1e-5, atol=1e-7)
