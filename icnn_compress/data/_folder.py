@@ -61,8 +61,16 @@ class CUB200(Dataset):
 
     num_parts = 15
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", *, image_size: int = 224,
-                 crop_to_box: bool = True, annotations: bool = False, normalize: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        *,
+        image_size: int = 224,
+        crop_to_box: bool = True,
+        annotations: bool = False,
+        normalize: bool = True,
+    ) -> None:
         if split not in ("train", "test"):
             raise DataError(f"The 'split' parameter of CUB200 must be 'train' or 'test'. Got {split!r}.")
         root = Path(root)

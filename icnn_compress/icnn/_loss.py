@@ -32,14 +32,18 @@ class _InjectGradient(torch.autograd.Function):
     """Returns a precomputed value; its backward hands a precomputed gradient to ``x``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, value: Tensor, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, value: Tensor, grad: Tensor, state: FilterLossState) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(grad)
+        ctx.state = state
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad_out * grad, None, None
+        # the multiplier of the loss in this backward (a GradScaler's scale under AMP): the task
+        # gradient measured by the tap carries it too, and balance="grad" must divide it out
+        ctx.state.loss_scale = float(grad_out.detach().abs())
+        return grad_out * grad, None, None, None
 
 
 class _GradientTap(torch.autograd.Function):
@@ -165,6 +169,7 @@ class FilterLossState:
         self.task_grad_ms: Tensor | None = None  # running mean square of the task gradient, (C,)
         self._pending_sq = torch.zeros(num_filters, dtype=torch.float64)
         self._pending_count = 0
+        self.loss_scale = 1.0  # multiplier of the loss seen in the last backward
 
     # ----- task-gradient bookkeeping (balance="grad") -----
     def add_task_gradient(self, sum_sq: Tensor, count: int) -> None:
@@ -179,7 +184,7 @@ class FilterLossState:
         self._pending_sq.zero_()
         self._pending_count = 0
         if packed[-1] > 0:
-            ms = packed[:-1] / packed[-1]
+            ms = packed[:-1] / packed[-1] / max(self.loss_scale, 1e-30) ** 2
             self.task_grad_ms = ms if self.task_grad_ms is None else 0.9 * self.task_grad_ms + 0.1 * ms
         return self.task_grad_ms
 
@@ -240,8 +245,8 @@ class FilterLossState:
                 gradient's RMS to the task gradient's RMS at this layer, per filter.
 
         Returns:
-            ``(loss, mi)``: a scalar whose backward is ``weight`` times the approximate gradient,
-            and the per-filter MI estimate ``(C,)``.
+            ``(loss, mi)``: a float32 scalar whose value is ``-weight * sum_f MI_f`` and whose
+            backward is the (weighted or balanced) approximate gradient, and the MI estimate ``(C,)``.
         """
         n, c, h, w = maps.shape
         x = maps.detach().float()
@@ -277,9 +282,10 @@ class FilterLossState:
             else:
                 factor = torch.full((c,), float(weight), device=x.device)
             grad = grad * factor[None, :, None, None]
-            value = -(mi * factor).sum()
+            # reported value: -lambda * sum_f MI_f (float32: lambda * MI can exceed float16's range)
+            value = -float(weight) * mi.sum()
         self.updates += 1
-        loss = _InjectGradient.apply(maps, value.to(maps.dtype), grad.to(maps.dtype))
+        loss = _InjectGradient.apply(maps, value, grad.to(maps.dtype), self)
         return loss, mi
 
     def tap(self, x: Tensor) -> Tensor:
@@ -296,6 +302,7 @@ class FilterLossState:
             "task_grad_ms": None if self.task_grad_ms is None else self.task_grad_ms.clone(),
             "pending_sq": self._pending_sq.clone(),
             "pending_count": self._pending_count,
+            "loss_scale": self.loss_scale,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -312,3 +319,4 @@ class FilterLossState:
         self.task_grad_ms = state["task_grad_ms"]
         self._pending_sq = state["pending_sq"].clone()
         self._pending_count = int(state["pending_count"])
+        self.loss_scale = float(state["loss_scale"])

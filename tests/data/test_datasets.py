@@ -79,7 +79,7 @@ def test_real_fashion_mnist(tmp_path, monkeypatch):
     test = data.FashionMNIST("test")
     assert len(test) == 10000
     assert torch.bincount(test.targets).tolist() == [1000] * 10
-    train_dl, val_dl = data.loaders("fashion-mnist", batch_size=16, limit=64)
+    train_dl, _val_dl = data.loaders("fashion-mnist", batch_size=16, limit=64)
     x, y = next(iter(train_dl))
     assert x.shape == (16, 1, 28, 28) and y.shape == (16,)
 
@@ -120,7 +120,7 @@ def test_cub_fixture_with_landmarks(tmp_path):
 def test_cub_missing_file_is_named(tmp_path):
     _write_cub(tmp_path)
     (tmp_path / "bounding_boxes.txt").unlink()
-    with pytest.raises(DataError, match="bounding_boxes.txt"):
+    with pytest.raises(DataError, match=r"bounding_boxes\.txt"):
         data.CUB200(tmp_path)
 
 
@@ -130,8 +130,8 @@ def test_imagefolder_loader(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for k in range(2):
                 Image.new("RGB", (30, 30), (k * 50, 10, 10)).save(tmp_path / split / cls / f"{k}.png")
-    train_dl, val_dl = data.loaders("imagefolder", root=str(tmp_path), image_size=24, batch_size=2)
-    x, y = next(iter(val_dl))
+    _train_dl, val_dl = data.loaders("imagefolder", root=str(tmp_path), image_size=24, batch_size=2)
+    x, _y = next(iter(val_dl))
     assert x.shape == (2, 3, 24, 24)
     with pytest.raises(ConfigError, match="has no train/ subfolder"):
         data.loaders("imagefolder", root=str(tmp_path / "train"))

@@ -239,3 +239,18 @@ def test_negative_maps_are_refused():
     model(torch.randn(2, 3, 6, 6))
     with pytest.raises(ICNNError, match="negative values"):
         h.loss(torch.tensor([0, 1]))
+
+
+def test_balanced_gradient_is_invariant_to_a_loss_scale():
+    """Under AMP the GradScaler multiplies every gradient by s: balance='grad' must divide it out."""
+    grads = {}
+    for scale in (1.0, 1024.0):
+        torch.manual_seed(0)
+        model = tiny_vgg(bn=False)
+        h = attach_icnn(model, "3", num_classes=5, warmup_steps=0)
+        x, y = torch.rand(6, 3, 8, 8), torch.arange(6) % 5
+        for _ in range(3):
+            model.zero_grad()
+            (scale * (F.cross_entropy(model(x), y) + h.loss(y))).backward()
+        grads[scale] = model[0].weight.grad / scale
+    torch.testing.assert_close(grads[1024.0], grads[1.0], rtol=1e-4, atol=1e-7)

@@ -45,7 +45,7 @@ def run(out_dir, epochs, resume=False, with_icnn=True, **kw):
 
 
 def test_fit_logs_and_checkpoints(tmp_path):
-    t, _ = run(tmp_path, 2)
+    _t, _ = run(tmp_path, 2)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert {"train_loss", "train_extra_loss", "val_acc", "lr", "seconds"} <= set(json.loads(lines[0]))

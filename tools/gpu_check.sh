@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# For a lent GPU machine (its own python3 with torch): CUDA training with the loss, ONNX export,
+# ONNX Runtime (CUDA provider where installed), and the overhead benchmark on CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-tools/results}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+python3 tools/gpu_check.py --steps "${STEPS:-150}" --out "$OUT/gpu_check.json"
+python3 tools/bench_icnn_overhead.py --device cuda --threads 2 --repeats 100 --out "$OUT/icnn_overhead_cuda.json"
