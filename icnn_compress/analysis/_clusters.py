@@ -1,0 +1,164 @@
+"""Clusters of filters that share a category and a part (scikit-learn agglomerative clustering)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from sklearn.cluster import AgglomerativeClustering
+from sklearn.metrics import adjusted_rand_score
+from torch import Tensor
+
+from icnn_compress.analysis._signatures import LayerSignature
+from icnn_compress.errors import ConfigError
+
+__all__ = ["FilterClusters", "cluster_filters", "filter_distances", "ground_truth_parts"]
+
+
+@dataclass
+class FilterClusters:
+    """Clusters of one layer's filters.
+
+    Attributes:
+        labels: ``(C,)`` cluster id per filter; ``-1`` for dead filters (never fire on the probe set).
+        categories: cluster id -> the category its filters share.
+        medoids: cluster id -> the filter with the least total distance to the others (kept first).
+        spreads: cluster id -> mean distance of its filters to the medoid.
+        distances: ``(C, C)`` the distance matrix that was clustered.
+        ari: adjusted Rand index against ground-truth (category, part) labels, when landmarks exist.
+        gt_parts: ``(C,)`` the ground-truth part of each filter (-1 unknown), when landmarks exist.
+    """
+
+    layer: str
+    labels: Tensor
+    categories: dict[int, int]
+    medoids: dict[int, int]
+    spreads: dict[int, float]
+    distances: Tensor
+    ari: float | None = None
+    gt_parts: Tensor | None = None
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.medoids)
+
+    def members(self, cluster: int) -> list[int]:
+        return torch.nonzero(self.labels == cluster).flatten().tolist()
+
+
+def filter_distances(sig: LayerSignature, *, w_response: float = 0.5, w_location: float = 0.5,
+                     location_scale: float = 0.25, category_penalty: float = 1.0) -> Tensor:  # fmt: skip
+    """Pairwise filter distance ``(C, C)`` from responses and co-occurring peak locations.
+
+    ``w_response * (1 - corr)/2`` (correlation of per-image peak responses) plus ``w_location *
+    min(1, d / location_scale)`` where ``d`` is the response-weighted mean distance between the two
+    filters' peaks on the same images, over the image diagonal; plus ``category_penalty`` when the
+    filters belong to different categories (so that a threshold below it never merges them).
+    """
+    v = sig.peak_value.double()  # (N, C)
+    vc = v - v.mean(0)
+    norm = vc.norm(dim=0).clamp_min(1e-12)
+    corr = (vc.t() @ vc) / (norm[:, None] * norm[None, :])
+    d_resp = (1 - corr.clamp(-1, 1)) / 2
+    h, w = sig.image_size
+    wts = v / v.max(0).values.clamp_min(1e-12)  # (N, C) in [0, 1]
+    xy = sig.peak_xy.double()  # (N, C, 2)
+    c = v.shape[1]
+    num = torch.zeros(c, c, dtype=torch.float64)
+    den = torch.zeros(c, c, dtype=torch.float64)
+    for start in range(0, v.shape[0], 256):  # chunks of images bound the (n, C, C) temporaries
+        sl = slice(start, start + 256)
+        pair_w = wts[sl, :, None] * wts[sl, None, :]
+        dist = (xy[sl, :, None, :] - xy[sl, None, :, :]).norm(dim=-1)
+        num += (pair_w * dist).sum(0)
+        den += pair_w.sum(0)
+    d_loc = (num / den.clamp_min(1e-12)) / math.hypot(h, w)
+    d_loc[den <= 1e-12] = 1.0 * location_scale  # never fire together: no evidence of a shared part
+    dist = w_response * d_resp + w_location * (d_loc / location_scale).clamp(max=1.0)
+    dist = dist + category_penalty * (sig.category[:, None] != sig.category[None, :]).double()
+    dist.fill_diagonal_(0.0)
+    return ((dist + dist.t()) / 2).float()
+
+
+def ground_truth_parts(sig: LayerSignature) -> Tensor | None:
+    """Each filter's nearest landmark (mean distance from its peak on its category's images)."""
+    if sig.landmarks is None:
+        return None
+    lm = sig.landmarks
+    out = torch.full((sig.num_filters,), -1, dtype=torch.long)
+    for f in range(sig.num_filters):
+        imgs = (sig.labels == sig.category[f]) & (sig.peak_value[:, f] > 0)
+        best, best_k = math.inf, -1
+        for k in range(lm.shape[1]):
+            sel = imgs & (lm[:, k, 2] > 0)
+            if int(sel.sum()) < 3:
+                continue
+            d = float((lm[sel, k, :2] - sig.peak_xy[sel, f]).norm(dim=1).mean())
+            if d < best:
+                best, best_k = d, k
+        out[f] = best_k
+    return out
+
+
+def cluster_filters(
+    sig: LayerSignature,
+    *,
+    distance_threshold: float | None = 0.25,
+    n_clusters: int | None = None,
+    linkage: str = "average",
+    min_alive: float = 0.01,
+    gt_parts: Tensor | None = None,
+    **distance_options,
+) -> FilterClusters:
+    """Group the filters of one layer that share a category and a part.
+
+    Args:
+        sig: the layer's signature (``filter_signatures``); works on any conv layer, with or
+            without the interpretable loss.
+        distance_threshold: merge clusters closer than this (``filter_distances`` units); or
+        n_clusters: a fixed number of clusters (then ``distance_threshold`` is ignored).
+        linkage: ``"average"``, ``"complete"`` or ``"single"`` (scikit-learn).
+        min_alive: filters that fire on fewer than this fraction of images are dead (label -1).
+        gt_parts: ground-truth part per filter for the ARI (default: from the landmarks).
+        distance_options: passed to ``filter_distances``.
+
+    Returns:
+        ``FilterClusters``.
+    """
+    if (distance_threshold is None) == (n_clusters is None):
+        raise ConfigError("Give exactly one of distance_threshold and n_clusters.")
+    if linkage not in ("average", "complete", "single"):
+        raise ConfigError(f"linkage must be 'average', 'complete' or 'single'. Got {linkage!r} instead.")
+    dist = filter_distances(sig, **distance_options)
+    alive = torch.nonzero(sig.alive >= min_alive).flatten()
+    labels = torch.full((sig.num_filters,), -1, dtype=torch.long)
+    if alive.numel() == 1:
+        labels[alive] = 0
+    elif alive.numel() > 1:
+        if n_clusters is not None and not 1 <= n_clusters <= alive.numel():
+            raise ConfigError(
+                f"n_clusters must be in [1, {alive.numel()}] (alive filters). Got {n_clusters}."
+            )
+        sub = dist[alive][:, alive].double().numpy()
+        model = AgglomerativeClustering(
+            n_clusters=n_clusters, distance_threshold=None if n_clusters else distance_threshold,
+            metric="precomputed", linkage=linkage,
+        )  # fmt: skip
+        labels[alive] = torch.as_tensor(model.fit_predict(sub), dtype=torch.long)
+    categories, medoids, spreads = {}, {}, {}
+    for cl in sorted(set(labels.tolist()) - {-1}):
+        idx = torch.nonzero(labels == cl).flatten()
+        block = dist[idx][:, idx]
+        m = int(idx[block.sum(1).argmin()])
+        medoids[cl] = m
+        spreads[cl] = float(dist[m, idx].mean())
+        categories[cl] = int(torch.mode(sig.category[idx]).values)
+    gt = gt_parts if gt_parts is not None else ground_truth_parts(sig)
+    ari = None
+    if gt is not None:
+        known = (gt >= 0) & (labels >= 0)
+        if int(known.sum()) >= 2:
+            truth = (sig.category[known] * 1000 + gt[known]).numpy()
+            ari = float(adjusted_rand_score(truth, labels[known].numpy()))
+    return FilterClusters(sig.layer, labels, categories, medoids, spreads, dist, ari, gt)

@@ -1,0 +1,169 @@
+"""ONNX export with checks: onnx.checker, parity against PyTorch in ONNX Runtime, metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from icnn_compress._version import __version__
+from icnn_compress.errors import IcnnCompressError
+
+__all__ = ["DEFAULT_OPSET", "ExportError", "ExportResult", "export_onnx", "read_metadata"]
+
+DEFAULT_OPSET = 17
+
+
+class ExportError(IcnnCompressError, RuntimeError):
+    """The exported model failed the checker or does not match PyTorch."""
+
+
+@dataclass
+class ExportResult:
+    """What ``export_onnx`` wrote and how well it matches PyTorch."""
+
+    path: str
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    max_abs_diff: float  # over the parity inputs, ONNX Runtime (CPU) vs PyTorch
+    top1_agreement: float  # fraction of rows whose argmax agrees
+    file_bytes: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_tuple(example_inputs) -> tuple[Tensor, ...]:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Tensor | tuple[Tensor, ...],
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    metadata: dict | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    parity_inputs: list[Tensor] | None = None,
+) -> ExportResult:
+    """Export ``model`` (in eval mode) to ONNX, check it, and write it atomically.
+
+    Args:
+        model: the network; its training/eval mode is restored afterwards.
+        path: output file; written only when every check passes.
+        example_inputs: a tensor ``(N, C, H, W)`` (or a tuple) to trace with.
+        opset: ONNX opset (default 17).
+        dynamic_batch: make the batch axis of inputs and outputs dynamic.
+        check: run ``onnx.checker`` and the parity check (ONNX Runtime on the CPU vs PyTorch).
+        metadata: extra ``metadata_props`` (values are JSON-encoded unless strings), e.g.
+            ``{"classes": [...], "preprocessing": {...}, "recipe": "..."}``.
+        atol, rtol: parity tolerance: ``max|onnx - torch| <= atol + rtol * max|torch|``.
+        parity_inputs: inputs for the parity check (default: the example and, with a dynamic
+            batch, a random batch of another size).
+
+    Returns:
+        ``ExportResult``. Raises ``ExportError`` when the checker or the parity check fails.
+
+    Example:
+        >>> res = export_onnx(model, "model.onnx", torch.rand(1, 1, 28, 28))
+        >>> res.max_abs_diff < 1e-4
+    """
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    inputs = _as_tuple(example_inputs)
+    input_names = ["input"] if len(inputs) == 1 else [f"input{i}" for i in range(len(inputs))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(*inputs)
+        outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        output_names = ["logits"] if len(outs) == 1 else [f"output{i}" for i in range(len(outs))]
+        axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                torch.onnx.export(model, inputs, tmp, input_names=input_names, output_names=output_names,
+                                  dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
+            proto = onnx.load(tmp)
+            props = {"producer": f"icnn-compress {__version__}"}
+            for k, v in (metadata or {}).items():
+                props[str(k)] = v if isinstance(v, str) else json.dumps(v)
+            del proto.metadata_props[:]
+            for k, v in props.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = k, v
+            onnx.save(proto, tmp)
+            max_diff, agree = float("nan"), float("nan")
+            if check:
+                try:
+                    onnx.checker.check_model(tmp, full_check=True)
+                except Exception as exc:
+                    raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+                if parity_inputs is None:
+                    parity_inputs = [inputs[0]]
+                    if dynamic_batch and len(inputs) == 1:
+                        other = 3 if inputs[0].shape[0] != 3 else 2
+                        parity_inputs.append(torch.rand(other, *inputs[0].shape[1:], device=inputs[0].device))
+                max_diff, agree = _parity(model, tmp, parity_inputs, input_names[0], atol, rtol, ort)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    finally:
+        model.train(was_training)
+    return ExportResult(
+        str(path), opset, input_names, output_names, max_diff, agree, path.stat().st_size, props
+    )
+
+
+def _parity(model, file, inputs, input_name, atol, rtol, ort) -> tuple[float, float]:
+    sess = ort.InferenceSession(file, providers=["CPUExecutionProvider"])
+    worst, agree, rows = 0.0, 0.0, 0
+    for x in inputs:
+        with torch.no_grad():
+            ref = model(x)
+        ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
+        got = sess.run(None, {input_name: x.cpu().numpy()})[0]
+        if got.shape != ref.shape:
+            raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}.")
+        diff = float(np.abs(got - ref).max())
+        if not np.isfinite(diff) or diff > atol + rtol * float(np.abs(ref).max()):
+            raise ExportError(
+                f"Parity check failed: max |onnx - torch| = {diff:.3g} on a batch of {x.shape[0]} "
+                f"(allowed {atol:g} + {rtol:g} * max|torch| = {atol + rtol * float(np.abs(ref).max()):.3g}). "
+                "The exported graph computes something else than the PyTorch model (data-dependent "
+                "Python control flow, or an operator exported differently)."
+            )
+        worst = max(worst, diff)
+        if ref.ndim == 2:
+            agree += float((got.argmax(1) == ref.argmax(1)).sum())
+            rows += ref.shape[0]
+    return worst, (agree / rows if rows else float("nan"))
