@@ -109,6 +109,7 @@ def cluster_filters(
     linkage: str = "average",
     min_alive: float = 0.01,
     gt_parts: Tensor | None = None,
+    ari: bool = True,
     **distance_options,
 ) -> FilterClusters:
     """Group the filters of one layer that share a category and a part.
@@ -121,6 +122,7 @@ def cluster_filters(
         linkage: ``"average"``, ``"complete"`` or ``"single"`` (scikit-learn).
         min_alive: filters that fire on fewer than this fraction of images are dead (label -1).
         gt_parts: ground-truth part per filter for the ARI (default: from the landmarks).
+        ari: compute the ARI against ground-truth parts (when landmarks exist).
         distance_options: passed to ``filter_distances``.
 
     Returns:
@@ -154,11 +156,11 @@ def cluster_filters(
         medoids[cl] = m
         spreads[cl] = float(dist[m, idx].mean())
         categories[cl] = int(torch.mode(sig.category[idx]).values)
-    gt = gt_parts if gt_parts is not None else ground_truth_parts(sig)
-    ari = None
+    gt = None if not ari else gt_parts if gt_parts is not None else ground_truth_parts(sig)
+    ari_value = None
     if gt is not None:
         known = (gt >= 0) & (labels >= 0)
         if int(known.sum()) >= 2:
             truth = (sig.category[known] * 1000 + gt[known]).numpy()
-            ari = float(adjusted_rand_score(truth, labels[known].numpy()))
-    return FilterClusters(sig.layer, labels, categories, medoids, spreads, dist, ari, gt)
+            ari_value = float(adjusted_rand_score(truth, labels[known].numpy()))
+    return FilterClusters(sig.layer, labels, categories, medoids, spreads, dist, ari_value, gt)

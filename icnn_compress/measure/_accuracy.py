@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-__all__ = ["model_stats", "ort_accuracy"]
+__all__ = ["meta_copy", "model_stats", "ort_accuracy"]
 
 
 def ort_accuracy(path_or_session, loader: DataLoader, *, provider: str = "auto", threads: int | None = None,
@@ -31,13 +32,23 @@ def ort_accuracy(path_or_session, loader: DataLoader, *, provider: str = "auto",
     return correct / max(seen, 1)
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy whose tensors live on the meta device (free to copy and to run)."""
+    memo: dict = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = (
+            nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        )
+    return copy.deepcopy(model, memo)
+
+
 def model_stats(model: nn.Module, example: torch.Tensor) -> dict:
-    """MACs (multiply-accumulates of one forward of ``example``) and parameter count (torch-pruning)."""
+    """MACs (multiply-accumulates of one forward of ``example``) and parameter count, counted by
+    torch-pruning on a meta-device copy (torch-pruning deep-copies what it counts; meta is free)."""
     import torch_pruning as tp
 
-    was_training = model.training
-    model.eval()
+    clone = meta_copy(model).eval()
     with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, example)
-    model.train(was_training)
+        macs, params = tp.utils.count_ops_and_params(clone, example.to("meta"))
     return {"macs": int(macs), "params": int(params)}

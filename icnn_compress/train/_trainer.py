@@ -138,11 +138,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume, self.callbacks, self.seed = resume, list(callbacks), seed
         self.progress = progress and _dist.rank() == 0
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self._opt = (optimizer, momentum, weight_decay)
+        self.rebuild_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.net: nn.Module = self.model
         if _dist.is_distributed():
@@ -151,6 +148,18 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.history: list[dict] = []
+
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimizer over the model's current parameters (after pruning replaced them)."""
+        kind, momentum, weight_decay = self._opt
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if kind == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=weight_decay)
+        if hasattr(self, "net") and _dist.is_distributed():  # re-wrap: DDP holds the old parameters
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     # ----- helpers -----
     def _call(self, hook: str, *args) -> None:

@@ -1,0 +1,39 @@
+"""Structural pruning: criteria (torch-pruning Importance classes), targets, compensation, save/load.
+
+Example:
+    >>> from icnn_compress.prune import prune_model, Target
+    >>> res = prune_model(model, torch.rand(1, 1, 28, 28), criterion="icnn-cluster",
+    ...                   target=Target(macs_reduction=2.0), data=probe_loader, compensate=True)
+"""
+
+from icnn_compress.prune._compensation import compensate_group, fit_reconstruction
+from icnn_compress.prune._criteria import (
+    ClusterRedundancyImportance,
+    list_criteria,
+    make_importance,
+    register_criterion,
+)
+from icnn_compress.prune._engine import PruneResult, Target, TargetError, prune_filters, prune_model
+from icnn_compress.prune._gradual import GradualPruning, gradual_schedule
+from icnn_compress.prune._io import load_pruned, save_pruned
+from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
+
+__all__ = [
+    "ClusterRedundancyImportance",
+    "GradualPruning",
+    "PruneResult",
+    "Target",
+    "TargetError",
+    "collect_layer_inputs",
+    "compensate_group",
+    "fit_reconstruction",
+    "gradual_schedule",
+    "list_criteria",
+    "load_pruned",
+    "make_importance",
+    "prune_filters",
+    "prune_model",
+    "reestimate_batchnorm",
+    "register_criterion",
+    "save_pruned",
+]

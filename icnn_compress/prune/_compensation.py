@@ -1,0 +1,71 @@
+"""Compensation: fold what the kept channels can reconstruct of the removed ones into the consumers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from icnn_compress.prune._criteria import consumer_deps
+
+__all__ = ["compensate_group", "fit_reconstruction"]
+
+
+def fit_reconstruction(acts: Tensor, removed: list[int], kept: list[int], *, ridge: float = 1e-5
+                       ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Ridge least squares ``acts[:, removed] ~ acts[:, kept] @ W + b``.
+
+    Args:
+        acts: ``(rows, C)`` probe activations of the consumer's input.
+        ridge: regularisation relative to the mean diagonal of the Gram matrix.
+
+    Returns:
+        ``W (len(kept), len(removed))`` and ``b (len(removed),)``.
+    """
+    a = acts.double()
+    x = torch.cat([a[:, kept], torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    gram = x.t() @ x
+    gram += ridge * (gram.diagonal()[:-1].mean() + 1e-12) * torch.eye(gram.shape[0], dtype=a.dtype)
+    sol = torch.linalg.solve(gram, x.t() @ a[:, removed])
+    return sol[:-1], sol[-1]
+
+
+@torch.no_grad()
+def compensate_group(group, inputs: dict[nn.Module, Tensor], *, ridge: float = 1e-5) -> int:
+    """Before ``group.prune()``: for each layer that consumes the channels being removed, fit how
+    the kept input channels reconstruct the removed ones and add that to the kept weights (and the
+    intercept to the bias). Depthwise/grouped convs cannot mix channels and are left alone.
+
+    Returns:
+        The number of consumer layers compensated.
+    """
+    done = 0
+    for module, idxs, _ in consumer_deps(group):
+        acts = inputs.get(module)
+        if acts is None or not idxs:
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            continue
+        c_in = module.weight.shape[1]
+        if acts.shape[1] != c_in or max(idxs) >= c_in:
+            continue  # the probe is stale for this layer
+        removed = sorted(set(idxs))
+        kept = [i for i in range(c_in) if i not in set(removed)]
+        if not kept:
+            continue
+        w_fit, b_fit = fit_reconstruction(acts, removed, kept, ridge=ridge)
+        weight = module.weight.data
+        wd = weight.double()
+        w_removed = wd[:, removed]  # (O, R, ...)
+        if weight.dim() == 4:
+            delta = torch.einsum("orhw,kr->okhw", w_removed, w_fit)
+            bias_delta = torch.einsum("orhw,r->o", w_removed, b_fit)
+        else:
+            delta = w_removed @ w_fit.t()
+            bias_delta = w_removed @ b_fit
+        wd[:, kept] += delta
+        weight.copy_(wd.to(weight.dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+        module.bias.data += bias_delta.to(module.bias.dtype)
+        done += 1
+    return done

@@ -1,0 +1,369 @@
+"""Structural pruning to a target, through torch-pruning's dependency graph."""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from icnn_compress.errors import ConfigError, IcnnCompressError
+from icnn_compress.prune._compensation import compensate_group
+from icnn_compress.prune._criteria import NEEDS_DATA, ClusterRedundancyImportance, make_importance
+from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
+
+__all__ = ["PruneResult", "Target", "TargetError", "prune_filters", "prune_model", "resolve_ignored"]
+
+
+class TargetError(ConfigError):
+    """The pruning target cannot be reached under the given constraints."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to prune to: exactly one of a MACs reduction, a parameter reduction (both as factors,
+    e.g. 2.0 = half) or a measured ONNX Runtime latency speedup (batch ``latency_batch``)."""
+
+    macs_reduction: float | None = None
+    params_reduction: float | None = None
+    latency_speedup: float | None = None
+    latency_batch: int = 32
+    latency_threads: int = 2
+
+    def __post_init__(self) -> None:
+        given = [
+            k
+            for k in ("macs_reduction", "params_reduction", "latency_speedup")
+            if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ConfigError(
+                "Target needs exactly one of macs_reduction, params_reduction, latency_speedup. "
+                f"Got {given or 'none'}."
+            )
+        value = getattr(self, given[0])
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 1.0):
+            raise ConfigError(
+                f"The '{given[0]}' of Target must be a float > 1 (e.g. 2.0). Got {value!r} instead."
+            )
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("macs_reduction", "params_reduction", "latency_speedup") if getattr(self, k))
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.kind))
+
+
+@dataclass
+class PruneResult:
+    """The pruned model and what changed (MACs per forward of the example input)."""
+
+    model: nn.Module
+    criterion: str
+    target: Target | None
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    removed: dict[str, list[int]]  # conv name -> removed output channels, in original numbering
+    history: list = field(default_factory=list)  # torch-pruning's pruning history
+    steps: int = 0
+    latency_speedup: float | None = None
+    compensated_layers: int = 0
+
+    @property
+    def macs_reduction(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def params_reduction(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    def summary(self) -> dict:
+        return {"criterion": self.criterion, "macs_before": self.macs_before, "macs_after": self.macs_after,
+                "macs_reduction": self.macs_reduction, "params_before": self.params_before,
+                "params_after": self.params_after, "params_reduction": self.params_reduction,
+                "steps": self.steps, "latency_speedup": self.latency_speedup,
+                "removed_per_layer": {k: len(v) for k, v in self.removed.items()}}  # fmt: skip
+
+
+def _classifier(model: nn.Module) -> nn.Module | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else None
+
+
+def resolve_ignored(model: nn.Module, ignored) -> list[nn.Module]:
+    """Module names, modules and module *types* -> modules. A type is expanded to every module of
+    that type; one that matches nothing, or would leave no prunable layer, is refused."""
+    names = dict(model.named_modules())
+    out: list[nn.Module] = []
+    for item in ignored or ():
+        if isinstance(item, str):
+            if item not in names:
+                raise ConfigError(f"ignored_layers names {item!r}, which is not a module of the model.")
+            out.append(names[item])
+        elif isinstance(item, type):
+            if not issubclass(item, nn.Module):
+                raise ConfigError(
+                    f"ignored_layers holds the type {item.__name__}, which is not an nn.Module type."
+                )
+            found = [m for m in model.modules() if isinstance(m, item)]
+            if not found:
+                raise ConfigError(
+                    f"ignored_layers holds the type {item.__name__}, but the model has no such module."
+                )
+            out.extend(found)
+        elif isinstance(item, nn.Module):
+            out.append(item)
+        else:
+            raise ConfigError(f"ignored_layers entries must be names, modules or module types. Got {item!r}.")
+    prunable = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in out]
+    if not prunable:
+        raise ConfigError("ignored_layers leaves no conv or linear layer to prune.")
+    return out
+
+
+def _stats(model: nn.Module, example: Tensor) -> tuple[int, int]:
+    from icnn_compress.measure import model_stats
+
+    stats = model_stats(model, example)
+    return stats["macs"], stats["params"]
+
+
+def _latency_ms(model: nn.Module, example: Tensor, target: Target) -> float:
+    from icnn_compress.export import export_onnx
+    from icnn_compress.measure import ort_latency
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.onnx"
+        export_onnx(model.cpu(), path, example[:1].cpu(), check=False)
+        stats = ort_latency(path, target.latency_batch, provider="cpu", threads=target.latency_threads,
+                            warmup=5, repeats=20)  # fmt: skip
+    return stats.median_ms
+
+
+def _taylor_gradients(model: nn.Module, loader: DataLoader, batches: int) -> None:
+    model.zero_grad()
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        out = model(batch[0].to(device))
+        nn.functional.cross_entropy(out, batch[1].to(device)).backward()
+    model.train(was)
+
+
+def _track_removed(group, model_names: dict[nn.Module, str], alive: dict[str, list[int]],
+                   removed: dict[str, list[int]]) -> None:  # fmt: skip
+    for dep, idxs in group:
+        if dep.pruning_fn == tp.prune_conv_out_channels:
+            name = model_names.get(dep.target.module)
+            if name is None or name not in alive:
+                continue
+            drop = set(int(i) for i in idxs)
+            removed.setdefault(name, []).extend(alive[name][i] for i in sorted(drop))
+            alive[name] = [a for i, a in enumerate(alive[name]) if i not in drop]
+
+
+@torch.enable_grad()  # torch-pruning traces the dependency graph through autograd
+def prune_model(
+    model: nn.Module,
+    example_inputs: Tensor,
+    *,
+    criterion: str = "l1",
+    target: Target | float = 2.0,
+    data: DataLoader | None = None,
+    compensate: bool = False,
+    round_to: int | None = None,
+    max_layer_ratio: float = 0.9,
+    global_ranking: bool = False,
+    ignored_layers=(),
+    keep_classifier: bool = True,
+    step_ratio: float = 0.01,
+    probe_batches: int = 8,
+    bn_batches: int = 20,
+    ridge: float = 1e-5,
+    criterion_options: dict | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> PruneResult:
+    """Remove filters for real until ``target`` is met, in small iterative steps.
+
+    Args:
+        model: the network (copied unless ``inplace``).
+        example_inputs: ``(1, C, H, W)``: traced by torch-pruning and used to count MACs.
+        criterion: a name from ``list_criteria()``: ``icnn-cluster``, ``l1``, ``l2``, ``fpgm``,
+            ``taylor``, ``bn-scale``, ``lamp``, ``random``.
+        target: a ``Target``, or a float = MACs reduction factor (2.0 = half the MACs).
+        data: probe batches ``(images, labels, ...)``; needed by ``icnn-cluster``, ``taylor``,
+            compensation, BatchNorm re-estimation and refreshed at every step.
+        compensate: fold a least-squares reconstruction of each removed channel from the kept
+            ones into the consuming layers before removing it.
+        round_to: keep channel counts multiples of this (hardware-friendly widths).
+        max_layer_ratio: at most this fraction of any layer's channels is removed.
+        global_ranking: rank channels across layers (else the same ratio in every layer).
+        ignored_layers: names, modules or module types that are never pruned (types expanded).
+        keep_classifier: leave the last linear (or last conv) layer's outputs alone.
+        step_ratio: the channel ratio removed per step; smaller meets targets more closely.
+        probe_batches: batches probed per step; bn_batches: batches for BatchNorm re-estimation
+            after pruning (0: none).
+        ridge: regularisation of compensation and cluster residuals.
+        criterion_options: passed to the criterion (e.g. ``{"distance_threshold": 0.3}``).
+
+    Returns:
+        ``PruneResult``. Raises ``TargetError`` when the target cannot be met within
+        ``max_layer_ratio`` and the ignored layers.
+
+    Example:
+        >>> res = prune_model(model, torch.rand(1, 1, 28, 28), criterion="l1", target=2.0)
+        >>> res.macs_reduction  # ~2.0
+    """
+    target = target if isinstance(target, Target) else Target(macs_reduction=float(target))
+    if not 0 < max_layer_ratio < 1:
+        raise ConfigError(f"max_layer_ratio must be in (0, 1). Got {max_layer_ratio!r} instead.")
+    if not 0 < step_ratio <= max_layer_ratio:
+        raise ConfigError(f"step_ratio must be in (0, max_layer_ratio]. Got {step_ratio!r} instead.")
+    needs_data = criterion in NEEDS_DATA or compensate
+    if needs_data and data is None:
+        what = f"criterion {criterion!r}" if criterion in NEEDS_DATA else "compensate=True"
+        raise ConfigError(f"{what} needs data= (a DataLoader of probe batches).")
+    importance = make_importance(criterion, **(criterion_options or {}))
+    model = model if inplace else copy.deepcopy(model)
+    device = next(model.parameters()).device
+    example_inputs = example_inputs.to(device)
+    ignored = resolve_ignored(model, ignored_layers)
+    clf = _classifier(model)
+    if keep_classifier and clf is not None and clf not in ignored:
+        ignored.append(clf)
+    macs0, params0 = _stats(model, example_inputs)
+    base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
+    steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
+    pruner = tp.pruner.MetaPruner(
+        model, example_inputs, importance=importance, pruning_ratio=max_layer_ratio,
+        iterative_steps=steps_max, global_pruning=global_ranking, ignored_layers=ignored,
+        round_to=round_to, max_pruning_ratio=max_layer_ratio,
+    )  # fmt: skip
+    names = {m: n for n, m in model.named_modules()}
+    alive = {n: list(range(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    removed: dict[str, list[int]] = {}
+    reached, macs, params, step, compensated, speedup = False, macs0, params0, 0, 0, None
+    bar = tqdm(total=steps_max, desc=f"prune {criterion}", disable=not progress, leave=False)
+    for step in range(1, steps_max + 1):  # noqa: B007  (step is reported)
+        if isinstance(importance, ClusterRedundancyImportance):
+            importance.refresh(model, data)
+        if criterion == "taylor":
+            _taylor_gradients(model, data, probe_batches)
+        inputs = {}
+        if compensate:
+            consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            inputs = collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
+        for group in pruner.step(interactive=True):
+            _track_removed(group, names, alive, removed)
+            if compensate:
+                compensated += compensate_group(group, inputs, ridge=ridge)
+            group.prune()
+        macs, params = _stats(model, example_inputs)
+        bar.update(1)
+        bar.set_postfix(macs=f"{macs0 / max(macs, 1):.2f}x")
+        if target.kind == "macs_reduction":
+            reached = macs0 / max(macs, 1) >= target.value
+        elif target.kind == "params_reduction":
+            reached = params0 / max(params, 1) >= target.value
+        else:
+            speedup = base_latency / _latency_ms(model, example_inputs, target)
+            model.to(device)
+            reached = speedup >= target.value
+        if reached:
+            break
+    bar.close()
+    model.zero_grad(set_to_none=True)
+    if data is not None and bn_batches > 0:
+        reestimate_batchnorm(model, data, max_batches=bn_batches)
+    if not reached:
+        achieved = {"macs_reduction": macs0 / max(macs, 1), "params_reduction": params0 / max(params, 1),
+                    "latency_speedup": speedup}[target.kind]  # fmt: skip
+        raise TargetError(
+            f"Target {target.kind}={target.value:g} cannot be met: reached {achieved:.3g} after removing up "
+            f"to max_layer_ratio={max_layer_ratio:g} of every prunable layer (ignored: {len(ignored)} "
+            "layers). Raise max_layer_ratio, ignore fewer layers, or lower the target."
+        )
+    return PruneResult(model, criterion, target, macs0, macs, params0, params, removed,
+                       list(pruner.pruning_history()), step, speedup, compensated)  # fmt: skip
+
+
+@torch.enable_grad()
+def prune_filters(
+    model: nn.Module,
+    example_inputs: Tensor,
+    layer: str,
+    indices,
+    *,
+    compensate: bool = False,
+    data: DataLoader | None = None,
+    probe_batches: int = 8,
+    ridge: float = 1e-5,
+    inplace: bool = True,
+) -> PruneResult:
+    """Remove exactly the output channels ``indices`` of conv layer ``layer`` (and everything
+    coupled to them), validating what torch-pruning does not.
+
+    Raises ``ConfigError`` for an unknown or non-conv layer, and for indices that are empty,
+    duplicated, out of range, not integers, or all the channels of the layer.
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise ConfigError(f"The model has no module named {layer!r}.")
+    conv = modules[layer]
+    if not isinstance(conv, nn.Conv2d):
+        raise ConfigError(f"prune_filters needs a Conv2d layer; {layer!r} is a {type(conv).__name__}.")
+    idx = list(indices.tolist() if torch.is_tensor(indices) else indices)
+    if not idx:
+        raise ConfigError(f"indices for {layer!r} is empty: give at least one channel to remove.")
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in idx):
+        raise ConfigError(f"indices must be integers. Got {idx!r}.")
+    dups = sorted({i for i in idx if idx.count(i) > 1})
+    if dups:
+        raise ConfigError(f"indices for {layer!r} has duplicates: {dups}.")
+    bad = [i for i in idx if not 0 <= i < conv.out_channels]
+    if bad:
+        raise ConfigError(f"indices {bad} are out of range for {layer!r} with {conv.out_channels} channels "
+                          f"(allowed 0..{conv.out_channels - 1}).")  # fmt: skip
+    if len(idx) == conv.out_channels:
+        raise ConfigError(
+            f"indices would remove all {conv.out_channels} channels of {layer!r}; keep at least one."
+        )
+    if compensate and data is None:
+        raise ConfigError("compensate=True needs data= (a DataLoader of probe batches).")
+    model = model if inplace else copy.deepcopy(model)
+    conv = dict(model.named_modules())[layer]
+    device = next(model.parameters()).device
+    example_inputs = example_inputs.to(device)
+    macs0, params0 = _stats(model, example_inputs)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(idx))
+    if not graph.check_pruning_group(group):
+        raise IcnnCompressError(f"torch-pruning refused to prune {sorted(idx)} of {layer!r} (a coupled layer would "
+                                "lose all its channels).")  # fmt: skip
+    compensated = 0
+    if compensate:
+        consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        inputs = collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
+        compensated = compensate_group(group, inputs, ridge=ridge)
+    group.prune()
+    macs, params = _stats(model, example_inputs)
+    return PruneResult(model, "manual", None, macs0, macs, params0, params, {layer: sorted(idx)},
+                       list(graph.pruning_history()), 1, None, compensated)  # fmt: skip

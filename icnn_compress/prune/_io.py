@@ -1,0 +1,77 @@
+"""Save and load pruned models as plain tensors + metadata (loads with ``weights_only=True``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from icnn_compress._io import atomic_save
+from icnn_compress.errors import ConfigError
+
+__all__ = ["FORMAT", "load_pruned", "save_pruned"]
+
+FORMAT = "icnn-compress-pruned/1"
+
+
+def save_pruned(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    arch: str,
+    history: list,
+    input_shape: tuple[int, ...],
+    arch_kwargs: dict | None = None,
+    icnn: dict | None = None,
+    metadata: dict | None = None,
+) -> None:
+    """Write a pruned model: its state dict, torch-pruning's history and how to rebuild it.
+
+    Args:
+        arch, arch_kwargs: the registry name and arguments of the unpruned model
+            (``models.create(arch, **arch_kwargs)``).
+        history: ``PruneResult.history`` (torch-pruning's pruning history), replayed on load.
+        input_shape: ``(C, H, W)`` of an input, to trace the dependency graph on load.
+        icnn: ``{"layers": [...], "options": {...}}`` when frozen ICNN masks are part of the model
+            (re-attached and frozen before the history is replayed).
+    """
+    record = {
+        "format": FORMAT,
+        "arch": arch,
+        "arch_kwargs": json.dumps(arch_kwargs or {}),
+        "history": json.dumps([[n, bool(o), [int(i) for i in idx]] for n, o, idx in history]),
+        "input_shape": list(input_shape),
+        "icnn": json.dumps(icnn) if icnn else "",
+        "metadata": json.dumps(metadata or {}),
+        "state_dict": model.state_dict(),
+    }
+    atomic_save(record, path)
+
+
+def load_pruned(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by ``save_pruned``; returns ``(model, metadata)``."""
+    from icnn_compress import models
+    from icnn_compress.icnn import attach_icnn
+
+    try:
+        record = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"Pruned model file {str(path)!r} does not exist.") from exc
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ConfigError(
+            f"{str(path)!r} is not a pruned model saved by icnn-compress (expected format {FORMAT})."
+        )
+    model = models.create(record["arch"], **json.loads(record["arch_kwargs"]))
+    if record["icnn"]:
+        spec = json.loads(record["icnn"])
+        handle = attach_icnn(model, spec["layers"], spec["num_classes"], **spec["options"])
+        handle.freeze()
+    example = torch.zeros(1, *record["input_shape"])
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph.load_pruning_history([(n, o, idx) for n, o, idx in json.loads(record["history"])])
+    model.load_state_dict(record["state_dict"])
+    return model, json.loads(record["metadata"])

@@ -1,0 +1,78 @@
+"""Probe activations: the inputs that each conv/linear layer sees, sampled at random positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+__all__ = ["collect_layer_inputs", "reestimate_batchnorm"]
+
+
+@torch.no_grad()
+def collect_layer_inputs(
+    model: nn.Module,
+    loader: DataLoader,
+    modules: list[nn.Module],
+    *,
+    max_batches: int = 8,
+    rows_per_batch: int = 512,
+    seed: int = 0,
+) -> dict[nn.Module, Tensor]:
+    """For each module, a matrix ``(rows, C_in)`` of its input vectors (conv: channel vectors at
+    random spatial positions; linear: the input rows), from at most ``max_batches`` batches."""
+    g = torch.Generator().manual_seed(seed)
+    store: dict[nn.Module, list[Tensor]] = {m: [] for m in modules}
+
+    def hook(module, args):
+        x = args[0].detach().float()
+        if x.dim() == 4:
+            x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        elif x.dim() > 2:
+            x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] > rows_per_batch:
+            x = x[torch.randperm(x.shape[0], generator=g)[:rows_per_batch].to(x.device)]
+        store[module].append(x.cpu())
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            model(batch[0].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {m: torch.cat(v) for m, v in store.items() if v}
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, loader: DataLoader, *, max_batches: int = 20) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them (cumulative average) on at
+    most ``max_batches`` batches in train mode. Returns the number of batches used."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or max_batches <= 0:
+        return 0
+    saved = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches below
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train()
+    used = 0
+    try:
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            model(batch[0].to(device))
+            used += 1
+    finally:
+        for m, mom in saved.items():
+            m.momentum = mom
+        model.train(was_training)
+    return used

@@ -1,0 +1,202 @@
+"""Pruning engine: planted duplicates, targets on torchvision models, exact indices, save/load."""
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from icnn_compress import ConfigError, models
+from icnn_compress.prune import (
+    Target,
+    TargetError,
+    list_criteria,
+    load_pruned,
+    make_importance,
+    prune_filters,
+    prune_model,
+    save_pruned,
+)
+
+TWINS = {8: 0, 9: 1, 10: 2, 11: 3}  # copy -> original, in layer "3" (16 filters)
+
+
+def planted_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 12, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    )  # fmt: skip
+    conv = model[3]
+    with torch.no_grad():
+        conv.bias.abs_().add_(0.1)  # no dead filter: only the copies are redundant
+        for copy_, orig in TWINS.items():
+            conv.weight[orig] *= 3.0  # originals (and so their copies) have the largest norms
+            conv.bias[orig] = conv.bias[orig].abs()
+            conv.weight[copy_] = conv.weight[orig]
+            conv.bias[copy_] = conv.bias[orig]
+    return model
+
+
+def probe(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.rand(n, 3, 16, 16, generator=g), torch.randint(0, 5, (n,), generator=g))
+    return DataLoader(ds, batch_size=16)
+
+
+def group_scores(model, criterion, data):
+    imp = make_importance(criterion)
+    if hasattr(imp, "refresh"):
+        imp.refresh(model, data)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 16, 16))
+    group = graph.get_pruning_group(model[3], tp.prune_conv_out_channels, idxs=list(range(16)))
+    return imp(group)
+
+
+def lowest_four(scores):
+    return set(scores.argsort()[:4].tolist())
+
+
+def one_per_twin_pair(chosen) -> bool:
+    return all((c in chosen) != (o in chosen) for c, o in TWINS.items()) and chosen <= set(TWINS) | set(
+        TWINS.values()
+    )
+
+
+def test_icnn_cluster_singles_out_the_copies_and_l1_does_not():
+    model, data = planted_model(), probe()
+    chosen = lowest_four(group_scores(model, "icnn-cluster", data))
+    assert one_per_twin_pair(chosen), chosen
+    assert not one_per_twin_pair(lowest_four(group_scores(model, "l1", data)))
+
+
+def test_removing_copies_with_compensation_keeps_outputs():
+    model, data = planted_model(), probe()
+    x = torch.rand(8, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():  # pruning works under no_grad too (the graph is traced with grad enabled)
+        before = model(x)
+        res = prune_filters(model, torch.rand(1, 3, 16, 16), "3", sorted(TWINS), compensate=True, data=data)
+        after = res.model(x)
+    assert res.model[3].out_channels == 12 and res.compensated_layers == 1
+    rel = float((after - before).norm() / before.norm())
+    assert rel < 1e-4, rel
+    plain = prune_filters(planted_model().eval(), torch.rand(1, 3, 16, 16), "3", sorted(TWINS))
+    with torch.no_grad():
+        assert float((plain.model(x) - before).norm() / before.norm()) > 1e-2  # compensation is what did it
+
+
+@pytest.mark.parametrize(("arch", "size"), [("vgg16_bn", 32), ("resnet18", 32), ("mobilenet_v2", 32)])
+def test_macs_targets_met_within_3_percent(arch, size):
+    model = models.create(arch, num_classes=10, in_channels=3, small_input=True)
+    x = torch.rand(1, 3, size, size)
+    res = prune_model(model, x, criterion="l1", target=Target(macs_reduction=2.0), progress=False)
+    assert 2.0 <= res.macs_reduction <= 2.0 * 1.03, res.macs_reduction
+    out = res.model(torch.rand(2, 3, size, size))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [m.out_channels for m in models.create(arch, small_input=True).modules()
+                      if isinstance(m, nn.Conv2d)]  # the original model is untouched  # fmt: skip
+    assert res.removed and all(len(v) == len(set(v)) for v in res.removed.values())
+
+
+def test_params_target_and_round_to():
+    model = models.create("vgg_small", num_classes=10, in_channels=1)
+    res = prune_model(model, torch.rand(1, 1, 28, 28), criterion="fpgm", target=Target(params_reduction=1.5),
+                      round_to=8, progress=False)  # fmt: skip
+    assert res.params_reduction >= 1.5
+    widths = [m.out_channels for m in res.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths
+
+
+@pytest.mark.parametrize("criterion", sorted(set(list_criteria())))
+@pytest.mark.parametrize("compensate", [False, True])
+def test_every_criterion_prunes_resnet_with_and_without_compensation(criterion, compensate):
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=3)
+    data = probe(32)
+    res = prune_model(model, torch.rand(1, 3, 16, 16), criterion=criterion, target=1.5, data=data,
+                      compensate=compensate, step_ratio=0.05, probe_batches=2, progress=False)  # fmt: skip
+    assert res.macs_reduction >= 1.5
+    assert torch.isfinite(res.model(torch.rand(2, 3, 16, 16))).all()
+
+
+def test_impossible_target_and_bad_arguments():
+    model = models.create("resnet_cifar8", num_classes=5)
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(TargetError, match="cannot be met"):
+        prune_model(model, x, target=50.0, max_layer_ratio=0.5, step_ratio=0.1, progress=False)
+    with pytest.raises(ConfigError, match="must be a float > 1"):
+        Target(macs_reduction=0.5)
+    with pytest.raises(ConfigError, match="exactly one of"):
+        Target(macs_reduction=2.0, params_reduction=2.0)
+    with pytest.raises(ConfigError, match="'icnn-cluster' needs data="):
+        prune_model(model, x, criterion="icnn-cluster", progress=False)
+    with pytest.raises(ConfigError, match="Did you mean 'fpgm'"):
+        prune_model(model, x, criterion="fgpm", progress=False)
+    with pytest.raises(ConfigError, match="type BatchNorm1d, but the model has no such module"):
+        prune_model(model, x, ignored_layers=[nn.BatchNorm1d], progress=False)
+    with pytest.raises(ConfigError, match="leaves no conv or linear layer"):
+        prune_model(model, x, ignored_layers=[nn.Conv2d, nn.Linear], progress=False)
+
+
+def test_ignored_layer_types_are_expanded():
+    model = models.create("resnet_cifar8", num_classes=5)
+    res = prune_model(model, torch.rand(1, 3, 16, 16), target=1.3, ignored_layers=["layer1.0.conv1"],
+                      progress=False)  # fmt: skip
+    assert res.model.layer1[0].conv1.out_channels == model.layer1[0].conv1.out_channels
+
+
+@pytest.mark.parametrize(("indices", "match"), [
+    ([], "is empty"),
+    ([1, 1], r"duplicates: \[1\]"),
+    ([0, 16], r"indices \[16\] are out of range for '3' with 16 channels"),
+    ([-1], "out of range"),
+    (list(range(16)), "would remove all 16 channels"),
+    ([0.5], "must be integers"),
+])  # fmt: skip
+def test_prune_filters_validates_indices(indices, match):
+    with pytest.raises(ConfigError, match=match):
+        prune_filters(planted_model(), torch.rand(1, 3, 16, 16), "3", indices)
+
+
+def test_prune_filters_layer_errors():
+    with pytest.raises(ConfigError, match="no module named 'nope'"):
+        prune_filters(planted_model(), torch.rand(1, 3, 16, 16), "nope", [0])
+    with pytest.raises(ConfigError, match="needs a Conv2d layer; '4' is a ReLU"):
+        prune_filters(planted_model(), torch.rand(1, 3, 16, 16), "4", [0])
+
+
+def test_save_load_is_exact(tmp_path):
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1)
+    res = prune_model(model, torch.rand(1, 1, 16, 16), criterion="l2", target=2.0, progress=False)
+    path = tmp_path / "pruned.pt"
+    save_pruned(res.model, path, arch="resnet_cifar8", arch_kwargs={"num_classes": 5, "in_channels": 1},
+                history=res.history, input_shape=(1, 16, 16), metadata={"criterion": "l2"})  # fmt: skip
+    record = torch.load(path, weights_only=True)  # plain tensors and strings only
+    assert record["format"].startswith("icnn-compress-pruned")
+    loaded, meta = load_pruned(path)
+    x = torch.rand(3, 1, 16, 16)
+    res.model.eval()
+    loaded.eval()
+    assert torch.equal(loaded(x), res.model(x))
+    assert meta == {"criterion": "l2"}
+
+
+def test_save_load_with_frozen_icnn_masks(tmp_path):
+    from icnn_compress import attach_icnn
+
+    model = models.create("vgg_small", num_classes=4, in_channels=1)
+    opts = {"beta": 2.0}
+    handle = attach_icnn(model, "features.23", 4, **opts)
+    handle.freeze()
+    res = prune_model(model, torch.rand(1, 1, 28, 28), target=1.5, progress=False)
+    path = tmp_path / "p.pt"
+    save_pruned(res.model, path, arch="vgg_small", arch_kwargs={"num_classes": 4, "in_channels": 1},
+                history=res.history, input_shape=(1, 28, 28),
+                icnn={"layers": ["features.23"], "num_classes": 4, "options": opts})  # fmt: skip
+    loaded, _ = load_pruned(path)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(loaded.eval()(x), res.model.eval()(x))
