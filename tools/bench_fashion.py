@@ -33,9 +33,18 @@ def main() -> None:
     train_dl, val_dl = ic.data.loaders("fashion-mnist", batch_size=a.batch, seed=a.seed, val_batch_size=512)
     model = ic.models.create(a.model, num_classes=10, in_channels=1)
     t0 = time.perf_counter()
-    trainer = ic.Trainer(model, train_dl, val_dl, epochs=a.epochs, lr=a.lr, weight_decay=5e-4,
-                         schedule="cosine", seed=a.seed, out_dir=cache.parent / f"{cache.stem}_run",
-                         resume=True)  # fmt: skip
+    trainer = ic.Trainer(
+        model,
+        train_dl,
+        val_dl,
+        epochs=a.epochs,
+        lr=a.lr,
+        weight_decay=5e-4,
+        schedule="cosine",
+        seed=a.seed,
+        out_dir=cache.parent / f"{cache.stem}_run",
+        resume=True,
+    )
     trainer.fit()
     wall = time.perf_counter() - t0
     atomic_save(model.state_dict(), cache)

@@ -31,8 +31,10 @@ from icnn_compress.analysis import (
     plot_instability_histogram,
 )
 
-PAPER = {"location_instability_ratio": [0.076 / 0.137, 0.085 / 0.144, 0.096 / 0.139],
-         "part_interpretability_ratio": [0.770 / 0.495, 0.654 / 0.348, 0.708 / 0.357]}  # fmt: skip
+PAPER = {
+    "location_instability_ratio": [0.076 / 0.137, 0.085 / 0.144, 0.096 / 0.139],
+    "part_interpretability_ratio": [0.770 / 0.495, 0.654 / 0.348, 0.708 / 0.357],
+}
 
 
 def train(with_loss: bool, a, train_dl, val_dl, out: Path):
@@ -41,12 +43,26 @@ def train(with_loss: bool, a, train_dl, val_dl, out: Path):
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-2:]
     handle = None
     if with_loss:
-        handle = ic.attach_icnn(model, convs, num_classes=a.classes, weight=a.weight,
-                                warmup_steps=a.warmup, categories=a.categories)  # fmt: skip
+        handle = ic.attach_icnn(
+            model,
+            convs,
+            num_classes=a.classes,
+            weight=a.weight,
+            warmup_steps=a.warmup,
+            categories=a.categories,
+        )
     t0 = time.perf_counter()
-    trainer = ic.Trainer(model, train_dl, val_dl, epochs=a.epochs, lr=a.lr, seed=a.seed,
-                         extra_loss=handle.loss if handle else None,
-                         out_dir=out / ("icnn" if with_loss else "plain"), resume=True)  # fmt: skip
+    trainer = ic.Trainer(
+        model,
+        train_dl,
+        val_dl,
+        epochs=a.epochs,
+        lr=a.lr,
+        seed=a.seed,
+        extra_loss=handle.loss if handle else None,
+        out_dir=out / ("icnn" if with_loss else "plain"),
+        resume=True,
+    )
     trainer.fit()
     if handle is not None:
         handle.freeze()
@@ -71,9 +87,14 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     kw = dict(num_classes=a.classes, image_size=a.image_size, seed=a.seed)
-    train_dl, val_dl = ic.data.loaders("synthetic-parts", batch_size=64, train_size=a.train_size,
-                                       val_size=a.probe_size, seed=a.seed, **{k: kw[k] for k in ("num_classes",
-                                       "image_size")})  # fmt: skip
+    train_dl, val_dl = ic.data.loaders(
+        "synthetic-parts",
+        batch_size=64,
+        train_size=a.train_size,
+        val_size=a.probe_size,
+        seed=a.seed,
+        **{k: kw[k] for k in ("num_classes", "image_size")},
+    )
     probe = ic.data.SyntheticParts("test", a.probe_size, annotations=True, **kw)
     probe_dl = DataLoader(probe, batch_size=128)
     rows, record = {}, {}
@@ -87,14 +108,21 @@ def main() -> None:
             li = location_instability(sig)
             pi = part_interpretability(model, probe_dl, layer)
             cl = cluster_filters(sig)
-            layer_rows[layer] = {"location_instability": li["score"], "part_interpretability": pi["score"],
-                                 "ari": cl.ari, "clusters": cl.num_clusters,
-                                 "alive_filters": int((sig.alive >= 0.01).sum()), "filters": sig.num_filters}  # fmt: skip
+            layer_rows[layer] = {
+                "location_instability": li["score"],
+                "part_interpretability": pi["score"],
+                "ari": cl.ari,
+                "clusters": cl.num_clusters,
+                "alive_filters": int((sig.alive >= 0.01).sum()),
+                "filters": sig.num_filters,
+            }
             record.setdefault("per_filter_instability", {})[f"{name}:{layer}"] = li["per_filter"]
             if layer == convs[-1]:
                 plot_filter_gallery(model, probe, sig, cl, out / f"gallery_{name}.png")
-        mean = {k: sum(r[k] for r in layer_rows.values()) / len(layer_rows)
-                for k in ("location_instability", "part_interpretability", "ari")}  # fmt: skip
+        mean = {
+            k: sum(r[k] for r in layer_rows.values()) / len(layer_rows)
+            for k in ("location_instability", "part_interpretability", "ari")
+        }
         rows[name] = {"test_acc": acc, "train_seconds": secs, "layers": layer_rows, **mean}
         print(
             name,
@@ -104,14 +132,18 @@ def main() -> None:
     plain, icnn = rows["plain"], rows["icnn"]
     summary = {
         "location_instability_ratio": icnn["location_instability"] / plain["location_instability"],
-        "part_interpretability_ratio": icnn["part_interpretability"] / max(plain["part_interpretability"], 1e-9),
+        "part_interpretability_ratio": icnn["part_interpretability"]
+        / max(plain["part_interpretability"], 1e-9),
         "accuracy_drop_points": 100 * (plain["test_acc"] - icnn["test_acc"]),
         "ari": icnn["ari"],
         "ari_plain": plain["ari"],
-        "targets": {"location_instability_ratio": "<= 0.6", "part_interpretability_ratio": ">= 1.5",
-                    "accuracy_drop_points": "<= 1"},
+        "targets": {
+            "location_instability_ratio": "<= 0.6",
+            "part_interpretability_ratio": ">= 1.5",
+            "accuracy_drop_points": "<= 1",
+        },
         "paper_ratios": PAPER,
-    }  # fmt: skip
+    }
     result = {
         "benchmark": "interpretability",
         "command": f"python tools/bench_interpretability.py --epochs {a.epochs} --image-size {a.image_size}",
@@ -122,11 +154,15 @@ def main() -> None:
         "summary": summary,
     }
     atomic_write_json(result, Path(__file__).parent / "results" / "interpretability.json")
-    md = ["| model | test acc | location instability | part interpretability | ARI (clusters vs parts) |",
-          "|---|---|---|---|---|"]  # fmt: skip
+    md = [
+        "| model | test acc | location instability | part interpretability | ARI (clusters vs parts) |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        md.append(f"| {name} | {r['test_acc']:.4f} | {r['location_instability']:.4f} | "
-                  f"{r['part_interpretability']:.4f} | {r['ari']:.3f} |")  # fmt: skip
+        md.append(
+            f"| {name} | {r['test_acc']:.4f} | {r['location_instability']:.4f} | "
+            f"{r['part_interpretability']:.4f} | {r['ari']:.3f} |"
+        )
     md.append(
         f"| ratio / drop | {summary['accuracy_drop_points']:+.2f} pt | "
         f"{summary['location_instability_ratio']:.3f} | {summary['part_interpretability_ratio']:.3f} | |"

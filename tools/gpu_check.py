@@ -26,13 +26,15 @@ def main() -> None:
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cudnn.benchmark = True
-    train_dl, val_dl = ic.data.loaders("synthetic-parts", batch_size=64, train_size=64 * a.steps,
-                                       val_size=1024, num_workers=4)  # fmt: skip
+    train_dl, val_dl = ic.data.loaders(
+        "synthetic-parts", batch_size=64, train_size=64 * a.steps, val_size=1024, num_workers=4
+    )
     model = ic.models.create("vgg_small", num_classes=6, in_channels=3)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-2:]
     handle = ic.attach_icnn(model, convs, num_classes=6, warmup_steps=a.steps // 3)
-    trainer = ic.Trainer(model, train_dl, val_dl, epochs=1, extra_loss=handle.loss, lr=0.05,
-                         device=device, progress=False)  # fmt: skip
+    trainer = ic.Trainer(
+        model, train_dl, val_dl, epochs=1, extra_loss=handle.loss, lr=0.05, device=device, progress=False
+    )
     t0 = time.perf_counter()
     trainer.fit()
     if device == "cuda":
@@ -46,8 +48,15 @@ def main() -> None:
 
     path = Path("/tmp/icnn_gpu_check.onnx")
     x = torch.rand(8, 3, 64, 64, device=device)
-    torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}}, dynamo=False)  # fmt: skip
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}},
+        dynamo=False,
+    )
     available = ort.get_available_providers()
     wanted = [pv for pv in ("CUDAExecutionProvider", "CPUExecutionProvider") if pv in available]
     sess = ort.InferenceSession(str(path), providers=wanted)

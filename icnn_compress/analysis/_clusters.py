@@ -47,8 +47,14 @@ class FilterClusters:
         return torch.nonzero(self.labels == cluster).flatten().tolist()
 
 
-def filter_distances(sig: LayerSignature, *, w_response: float = 0.5, w_location: float = 0.5,
-                     location_scale: float = 0.25, category_penalty: float = 1.0) -> Tensor:  # fmt: skip
+def filter_distances(
+    sig: LayerSignature,
+    *,
+    w_response: float = 0.5,
+    w_location: float = 0.5,
+    location_scale: float = 0.25,
+    category_penalty: float = 1.0,
+) -> Tensor:
     """Pairwise filter distance ``(C, C)`` from responses and co-occurring peak locations.
 
     ``w_response * (1 - corr)/2`` (correlation of per-image peak responses) plus ``w_location *
@@ -144,9 +150,11 @@ def cluster_filters(
             )
         sub = dist[alive][:, alive].double().numpy()
         model = AgglomerativeClustering(
-            n_clusters=n_clusters, distance_threshold=None if n_clusters else distance_threshold,
-            metric="precomputed", linkage=linkage,
-        )  # fmt: skip
+            n_clusters=n_clusters,
+            distance_threshold=None if n_clusters else distance_threshold,
+            metric="precomputed",
+            linkage=linkage,
+        )
         labels[alive] = torch.as_tensor(model.fit_predict(sub), dtype=torch.long)
     categories, medoids, spreads = {}, {}, {}
     for cl in sorted(set(labels.tolist()) - {-1}):

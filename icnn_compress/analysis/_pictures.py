@@ -65,8 +65,9 @@ def plot_filter_gallery(
     hook = model.get_submodule(sig.point).register_forward_hook(lambda m, i, o: maps.__setitem__("x", o))
     was_training = model.training
     model.eval()
-    fig, axes = plt.subplots(len(rows), images_per_filter, figsize=(1.6 * images_per_filter, 1.6 * len(rows)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(rows), images_per_filter, figsize=(1.6 * images_per_filter, 1.6 * len(rows)), squeeze=False
+    )
     try:
         for r, (c, f) in enumerate(rows):
             for k in range(images_per_filter):
@@ -77,8 +78,16 @@ def plot_filter_gallery(
                 idx = int(sig.topk_index[f, k])
                 img = dataset[idx][0]
                 model(img[None].to(device))
-                heat = F.interpolate(maps["x"][:, f : f + 1].float().clamp_min(0), size=img.shape[-2:],
-                                     mode="bilinear", align_corners=False)[0, 0].cpu().numpy()  # fmt: skip
+                heat = (
+                    F.interpolate(
+                        maps["x"][:, f : f + 1].float().clamp_min(0),
+                        size=img.shape[-2:],
+                        mode="bilinear",
+                        align_corners=False,
+                    )[0, 0]
+                    .cpu()
+                    .numpy()
+                )
                 ax.imshow(_to_rgb(img.cpu()))
                 ax.imshow(heat, cmap="jet", alpha=0.45)
                 if k == 0:
@@ -96,8 +105,11 @@ def plot_filter_gallery(
     return out
 
 
-def plot_instability_histogram(per_filter: dict[str, torch.Tensor], path: str | os.PathLike,
-                               title: str = "location instability per filter") -> Path:  # fmt: skip
+def plot_instability_histogram(
+    per_filter: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    title: str = "location instability per filter",
+) -> Path:
     """Overlaid histograms of per-filter location instability, one series per name (e.g. with /
     without the loss)."""
     plt = _plt()

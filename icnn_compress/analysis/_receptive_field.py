@@ -58,8 +58,20 @@ def _geometry(target, args, kwargs, module: nn.Module | None):
     return None
 
 
-_PASS_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.sigmoid, F.dropout, operator.add, operator.mul,
-               torch.add, torch.mul, torch.cat, F.batch_norm}  # fmt: skip
+_PASS_FUNCS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.hardtanh,
+    torch.sigmoid,
+    F.dropout,
+    operator.add,
+    operator.mul,
+    torch.add,
+    torch.mul,
+    torch.cat,
+    F.batch_norm,
+}
 
 
 def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, ...]) -> RF:
@@ -120,9 +132,12 @@ def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, ...]) -
             meta_in = src.meta.get("tensor_meta")
             meta_out = node.meta.get("tensor_meta")
             same = (
-                meta_in is not None and meta_out is not None and hasattr(meta_out, "shape")
-                and len(meta_out.shape) == 4 and tuple(meta_in.shape[-2:]) == tuple(meta_out.shape[-2:])
-            )  # fmt: skip
+                meta_in is not None
+                and meta_out is not None
+                and hasattr(meta_out, "shape")
+                and len(meta_out.shape) == 4
+                and tuple(meta_in.shape[-2:]) == tuple(meta_out.shape[-2:])
+            )
             if not same:
                 if node.op == "call_module" and node.target == layer:
                     raise ConfigError(
@@ -138,10 +153,12 @@ def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, ...]) -
     if inside:
         prefix = layer + "."
         after = [
-            n for n in gm.graph.nodes
-            if n in rf and n.op == "call_function"
+            n
+            for n in gm.graph.nodes
+            if n in rf
+            and n.op == "call_function"
             and any(str(u.target).startswith(prefix) for u in n.all_input_nodes if u.op == "call_module")
-        ]  # fmt: skip
+        ]
         last = max(inside + after, key=lambda n: list(gm.graph.nodes).index(n))
         return RF(*rf[last])
     raise ConfigError(

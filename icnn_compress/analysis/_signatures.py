@@ -182,9 +182,16 @@ def _accumulate(st: dict, maps: Tensor, labels: Tensor, offset: int, top_k: int)
     value, idx = value.cpu(), idx.cpu()
     rc = torch.stack([idx // w, idx % w], -1)
     if not st:
-        st.update(sum=torch.zeros(1, c), sum_rows=[], peak_value=[], peak_rc=[], alive=torch.zeros(c),
-                  map_sum=torch.zeros(c, h, w), topk_value=torch.full((c, 0), -1.0),
-                  topk_index=torch.zeros((c, 0), dtype=torch.long))  # fmt: skip
+        st.update(
+            sum=torch.zeros(1, c),
+            sum_rows=[],
+            peak_value=[],
+            peak_rc=[],
+            alive=torch.zeros(c),
+            map_sum=torch.zeros(c, h, w),
+            topk_value=torch.full((c, 0), -1.0),
+            topk_index=torch.zeros((c, 0), dtype=torch.long),
+        )
     st["sum_rows"].append(flat.sum(2).cpu())
     st["peak_value"].append(value)
     st["peak_rc"].append(rc)

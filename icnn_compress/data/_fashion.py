@@ -17,11 +17,22 @@ __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "FashionMNIST"]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 MEAN, STD = 0.2860, 0.3530
-_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _cache_dir() -> Path:
@@ -58,8 +69,14 @@ class FashionMNIST(Dataset):
 
     classes = FASHION_MNIST_CLASSES
 
-    def __init__(self, split: str = "train", *, root: str | os.PathLike = FASHION_MNIST_ROOT,
-                 transform=None, limit: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        root: str | os.PathLike = FASHION_MNIST_ROOT,
+        transform=None,
+        limit: int | None = None,
+    ) -> None:
         if split not in _FILES:
             raise DataError(
                 f"The 'split' parameter of FashionMNIST must be 'train' or 'test'. Got {split!r}."
@@ -95,8 +112,13 @@ def fashion_transforms(train: bool):
     return v2.Compose([*ops, v2.Normalize([MEAN], [STD])])
 
 
-def write_idx(images: torch.Tensor, labels: torch.Tensor, folder: str | os.PathLike, split: str = "train",
-              gz: bool = True) -> None:  # fmt: skip
+def write_idx(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    folder: str | os.PathLike,
+    split: str = "train",
+    gz: bool = True,
+) -> None:
     """Write uint8 images ``(N, H, W)`` and labels ``(N,)`` as IDX files (fixtures, exports)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,9 @@ def image_transforms(image_size: int, train: bool):
         if train
         else [v2.Resize(int(image_size * 1.14)), v2.CenterCrop(image_size)]
     )
-    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
+    return v2.Compose(
+        [v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 def _read_table(path: Path, ncols: int) -> list[list[str]]:

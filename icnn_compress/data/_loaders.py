@@ -33,13 +33,23 @@ def list_datasets() -> list[str]:
 
 
 @register_dataset("synthetic-parts")
-def _synthetic(*, train_size: int = 6000, val_size: int = 1200, num_classes: int = 6, image_size: int = 64,
-               seed: int = 0, annotations: bool = False, **_):  # fmt: skip
+def _synthetic(
+    *,
+    train_size: int = 6000,
+    val_size: int = 1200,
+    num_classes: int = 6,
+    image_size: int = 64,
+    seed: int = 0,
+    annotations: bool = False,
+    **_,
+):
     from icnn_compress.data._synthetic import SyntheticParts
 
     kw = dict(num_classes=num_classes, image_size=image_size, seed=seed)
-    return (SyntheticParts("train", train_size, **kw),
-            SyntheticParts("val", val_size, annotations=annotations, **kw))  # fmt: skip
+    return (
+        SyntheticParts("train", train_size, **kw),
+        SyntheticParts("val", val_size, annotations=annotations, **kw),
+    )
 
 
 @register_dataset("fashion-mnist")
@@ -47,8 +57,10 @@ def _fashion(*, root: str | None = None, augment: bool = True, limit: int | None
     from icnn_compress.data._fashion import FASHION_MNIST_ROOT, FashionMNIST, fashion_transforms
 
     root = root or FASHION_MNIST_ROOT
-    return (FashionMNIST("train", root=root, transform=fashion_transforms(augment), limit=limit),
-            FashionMNIST("test", root=root, transform=fashion_transforms(False), limit=limit))  # fmt: skip
+    return (
+        FashionMNIST("train", root=root, transform=fashion_transforms(augment), limit=limit),
+        FashionMNIST("test", root=root, transform=fashion_transforms(False), limit=limit),
+    )
 
 
 @register_dataset("imagefolder")
@@ -67,13 +79,21 @@ def _imagefolder(*, root: str | None = None, image_size: int = 224, **_):
             raise ConfigError(
                 f"ImageFolder root {root!r} has no {sub}/ subfolder (expected {sub}/<class>/<image>)."
             )
-    return (ImageFolder(str(base / "train"), transform=image_transforms(image_size, True)),
-            ImageFolder(str(base / "val"), transform=image_transforms(image_size, False)))  # fmt: skip
+    return (
+        ImageFolder(str(base / "train"), transform=image_transforms(image_size, True)),
+        ImageFolder(str(base / "val"), transform=image_transforms(image_size, False)),
+    )
 
 
 @register_dataset("cub200")
-def _cub(*, root: str | None = None, image_size: int = 224, crop_to_box: bool = True,
-         annotations: bool = False, **_):  # fmt: skip
+def _cub(
+    *,
+    root: str | None = None,
+    image_size: int = 224,
+    crop_to_box: bool = True,
+    annotations: bool = False,
+    **_,
+):
     from icnn_compress.data._folder import CUB200
 
     if root is None:
@@ -119,8 +139,13 @@ def loaders(
         num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available()
     )
     if is_distributed():
-        train_dl = DataLoader(train, batch_size=batch_size, sampler=DistributedSampler(train, seed=seed),
-                              drop_last=True, **common)  # fmt: skip
+        train_dl = DataLoader(
+            train,
+            batch_size=batch_size,
+            sampler=DistributedSampler(train, seed=seed),
+            drop_last=True,
+            **common,
+        )
         val_sampler = DistributedSampler(val, shuffle=False)
     else:
         g = torch.Generator().manual_seed(seed)

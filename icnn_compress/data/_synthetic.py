@@ -19,9 +19,17 @@ __all__ = ["PART_NAMES", "SyntheticParts"]
 PART_NAMES = ("disk", "square", "triangle", "cross", "ellipse", "stripes", "checker", "diamond")
 _SPLITS = {"train": 0, "val": 1, "test": 2}
 _PART_COLOURS = np.array(
-    [[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.3, 0.9], [0.9, 0.8, 0.1],
-     [0.8, 0.2, 0.8], [0.1, 0.8, 0.8], [0.95, 0.55, 0.1], [0.6, 0.6, 0.95]]
-)  # fmt: skip
+    [
+        [0.9, 0.2, 0.2],
+        [0.2, 0.8, 0.2],
+        [0.2, 0.3, 0.9],
+        [0.9, 0.8, 0.1],
+        [0.8, 0.2, 0.8],
+        [0.1, 0.8, 0.8],
+        [0.95, 0.55, 0.1],
+        [0.6, 0.6, 0.95],
+    ]
+)
 
 
 def _shape_mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -144,8 +152,15 @@ class SyntheticParts(Dataset):
         for _ in range(int(rng.integers(0, self.clutter + 1))):  # distractors behind the object
             kind = int(rng.integers(len(PART_NAMES)))
             colour = np.clip(_PART_COLOURS[kind] * rng.uniform(0.5, 0.9), 0, 1)
-            self._draw(img, rng, kind, *rng.uniform(0, s, 2), rng.uniform(0.05, 0.09) * s,
-                       rng.uniform(0, np.pi), colour)  # fmt: skip
+            self._draw(
+                img,
+                rng,
+                kind,
+                *rng.uniform(0, s, 2),
+                rng.uniform(0.05, 0.09) * s,
+                rng.uniform(0, np.pi),
+                colour,
+            )
         scale = rng.uniform(0.8, 1.15) * s * 0.3  # object half-extent
         cx, cy = s / 2 + rng.uniform(-0.12, 0.12, 2) * s
         rot = rng.uniform(-0.25, 0.25)  # radians

@@ -110,8 +110,16 @@ def export_onnx(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-                torch.onnx.export(model, inputs, tmp, input_names=input_names, output_names=output_names,
-                                  dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
+                torch.onnx.export(
+                    model,
+                    inputs,
+                    tmp,
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_axes=axes,
+                    opset_version=opset,
+                    dynamo=False,
+                )
             proto = onnx.load(tmp)
             props = {"producer": f"icnn-compress {__version__}"}
             for k, v in (metadata or {}).items():

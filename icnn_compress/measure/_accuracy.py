@@ -14,8 +14,14 @@ from tqdm.auto import tqdm
 __all__ = ["meta_copy", "model_stats", "ort_accuracy"]
 
 
-def ort_accuracy(path_or_session, loader: DataLoader, *, provider: str = "auto", threads: int | None = None,
-                 progress: bool = False) -> float:  # fmt: skip
+def ort_accuracy(
+    path_or_session,
+    loader: DataLoader,
+    *,
+    provider: str = "auto",
+    threads: int | None = None,
+    progress: bool = False,
+) -> float:
     """Top-1 accuracy (0..1) of the ONNX model on every batch of ``loader``."""
     from icnn_compress.measure._latency import ort_session
 

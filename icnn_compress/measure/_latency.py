@@ -61,10 +61,18 @@ def _stats(times: list[float], batch: int, threads, provider: str, warmup: int) 
     ms = sorted(t * 1e3 for t in times)
     p90 = float(np.percentile(ms, 90))
     return LatencyStats(
-        median_ms=statistics.median(ms), p90_ms=max(p90, statistics.median(ms)), mean_ms=statistics.fmean(ms),
-        std_ms=statistics.pstdev(ms), min_ms=ms[0], max_ms=ms[-1], batch_size=batch, threads=threads,
-        provider=provider, warmup=warmup, repeats=len(ms),
-    )  # fmt: skip
+        median_ms=statistics.median(ms),
+        p90_ms=max(p90, statistics.median(ms)),
+        mean_ms=statistics.fmean(ms),
+        std_ms=statistics.pstdev(ms),
+        min_ms=ms[0],
+        max_ms=ms[-1],
+        batch_size=batch,
+        threads=threads,
+        provider=provider,
+        warmup=warmup,
+        repeats=len(ms),
+    )
 
 
 def pick_providers(provider: str = "auto") -> list[str]:
@@ -82,13 +90,16 @@ def pick_providers(provider: str = "auto") -> list[str]:
         return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
     missing = [p for p in names[provider][:-1] if p not in available]
     if missing or (provider != "cpu" and not gpu):
-        raise ConfigError(f"ONNX Runtime provider {provider!r} is not usable here (available: {available}, "
-                          f"CUDA visible to torch: {gpu}). Use provider='cpu' or 'auto'.")  # fmt: skip
+        raise ConfigError(
+            f"ONNX Runtime provider {provider!r} is not usable here (available: {available}, "
+            f"CUDA visible to torch: {gpu}). Use provider='cpu' or 'auto'."
+        )
     return names[provider]
 
 
-def ort_session(path: str | os.PathLike, *, provider: str = "auto", threads: int | None = None,
-                optimization: str = "all"):  # fmt: skip
+def ort_session(
+    path: str | os.PathLike, *, provider: str = "auto", threads: int | None = None, optimization: str = "all"
+):
     """An ONNX Runtime session with graph optimisations, ``threads`` intra-op threads, one inter-op.
 
     The providers actually used are ``session.get_providers()`` (a provider that fails to load is
@@ -96,10 +107,12 @@ def ort_session(path: str | os.PathLike, *, provider: str = "auto", threads: int
     """
     import onnxruntime as ort
 
-    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}  # fmt: skip
+    levels = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
     if optimization not in levels:
         raise ConfigError(f"optimization must be one of {tuple(levels)}. Got {optimization!r} instead.")
     so = ort.SessionOptions()
@@ -112,9 +125,17 @@ def ort_session(path: str | os.PathLike, *, provider: str = "auto", threads: int
     return ort.InferenceSession(str(path), sess_options=so, providers=pick_providers(provider))
 
 
-def ort_latency(path: str | os.PathLike, batch_size: int, *, input_shape: tuple[int, ...] | None = None,
-                provider: str = "auto", threads: int | None = None, warmup: int = 10, repeats: int = 50,
-                session=None) -> LatencyStats:  # fmt: skip
+def ort_latency(
+    path: str | os.PathLike,
+    batch_size: int,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    provider: str = "auto",
+    threads: int | None = None,
+    warmup: int = 10,
+    repeats: int = 50,
+    session=None,
+) -> LatencyStats:
     """Latency of one ``session.run`` on a random batch; ``input_shape`` (without batch) is read
     from the model when it is static."""
     sess = session or ort_session(path, provider=provider, threads=threads)
@@ -127,8 +148,14 @@ def ort_latency(path: str | os.PathLike, batch_size: int, *, input_shape: tuple[
     return _stats(times, batch_size, threads, sess.get_providers()[0], warmup)
 
 
-def torch_latency(model: nn.Module, example: torch.Tensor, *, threads: int | None = None, warmup: int = 10,
-                  repeats: int = 50) -> LatencyStats:  # fmt: skip
+def torch_latency(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    threads: int | None = None,
+    warmup: int = 10,
+    repeats: int = 50,
+) -> LatencyStats:
     """Eager PyTorch latency of ``model(example)`` under ``torch.inference_mode`` (eval mode)."""
     old = torch.get_num_threads()
     if threads:

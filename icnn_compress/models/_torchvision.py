@@ -13,8 +13,16 @@ from icnn_compress.models._weights import load_weights, torchvision_weights_stat
 __all__ = ["TORCHVISION_MODELS"]
 
 TORCHVISION_MODELS = (
-    "resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "alexnet", "mobilenet_v2",
-)  # fmt: skip
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "vgg11",
+    "vgg11_bn",
+    "vgg16",
+    "vgg16_bn",
+    "alexnet",
+    "mobilenet_v2",
+)
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:

@@ -10,8 +10,9 @@ from icnn_compress.prune._criteria import consumer_deps
 __all__ = ["compensate_group", "fit_reconstruction"]
 
 
-def fit_reconstruction(acts: Tensor, removed: list[int], kept: list[int], *, ridge: float = 1e-5
-                       ) -> tuple[Tensor, Tensor]:  # fmt: skip
+def fit_reconstruction(
+    acts: Tensor, removed: list[int], kept: list[int], *, ridge: float = 1e-5
+) -> tuple[Tensor, Tensor]:
     """Ridge least squares ``acts[:, removed] ~ acts[:, kept] @ W + b``.
 
     Args:

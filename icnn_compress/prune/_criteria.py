@@ -99,8 +99,9 @@ class ClusterRedundancyImportance(tp.importance.Importance):
     Filters are clustered by category and part (``analysis.cluster_filters`` on signatures of the
     current model). Within a cluster the representative (the member with the most energy) is
     scored by the energy of its feature map; every other member by the energy of what is left of
-    its map after a least-squares fit on the members ranked above it (greedy, most novel first). A filter with a twin in its
-    cluster thus scores ~0 and goes first; filters alone in their cluster keep their full energy.
+    its map after a least-squares fit on the members ranked above it (greedy, most novel first).
+    A filter with a twin in its cluster thus scores ~0 and goes first; filters alone in their
+    cluster keep their full energy.
     Maps are read where they are consumed: at the input of the layers that take the channel, so
     the coupled channels of a residual group are scored on the coupled feature map (the mean over
     its consumers).
@@ -108,8 +109,15 @@ class ClusterRedundancyImportance(tp.importance.Importance):
     Call ``refresh(model, loader)`` before scoring (``prune_model`` does, at every step).
     """
 
-    def __init__(self, *, distance_threshold: float = 0.25, ridge: float = 1e-5, probe_batches: int = 8,
-                 handle=None, **_) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        distance_threshold: float = 0.25,
+        ridge: float = 1e-5,
+        probe_batches: int = 8,
+        handle=None,
+        **_,
+    ) -> None:
         self.distance_threshold = distance_threshold
         self.ridge = ridge
         self.probe_batches = probe_batches
@@ -124,8 +132,14 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.inputs = collect_layer_inputs(model, loader, consumers, max_batches=self.probe_batches)
-        sigs = filter_signatures(model, loader, list(convs), handle=self.handle, progress=False,
-                                 max_images=self.probe_batches * (loader.batch_size or 64))  # fmt: skip
+        sigs = filter_signatures(
+            model,
+            loader,
+            list(convs),
+            handle=self.handle,
+            progress=False,
+            max_images=self.probe_batches * (loader.batch_size or 64),
+        )
         self.labels = {}
         for name, sig in sigs.items():
             cl = cluster_filters(sig, distance_threshold=self.distance_threshold, ari=False)

@@ -89,11 +89,18 @@ class PruneResult:
         return self.params_before / max(self.params_after, 1)
 
     def summary(self) -> dict:
-        return {"criterion": self.criterion, "macs_before": self.macs_before, "macs_after": self.macs_after,
-                "macs_reduction": self.macs_reduction, "params_before": self.params_before,
-                "params_after": self.params_after, "params_reduction": self.params_reduction,
-                "steps": self.steps, "latency_speedup": self.latency_speedup,
-                "removed_per_layer": {k: len(v) for k, v in self.removed.items()}}  # fmt: skip
+        return {
+            "criterion": self.criterion,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "macs_reduction": self.macs_reduction,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_reduction": self.params_reduction,
+            "steps": self.steps,
+            "latency_speedup": self.latency_speedup,
+            "removed_per_layer": {k: len(v) for k, v in self.removed.items()},
+        }
 
 
 def _classifier(model: nn.Module) -> nn.Module | None:
@@ -149,8 +156,9 @@ def _latency_ms(model: nn.Module, example: Tensor, target: Target) -> float:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.onnx"
         export_onnx(model.cpu(), path, example[:1].cpu(), check=False)
-        stats = ort_latency(path, target.latency_batch, provider="cpu", threads=target.latency_threads,
-                            warmup=5, repeats=20)  # fmt: skip
+        stats = ort_latency(
+            path, target.latency_batch, provider="cpu", threads=target.latency_threads, warmup=5, repeats=20
+        )
     return stats.median_ms
 
 
@@ -167,8 +175,9 @@ def _taylor_gradients(model: nn.Module, loader: DataLoader, batches: int) -> Non
     model.train(was)
 
 
-def _track_removed(group, model_names: dict[nn.Module, str], alive: dict[str, list[int]],
-                   removed: dict[str, list[int]]) -> None:  # fmt: skip
+def _track_removed(
+    group, model_names: dict[nn.Module, str], alive: dict[str, list[int]], removed: dict[str, list[int]]
+) -> None:
     for dep, idxs in group:
         if dep.pruning_fn == tp.prune_conv_out_channels:
             name = model_names.get(dep.target.module)
@@ -253,10 +262,16 @@ def prune_model(
     base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
     pruner = tp.pruner.MetaPruner(
-        model, example_inputs, importance=importance, pruning_ratio=max_layer_ratio,
-        iterative_steps=steps_max, global_pruning=global_ranking, ignored_layers=ignored,
-        round_to=round_to, max_pruning_ratio=max_layer_ratio,
-    )  # fmt: skip
+        model,
+        example_inputs,
+        importance=importance,
+        pruning_ratio=max_layer_ratio,
+        iterative_steps=steps_max,
+        global_pruning=global_ranking,
+        ignored_layers=ignored,
+        round_to=round_to,
+        max_pruning_ratio=max_layer_ratio,
+    )
     names = {m: n for n, m in model.named_modules()}
     alive = {n: list(range(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     removed: dict[str, list[int]] = {}
@@ -294,15 +309,30 @@ def prune_model(
     if data is not None and bn_batches > 0:
         reestimate_batchnorm(model, data, max_batches=bn_batches)
     if not reached:
-        achieved = {"macs_reduction": macs0 / max(macs, 1), "params_reduction": params0 / max(params, 1),
-                    "latency_speedup": speedup}[target.kind]  # fmt: skip
+        achieved = {
+            "macs_reduction": macs0 / max(macs, 1),
+            "params_reduction": params0 / max(params, 1),
+            "latency_speedup": speedup,
+        }[target.kind]
         raise TargetError(
             f"Target {target.kind}={target.value:g} cannot be met: reached {achieved:.3g} after removing up "
             f"to max_layer_ratio={max_layer_ratio:g} of every prunable layer (ignored: {len(ignored)} "
             "layers). Raise max_layer_ratio, ignore fewer layers, or lower the target."
         )
-    return PruneResult(model, criterion, target, macs0, macs, params0, params, removed,
-                       list(pruner.pruning_history()), step, speedup, compensated)  # fmt: skip
+    return PruneResult(
+        model,
+        criterion,
+        target,
+        macs0,
+        macs,
+        params0,
+        params,
+        removed,
+        list(pruner.pruning_history()),
+        step,
+        speedup,
+        compensated,
+    )
 
 
 @torch.enable_grad()
@@ -340,8 +370,10 @@ def prune_filters(
         raise ConfigError(f"indices for {layer!r} has duplicates: {dups}.")
     bad = [i for i in idx if not 0 <= i < conv.out_channels]
     if bad:
-        raise ConfigError(f"indices {bad} are out of range for {layer!r} with {conv.out_channels} channels "
-                          f"(allowed 0..{conv.out_channels - 1}).")  # fmt: skip
+        raise ConfigError(
+            f"indices {bad} are out of range for {layer!r} with {conv.out_channels} channels "
+            f"(allowed 0..{conv.out_channels - 1})."
+        )
     if len(idx) == conv.out_channels:
         raise ConfigError(
             f"indices would remove all {conv.out_channels} channels of {layer!r}; keep at least one."
@@ -356,8 +388,10 @@ def prune_filters(
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(idx))
     if not graph.check_pruning_group(group):
-        raise IcnnCompressError(f"torch-pruning refused to prune {sorted(idx)} of {layer!r} (a coupled layer would "
-                                "lose all its channels).")  # fmt: skip
+        raise IcnnCompressError(
+            f"torch-pruning refused to prune {sorted(idx)} of {layer!r} (a coupled layer would "
+            "lose all its channels)."
+        )
     compensated = 0
     if compensate:
         consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -365,5 +399,17 @@ def prune_filters(
         compensated = compensate_group(group, inputs, ridge=ridge)
     group.prune()
     macs, params = _stats(model, example_inputs)
-    return PruneResult(model, "manual", None, macs0, macs, params0, params, {layer: sorted(idx)},
-                       list(graph.pruning_history()), 1, None, compensated)  # fmt: skip
+    return PruneResult(
+        model,
+        "manual",
+        None,
+        macs0,
+        macs,
+        params0,
+        params,
+        {layer: sorted(idx)},
+        list(graph.pruning_history()),
+        1,
+        None,
+        compensated,
+    )

@@ -26,8 +26,16 @@ class GradualPruning:
     For your own loop, call ``step(model)`` between epochs instead.
     """
 
-    def __init__(self, example_inputs: Tensor, *, target: float, steps: int, criterion: str = "icnn-cluster",
-                 data: DataLoader | None = None, **prune_options) -> None:  # fmt: skip
+    def __init__(
+        self,
+        example_inputs: Tensor,
+        *,
+        target: float,
+        steps: int,
+        criterion: str = "icnn-cluster",
+        data: DataLoader | None = None,
+        **prune_options,
+    ) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1. Got {steps!r} instead.")
         self.example_inputs = example_inputs
@@ -49,8 +57,16 @@ class GradualPruning:
         self.done += 1
         if wanted <= 1.0:
             return None
-        res = prune_model(model, self.example_inputs, criterion=self.criterion, target=Target(macs_reduction=wanted),
-                          data=self.data, inplace=True, progress=False, **self.prune_options)  # fmt: skip
+        res = prune_model(
+            model,
+            self.example_inputs,
+            criterion=self.criterion,
+            target=Target(macs_reduction=wanted),
+            data=self.data,
+            inplace=True,
+            progress=False,
+            **self.prune_options,
+        )
         self.results.append(res)
         return res
 

@@ -177,8 +177,14 @@ class Trainer:
 
     def _set_lr(self) -> float:
         progress = self.global_step / self._steps_total()
-        f = _lr_factor(self.schedule, progress, lr=self.lr, lr_end=self.lr_end,
-                       step_every=self.step_epochs / self.epochs, gamma=self.gamma)  # fmt: skip
+        f = _lr_factor(
+            self.schedule,
+            progress,
+            lr=self.lr,
+            lr_end=self.lr_end,
+            step_every=self.step_epochs / self.epochs,
+            gamma=self.gamma,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * f
         return self.lr * f
@@ -273,8 +279,9 @@ class Trainer:
             self._extra_state.set_epoch(epoch)
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "extra_loss": 0.0, "correct": 0.0, "seen": 0.0}
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
-                   leave=False)  # fmt: skip
+        bar = tqdm(
+            self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress, leave=False
+        )
         lr = self.lr
         for batch in bar:
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
@@ -334,9 +341,15 @@ class Trainer:
             x, y = batch[0].to(self.device), batch[1].to(self.device)
             with torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp):
                 out = self.model(x)
-            sums += torch.tensor([float(F.cross_entropy(out.float(), y, reduction="sum")),
-                                  float((out.argmax(1) == y).sum()), float(y.numel())],
-                                 dtype=torch.float64, device=self.device)  # fmt: skip
+            sums += torch.tensor(
+                [
+                    float(F.cross_entropy(out.float(), y, reduction="sum")),
+                    float((out.argmax(1) == y).sum()),
+                    float(y.numel()),
+                ],
+                dtype=torch.float64,
+                device=self.device,
+            )
         loss, correct, seen = _dist.all_reduce_(sums).tolist()
         return {"val_loss": loss / max(seen, 1), "val_acc": correct / max(seen, 1)}
 

@@ -58,8 +58,14 @@ def planted_model() -> nn.Sequential:
             conv.weight[f, p] = 1.0
         g = torch.Generator().manual_seed(1)
         conv.weight[len(DETECTS) :, PARTS] = 0.5 + torch.rand(NUM_RANDOM, 1, 1, generator=g)
-    return nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(conv.out_channels, CLASSES))  # fmt: skip
+    return nn.Sequential(
+        conv,
+        nn.ReLU(),
+        nn.AvgPool2d(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(conv.out_channels, CLASSES),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +139,14 @@ def test_metrics_need_annotations():
         part_interpretability(model, loader, "2", progress=False)
 
 
-@pytest.mark.parametrize(("arch", "layer", "size", "stride"), [
-    ("vgg16", "features.28", 196, 16),
-    ("resnet18", "layer4", 435, 32),
-    ("alexnet", "features.10", 163, 16),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "layer", "size", "stride"),
+    [
+        ("vgg16", "features.28", 196, 16),
+        ("resnet18", "layer4", 435, 32),
+        ("alexnet", "features.10", 163, 16),
+    ],
+)
 def test_receptive_fields_of_torchvision_models(arch, layer, size, stride):
     rf = receptive_field(getattr(torchvision.models, arch)(), layer, (3, 224, 224))
     assert (rf.size, rf.stride) == (size, stride)

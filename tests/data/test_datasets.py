@@ -72,8 +72,10 @@ def test_fashion_missing_files_says_how_to_install(tmp_path):
         data.FashionMNIST("train", root=tmp_path)
 
 
-@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_ROOT),
-                    reason="the Debian package dataset-fashion-mnist is not installed")  # fmt: skip
+@pytest.mark.skipif(
+    not os.path.isdir(data.FASHION_MNIST_ROOT),
+    reason="the Debian package dataset-fashion-mnist is not installed",
+)
 def test_real_fashion_mnist(tmp_path, monkeypatch):
     monkeypatch.setenv("ICNN_COMPRESS_CACHE", str(tmp_path))
     test = data.FashionMNIST("test")

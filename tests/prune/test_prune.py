@@ -24,11 +24,17 @@ TWINS = {8: 0, 9: 1, 10: 2, 11: 3}  # copy -> original, in layer "3" (16 filters
 def planted_model() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 12, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+    )
     conv = model[3]
     with torch.no_grad():
         conv.bias.abs_().add_(0.1)  # no dead filter: only the copies are redundant
@@ -98,15 +104,22 @@ def test_macs_targets_met_within_3_percent(arch, size):
     assert out.shape == (2, 10)
     out.sum().backward()
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert widths == [m.out_channels for m in models.create(arch, small_input=True).modules()
-                      if isinstance(m, nn.Conv2d)]  # the original model is untouched  # fmt: skip
+    assert widths == [
+        m.out_channels for m in models.create(arch, small_input=True).modules() if isinstance(m, nn.Conv2d)
+    ]  # the original model is untouched
     assert res.removed and all(len(v) == len(set(v)) for v in res.removed.values())
 
 
 def test_params_target_and_round_to():
     model = models.create("vgg_small", num_classes=10, in_channels=1)
-    res = prune_model(model, torch.rand(1, 1, 28, 28), criterion="fpgm", target=Target(params_reduction=1.5),
-                      round_to=8, progress=False)  # fmt: skip
+    res = prune_model(
+        model,
+        torch.rand(1, 1, 28, 28),
+        criterion="fpgm",
+        target=Target(params_reduction=1.5),
+        round_to=8,
+        progress=False,
+    )
     assert res.params_reduction >= 1.5
     widths = [m.out_channels for m in res.model.modules() if isinstance(m, nn.Conv2d)]
     assert all(w % 8 == 0 for w in widths), widths
@@ -117,8 +130,17 @@ def test_params_target_and_round_to():
 def test_every_criterion_prunes_resnet_with_and_without_compensation(criterion, compensate):
     model = models.create("resnet_cifar8", num_classes=5, in_channels=3)
     data = probe(32)
-    res = prune_model(model, torch.rand(1, 3, 16, 16), criterion=criterion, target=1.5, data=data,
-                      compensate=compensate, step_ratio=0.05, probe_batches=2, progress=False)  # fmt: skip
+    res = prune_model(
+        model,
+        torch.rand(1, 3, 16, 16),
+        criterion=criterion,
+        target=1.5,
+        data=data,
+        compensate=compensate,
+        step_ratio=0.05,
+        probe_batches=2,
+        progress=False,
+    )
     assert res.macs_reduction >= 1.5
     assert torch.isfinite(res.model(torch.rand(2, 3, 16, 16))).all()
 
@@ -144,19 +166,23 @@ def test_impossible_target_and_bad_arguments():
 
 def test_ignored_layer_types_are_expanded():
     model = models.create("resnet_cifar8", num_classes=5)
-    res = prune_model(model, torch.rand(1, 3, 16, 16), target=1.3, ignored_layers=["layer1.0.conv1"],
-                      progress=False)  # fmt: skip
+    res = prune_model(
+        model, torch.rand(1, 3, 16, 16), target=1.3, ignored_layers=["layer1.0.conv1"], progress=False
+    )
     assert res.model.layer1[0].conv1.out_channels == model.layer1[0].conv1.out_channels
 
 
-@pytest.mark.parametrize(("indices", "match"), [
-    ([], "is empty"),
-    ([1, 1], r"duplicates: \[1\]"),
-    ([0, 16], r"indices \[16\] are out of range for '3' with 16 channels"),
-    ([-1], "out of range"),
-    (list(range(16)), "would remove all 16 channels"),
-    ([0.5], "must be integers"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("indices", "match"),
+    [
+        ([], "is empty"),
+        ([1, 1], r"duplicates: \[1\]"),
+        ([0, 16], r"indices \[16\] are out of range for '3' with 16 channels"),
+        ([-1], "out of range"),
+        (list(range(16)), "would remove all 16 channels"),
+        ([0.5], "must be integers"),
+    ],
+)
 def test_prune_filters_validates_indices(indices, match):
     with pytest.raises(ConfigError, match=match):
         prune_filters(planted_model(), torch.rand(1, 3, 16, 16), "3", indices)
@@ -173,8 +199,15 @@ def test_save_load_is_exact(tmp_path):
     model = models.create("resnet_cifar8", num_classes=5, in_channels=1)
     res = prune_model(model, torch.rand(1, 1, 16, 16), criterion="l2", target=2.0, progress=False)
     path = tmp_path / "pruned.pt"
-    save_pruned(res.model, path, arch="resnet_cifar8", arch_kwargs={"num_classes": 5, "in_channels": 1},
-                history=res.history, input_shape=(1, 16, 16), metadata={"criterion": "l2"})  # fmt: skip
+    save_pruned(
+        res.model,
+        path,
+        arch="resnet_cifar8",
+        arch_kwargs={"num_classes": 5, "in_channels": 1},
+        history=res.history,
+        input_shape=(1, 16, 16),
+        metadata={"criterion": "l2"},
+    )
     record = torch.load(path, weights_only=True)  # plain tensors and strings only
     assert record["format"].startswith("icnn-compress-pruned")
     loaded, meta = load_pruned(path)
@@ -194,9 +227,15 @@ def test_save_load_with_frozen_icnn_masks(tmp_path):
     handle.freeze()
     res = prune_model(model, torch.rand(1, 1, 28, 28), target=1.5, progress=False)
     path = tmp_path / "p.pt"
-    save_pruned(res.model, path, arch="vgg_small", arch_kwargs={"num_classes": 4, "in_channels": 1},
-                history=res.history, input_shape=(1, 28, 28),
-                icnn={"layers": ["features.23"], "num_classes": 4, "options": opts})  # fmt: skip
+    save_pruned(
+        res.model,
+        path,
+        arch="vgg_small",
+        arch_kwargs={"num_classes": 4, "in_channels": 1},
+        history=res.history,
+        input_shape=(1, 28, 28),
+        icnn={"layers": ["features.23"], "num_classes": 4, "options": opts},
+    )
     loaded, _ = load_pruned(path)
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(loaded.eval()(x), res.model.eval()(x))

@@ -37,9 +37,18 @@ def run(out_dir, epochs, resume=False, with_icnn=True, **kw):
     torch.manual_seed(0)
     model = tiny_net()
     handle = attach_icnn(model, "3", num_classes=4, warmup_steps=0) if with_icnn else None
-    t = Trainer(model, loader(make_data()), loader(make_data(16, 1)), epochs=epochs, lr=0.05,
-                extra_loss=handle.loss if handle else None, out_dir=out_dir, resume=resume,
-                progress=False, **kw)  # fmt: skip
+    t = Trainer(
+        model,
+        loader(make_data()),
+        loader(make_data(16, 1)),
+        epochs=epochs,
+        lr=0.05,
+        extra_loss=handle.loss if handle else None,
+        out_dir=out_dir,
+        resume=resume,
+        progress=False,
+        **kw,
+    )
     t.fit()
     return t, handle
 
@@ -84,13 +93,16 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(optimizer="lbfgs"), "'optimizer' parameter of Trainer must be one of"),
-    (dict(schedule="linear"), "'schedule' parameter of Trainer must be one of"),
-    (dict(epochs=0), "'epochs' parameter of Trainer must be an int >= 1"),
-    (dict(resume=True), "resume=True needs out_dir"),
-    (dict(schedule="loglinear"), "needs lr_end > 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(optimizer="lbfgs"), "'optimizer' parameter of Trainer must be one of"),
+        (dict(schedule="linear"), "'schedule' parameter of Trainer must be one of"),
+        (dict(epochs=0), "'epochs' parameter of Trainer must be an int >= 1"),
+        (dict(resume=True), "resume=True needs out_dir"),
+        (dict(schedule="loglinear"), "needs lr_end > 0"),
+    ],
+)
 def test_trainer_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         Trainer(tiny_net(), loader(make_data()), **kwargs)
@@ -98,8 +110,18 @@ def test_trainer_errors(kwargs, match):
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "loglinear", "constant"])
 def test_schedules_and_adamw(schedule):
-    t = Trainer(tiny_net(), loader(make_data()), epochs=2, schedule=schedule, lr=0.01, lr_end=1e-3,
-                step_epochs=1, optimizer="adamw", clip_grad_norm=1.0, progress=False)  # fmt: skip
+    t = Trainer(
+        tiny_net(),
+        loader(make_data()),
+        epochs=2,
+        schedule=schedule,
+        lr=0.01,
+        lr_end=1e-3,
+        step_epochs=1,
+        optimizer="adamw",
+        clip_grad_norm=1.0,
+        progress=False,
+    )
     t.fit()
     assert t.history[-1]["lr"] <= 0.01 + 1e-12
     if schedule == "constant":
