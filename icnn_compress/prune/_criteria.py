@@ -83,25 +83,17 @@ def consumer_deps(group) -> list[tuple[nn.Module, list[int], list[int]]]:
     return out
 
 
-def _residual_energy(a: Tensor, basis: Tensor, ridge: float) -> float:
-    """Mean squared residual of ``a (rows,)`` after ridge regression on ``basis (rows, k)`` + bias."""
-    x = torch.cat([basis, torch.ones(basis.shape[0], 1, dtype=basis.dtype)], 1)
-    gram = x.t() @ x
-    gram += ridge * (gram.diagonal().mean() + 1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
-    w = torch.linalg.solve(gram, x.t() @ a)
-    return float(((a - x @ w) ** 2).mean())
-
-
 @register_criterion("icnn-cluster")
 class ClusterRedundancyImportance(tp.importance.Importance):
     """Cluster redundancy: a filter matters by what it adds beyond the filters of its cluster.
 
     Filters are clustered by category and part (``analysis.cluster_filters`` on signatures of the
-    current model). Within a cluster the representative (the member with the most energy) is
-    scored by the energy of its feature map; every other member by the energy of what is left of
-    its map after a least-squares fit on the members ranked above it (greedy, most novel first).
-    A filter with a twin in its cluster thus scores ~0 and goes first; filters alone in their
-    cluster keep their full energy.
+    current model). A filter's score is the output energy it feeds into the layers that consume
+    it: the variance of its map times the squared norm of the consumer weights that read it. Within
+    a cluster, the representative (the member that carries the most) keeps its full score, and
+    every other member scores only what is left of its map after projecting out the members ranked
+    above it (greedy Gram-Schmidt, most novel first). A filter with a twin in its cluster thus
+    scores ~0 and goes first; filters alone in their cluster keep their full score.
     Maps are read where they are consumed: at the input of the layers that take the channel, so
     the coupled channels of a residual group are scored on the coupled feature map (the mean over
     its consumers).
@@ -113,16 +105,17 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         self,
         *,
         distance_threshold: float = 0.25,
-        ridge: float = 1e-5,
         probe_batches: int = 8,
+        balance_categories: bool = True,
         handle=None,
         **_,
     ) -> None:
         self.distance_threshold = distance_threshold
-        self.ridge = ridge
+        self.balance_categories = balance_categories
         self.probe_batches = probe_batches
         self.handle = handle
         self.labels: dict[nn.Module, Tensor] = {}
+        self.categories: dict[nn.Module, Tensor] = {}
         self.inputs: dict[nn.Module, Tensor] = {}
 
     def refresh(self, model: nn.Module, loader: DataLoader) -> None:
@@ -148,6 +141,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             dead = torch.nonzero(labels < 0).flatten()
             labels[dead] = labels.max() + 1 + torch.arange(dead.numel())
             self.labels[convs[name]] = labels
+            self.categories[convs[name]] = sig.category.clone()
 
     @torch.no_grad()
     def __call__(self, group, **kwargs) -> Tensor:
@@ -158,35 +152,62 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         labels = self.labels.get(root)
         for module, idxs, root_idxs in consumer_deps(group):
             acts = self.inputs.get(module)
-            if acts is None or (isinstance(module, nn.Conv2d) and module.groups > 1):
+            if acts is None or isinstance(module, nn.Conv2d) and module.groups > 1:
                 continue
             if max(idxs) >= acts.shape[1]:
                 continue  # stale probe (layer changed since refresh)
+            order = torch.as_tensor(root_idxs)
             a = torch.zeros(acts.shape[0], n, dtype=torch.float64)
-            a[:, torch.as_tensor(root_idxs)] = acts[:, idxs].double()
-            scores += self._score(a, labels if labels is not None and labels.numel() == n else None)
+            a[:, order] = acts[:, idxs].double()
+            w = module.weight.detach().double()
+            w2 = torch.zeros(n, dtype=torch.float64)
+            w2[order] = w.transpose(0, 1)[idxs].flatten(1).pow(2).sum(1)
+            scores += self._score(a, w2, labels if labels is not None and labels.numel() == n else None)
             used += 1
         if used == 0:  # no probe for this group: fall back to the L2 magnitude
             return tp.importance.GroupMagnitudeImportance(p=2)(group)
         scores /= used
+        cats = self.categories.get(root)
+        if self.balance_categories and cats is not None and cats.numel() == n:
+            # rank each filter against the filters of its own category, so that removal is spread
+            # over the categories instead of wiping out the features of the weakest one
+            for c in cats.unique():
+                sel = cats == c
+                scores[sel] = scores[sel] / scores[sel].mean().clamp_min(1e-12)
         return (scores / scores.mean().clamp_min(1e-12)).float()
 
-    def _score(self, a: Tensor, labels: Tensor | None) -> Tensor:
-        energy = (a**2).mean(0)
-        if labels is None:
-            return energy
-        out = energy.clone()
-        for cl in labels.unique():
-            members = torch.nonzero(labels == cl).flatten().tolist()
-            if len(members) < 2:
-                continue
-            kept = [max(members, key=lambda m: float(energy[m]))]
-            rest = [m for m in members if m != kept[0]]
-            while rest:
-                basis = a[:, kept]
-                res = {m: _residual_energy(a[:, m], basis, self.ridge) for m in rest}
-                best = max(rest, key=lambda m: res[m])
-                out[best] = res[best]
-                kept.append(best)
-                rest.remove(best)
+    @staticmethod
+    def _score(a: Tensor, w2: Tensor, labels: Tensor | None) -> Tensor:
+        """Per channel: the consumer's output energy that the channel carries beyond the channels
+        of its cluster ranked above it. ``a``: ``(rows, n)`` consumer inputs; ``w2``: ``(n,)``
+        squared norms of the consumer weights that read each channel."""
+        a = a - a.mean(0)  # a constant part is absorbed by the consumer's bias (compensation does it)
+        out = (a**2).mean(0)
+        reps = torch.zeros(out.numel(), dtype=torch.bool)
+        if labels is not None:
+            for cl in labels.unique():
+                members = torch.nonzero(labels == cl).flatten()
+                if members.numel() < 2:
+                    continue
+                # greedy Gram-Schmidt: take the member that adds the most, remove its direction
+                # from the others' residuals, repeat; each member scores its residual energy
+                res = a[:, members].clone()
+                left = list(range(members.numel()))
+                while left:
+                    gain = res[:, left].pow(2).mean(0) * w2[members[left]]
+                    j = left[int(gain.argmax())]
+                    out[members[j]] = res[:, j].pow(2).mean()
+                    reps[members[j]] = len(left) == members.numel()  # the first pick represents it
+                    left.remove(j)
+                    norm = res[:, j].norm()
+                    if left and norm > 1e-9 * (a.norm() + 1e-30):
+                        q = res[:, j] / norm
+                        res[:, left] -= q[:, None] * (q @ res[:, left])[None, :]
+        out = out * w2
+        if labels is not None:
+            # representatives (and filters alone in their cluster) rank above every redundant member:
+            # one filter per (category, part) is kept as long as any redundant one is left
+            singles = torch.tensor([int((labels == labels[i]).sum()) == 1 for i in range(labels.numel())])
+            keep = reps | singles
+            out[keep] += out.max()
         return out

@@ -1,0 +1,258 @@
+"""The headline benchmark: every pruning criterion, with and without compensation, on Fashion-MNIST.
+
+For each model: the baseline (tools/bench_fashion.py, cached) is fine-tuned for the same budget
+without and with the interpretable filter loss (cached). The baselines prune the model fine-tuned
+without the loss; ``icnn-cluster`` is reported from both (``icnn-cluster`` = from the model
+fine-tuned with the loss, ``icnn-cluster@plain`` = from the plain one). Each row is pruned to 2x,
+3x and 4x fewer MACs and measured:
+
+* one-shot: pruned (compensated where ``+comp``), BatchNorm re-estimated on 20 batches, no
+  training; over several seeds (probe subsets and the random criterion), mean and spread;
+  also recorded before the BatchNorm re-estimation (seed 0), to show what it adds;
+* recovered: the seed-0 one-shot model fine-tuned for the same short budget for everyone.
+
+Accuracy is top-1 of the exported ONNX model in ONNX Runtime (CPU) on the first ``--eval-size``
+test images. Results are cached per row in ``runs/bench_criteria/rows.json`` (re-runs resume) and
+written to tools/results/criteria.json and criteria.md.
+
+    .venv/bin/python tools/bench_criteria.py [--models vgg_small,resnet_cifar20] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+import icnn_compress as ic
+from icnn_compress._io import atomic_save, atomic_write_json, environment_info
+from icnn_compress.export import export_onnx
+from icnn_compress.measure import ort_accuracy, ort_session
+from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
+
+CRITERIA = ["icnn-cluster", "icnn-cluster@plain", "l1", "l2", "fpgm", "taylor", "bn-scale", "lamp", "random"]
+LEVELS = {"2x": 2.0, "3x": 3.0, "4x": 4.0}
+
+
+def onnx_acc(model: nn.Module, loader: DataLoader, threads: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.onnx"
+        export_onnx(model.eval(), path, torch.rand(1, 1, 28, 28))
+        return ort_accuracy(ort_session(path, provider="cpu", threads=threads), loader)
+
+
+def finetune(
+    model: nn.Module, train_dl, *, steps: int | None, epochs: int, lr: float, handle=None, seed: int = 0
+) -> None:
+    """The same short fine-tune for everyone (SGD, cosine), optionally with the filter loss."""
+    if steps is not None:
+        ds = Subset(train_dl.dataset, range(min(len(train_dl.dataset), steps * train_dl.batch_size)))
+        train_dl = DataLoader(
+            ds,
+            batch_size=train_dl.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    ic.Trainer(
+        model,
+        train_dl,
+        epochs=epochs,
+        lr=lr,
+        extra_loss=handle.loss if handle else None,
+        seed=seed,
+        progress=False,
+    ).fit()
+
+
+def top_convs(model: nn.Module, k: int = 2) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-k:]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="vgg_small,resnet_cifar20")
+    p.add_argument("--criteria", default=",".join(CRITERIA))
+    p.add_argument("--levels", default="2x,3x,4x")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--baseline-epochs", type=int, default=6)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-steps", type=int, default=None, help="cap the fine-tune (quick runs)")
+    p.add_argument("--recover-steps", type=int, default=200)
+    p.add_argument("--eval-size", type=int, default=5000)
+    p.add_argument("--probe-batches", type=int, default=8)
+    p.add_argument("--step-ratio", type=float, default=0.05, help="channel ratio pruned per step")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default="runs/bench_criteria")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    rows_path = cache / "rows.json"
+    rows: dict = json.loads(rows_path.read_text()) if rows_path.exists() else {}
+    train_dl, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
+    eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
+    # probe batches come from the training set, without augmentation-free guarantees: same as users
+    plain_train = ic.data.FashionMNIST("train", transform=ic.data._fashion.fashion_transforms(False))
+    example = torch.rand(1, 1, 28, 28)
+    t_start = time.perf_counter()
+    for model_name in a.models.split(","):
+        base_path = Path(f"runs/baselines/{model_name}_fashion_e{a.baseline_epochs}.pt")
+        if not base_path.exists():
+            subprocess.run(
+                [
+                    sys.executable,
+                    "tools/bench_fashion.py",
+                    "--model",
+                    model_name,
+                    "--epochs",
+                    str(a.baseline_epochs),
+                ],
+                check=True,
+            )
+        variants = {}
+        for variant in ("plain", "icnn"):
+            path = cache / f"{model_name}_{variant}.pt"
+            model = ic.models.create(model_name, num_classes=10, in_channels=1, weights=str(base_path))
+            layers = top_convs(model)
+            handle = ic.attach_icnn(model, layers, num_classes=10) if variant == "icnn" else None
+            if path.exists():
+                if handle is not None:
+                    handle.freeze()
+                model.load_state_dict(torch.load(path, weights_only=True))
+            else:
+                finetune(
+                    model, train_dl, steps=a.finetune_steps, epochs=a.finetune_epochs, lr=0.01, handle=handle
+                )
+                if handle is not None:
+                    handle.freeze()
+                atomic_save(model.state_dict(), path)
+            variants[variant] = model.eval()
+        key = f"{model_name}/unpruned"
+        if key not in rows:
+            rows[key] = {v: onnx_acc(m, eval_dl, a.threads) for v, m in variants.items()}
+            atomic_write_json(rows, rows_path)
+        print(model_name, "unpruned", rows[key], flush=True)
+        for level in a.levels.split(","):
+            for crit in a.criteria.split(","):
+                source = "icnn" if crit == "icnn-cluster" else "plain"
+                criterion = crit.split("@")[0]
+                for comp in (False, True):
+                    name = crit + ("+comp" if comp else "")
+                    key = f"{model_name}/{level}/{name}"
+                    if key in rows:
+                        continue
+                    t0 = time.perf_counter()
+                    oneshot, pre_bn, recovered, stats = [], None, None, None
+                    for seed in range(a.seeds):
+                        g = torch.Generator().manual_seed(1000 + seed)
+                        probe = DataLoader(
+                            plain_train,
+                            batch_size=64,
+                            sampler=torch.utils.data.RandomSampler(
+                                plain_train, num_samples=64 * 20, generator=g
+                            ),
+                        )
+                        res = prune_model(
+                            variants[source],
+                            example,
+                            criterion=criterion,
+                            target=Target(macs_reduction=LEVELS[level]),
+                            data=probe,
+                            compensate=comp,
+                            bn_batches=0,
+                            probe_batches=a.probe_batches,
+                            criterion_options={"seed": seed},
+                            step_ratio=0.02,
+                            progress=False,
+                        )
+                        if seed == 0:
+                            pre_bn = onnx_acc(res.model, eval_dl, a.threads)
+                            stats = res.summary()
+                        reestimate_batchnorm(res.model, probe, max_batches=20)
+                        oneshot.append(onnx_acc(res.model, eval_dl, a.threads))
+                        if seed == 0:
+                            pruned = res.model
+                    finetune(pruned.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01)
+                    recovered = onnx_acc(pruned, eval_dl, a.threads)
+                    rows[key] = {
+                        "oneshot": oneshot,
+                        "oneshot_mean": statistics.fmean(oneshot),
+                        "oneshot_std": statistics.pstdev(oneshot),
+                        "oneshot_before_bn": pre_bn,
+                        "recovered": recovered,
+                        "seconds": time.perf_counter() - t0,
+                        **stats,
+                    }
+                    atomic_write_json(rows, rows_path)
+                    print(
+                        f"{key}: oneshot {statistics.fmean(oneshot):.4f}±{statistics.pstdev(oneshot):.4f} "
+                        f"(before BN {pre_bn:.4f}) recovered {recovered:.4f} "
+                        f"[{rows[key]['macs_reduction']:.2f}x, {time.perf_counter() - t0:.0f}s, "
+                        f"total {time.perf_counter() - t_start:.0f}s]",
+                        flush=True,
+                    )
+    write_results(rows, a)
+
+
+def write_results(rows: dict, a) -> None:
+    summary: dict = {}
+    for key, row in rows.items():
+        parts = key.split("/")
+        if parts[1] == "unpruned":
+            summary.setdefault(parts[0], {})["unpruned"] = row["plain"]
+            summary[parts[0]]["unpruned_icnn"] = row["icnn"]
+            continue
+        model, level, name = parts
+        for regime, value in (("oneshot", row["oneshot_mean"]), ("recovered", row["recovered"])):
+            summary.setdefault(model, {}).setdefault(level, {}).setdefault(regime, {})[name] = value
+    result = {
+        "benchmark": "criteria",
+        "command": "python tools/bench_criteria.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
+        "environment": environment_info(),
+        "setup": {
+            **vars(a),
+            "dataset": "fashion-mnist",
+            "eval": f"first {a.eval_size} test images, ONNX Runtime CPU",
+            "bn_reestimation_batches": 20,
+            "probe": "20 batches of 64 training images per seed",
+        },
+        "seeds": list(range(a.seeds)),
+        "rows": rows,
+        "summary": summary,
+    }
+    atomic_write_json(result, Path(__file__).parent / "results" / "criteria.json")
+    md = []
+    for model, levels in summary.items():
+        md.append(
+            f"\n### {model} (unpruned {levels.get('unpruned', float('nan')):.4f}, "
+            f"fine-tuned with the loss {levels.get('unpruned_icnn', float('nan')):.4f})\n"
+        )
+        md.append("| criterion | " + " | ".join(f"{lv} one-shot | {lv} recovered" for lv in LEVELS) + " |")
+        md.append("|---|" + "---|" * (2 * len(LEVELS)))
+        names = sorted({n for lv in LEVELS for n in levels.get(lv, {}).get("oneshot", {})})
+        for n in names:
+            cells = []
+            for lv in LEVELS:
+                r = rows.get(f"{model}/{lv}/{n}")
+                cells += (
+                    [f"{r['oneshot_mean']:.4f} ± {r['oneshot_std']:.4f}", f"{r['recovered']:.4f}"]
+                    if r
+                    else ["", ""]
+                )
+            md.append(f"| {n} | " + " | ".join(cells) + " |")
+    (Path(__file__).parent / "results" / "criteria.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
