@@ -172,7 +172,7 @@ def main() -> None:
                             bn_batches=0,
                             probe_batches=a.probe_batches,
                             criterion_options={"seed": seed},
-                            step_ratio=0.02,
+                            step_ratio=a.step_ratio,
                             progress=False,
                         )
                         if seed == 0:

@@ -152,7 +152,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         labels = self.labels.get(root)
         for module, idxs, root_idxs in consumer_deps(group):
             acts = self.inputs.get(module)
-            if acts is None or isinstance(module, nn.Conv2d) and module.groups > 1:
+            if acts is None or (isinstance(module, nn.Conv2d) and module.groups > 1):
                 continue
             if max(idxs) >= acts.shape[1]:
                 continue  # stale probe (layer changed since refresh)
