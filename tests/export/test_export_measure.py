@@ -1,0 +1,76 @@
+import pytest
+import torch
+from torch import nn
+
+from icnn_compress import models
+from icnn_compress.export import ExportError, export_onnx, read_metadata
+from icnn_compress.measure import model_stats, ort_accuracy, ort_latency, torch_latency
+from icnn_compress.prune import prune_model
+
+
+@pytest.fixture
+def pruned():
+    model = models.create("resnet_cifar8", num_classes=4, in_channels=1)
+    return prune_model(model, torch.rand(1, 1, 16, 16), target=1.5, round_to=4, progress=False).model.eval()
+
+
+def test_pruned_model_exports_with_checker_parity_and_metadata(pruned, tmp_path):
+    path = tmp_path / "m.onnx"
+    res = export_onnx(
+        pruned,
+        path,
+        torch.rand(1, 1, 16, 16),
+        metadata={"classes": ["a", "b", "c", "d"], "preprocessing": {"mean": 0.5}},
+    )
+    assert path.is_file() and res.file_bytes == path.stat().st_size
+    assert res.max_abs_diff < 1e-4 and res.top1_agreement == 1.0
+    meta = read_metadata(path)
+    assert meta["classes"] == '["a", "b", "c", "d"]' and meta["producer"].startswith("icnn-compress")
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary left behind
+
+
+class Branchy(nn.Module):
+    """Data-dependent Python control flow: the trace freezes one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        y = self.conv(x).mean(dim=(2, 3))
+        return y * 2 if float(x.sum()) > 0 else y * -3
+
+
+def test_broken_parity_is_caught_and_nothing_is_written(tmp_path):
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="Parity check failed"):
+        export_onnx(Branchy(), path, torch.ones(1, 1, 8, 8), parity_inputs=[-torch.ones(2, 1, 8, 8)])
+    assert not path.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_latency_statistics_are_sane(pruned, tmp_path):
+    path = tmp_path / "m.onnx"
+    export_onnx(pruned, path, torch.rand(1, 1, 16, 16))
+    for stats in (
+        ort_latency(path, 4, provider="cpu", threads=1, warmup=2, repeats=15),
+        torch_latency(pruned, torch.rand(4, 1, 16, 16), threads=1, warmup=2, repeats=15),
+    ):
+        assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms <= stats.max_ms
+        assert stats.repeats == 15 and stats.batch_size == 4
+    assert ort_latency(path, 1, provider="cpu", repeats=3).provider == "CPUExecutionProvider"
+
+
+def test_onnx_accuracy_matches_pytorch(pruned, tmp_path):
+    path = tmp_path / "m.onnx"
+    export_onnx(pruned, path, torch.rand(1, 1, 16, 16))
+    data = [(torch.rand(8, 1, 16, 16), torch.randint(0, 4, (8,))) for _ in range(3)]
+    with torch.no_grad():
+        want = sum(int((pruned(x).argmax(1) == y).sum()) for x, y in data) / 24
+    assert ort_accuracy(path, data, provider="cpu") == pytest.approx(want)
+
+
+def test_model_stats_counts_macs_and_params():
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False))
+    stats = model_stats(conv, torch.rand(1, 1, 5, 5))
+    assert stats == {"macs": 4 * 9 * 3 * 3, "params": 36}
