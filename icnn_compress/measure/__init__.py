@@ -9,9 +9,12 @@ from icnn_compress.measure._latency import (
     time_callable,
     torch_latency,
 )
+from icnn_compress.measure._report_data import latency_guard, measure
 
 __all__ = [
     "LatencyStats",
+    "latency_guard",
+    "measure",
     "model_stats",
     "ort_accuracy",
     "ort_latency",

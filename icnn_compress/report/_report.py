@@ -1,0 +1,217 @@
+"""Run reports: a versioned JSON document, a self-contained HTML page and a Markdown summary.
+
+JSON schema (``schema_version`` 1):
+
+    {
+      "schema_version": 1,
+      "title": str,
+      "created": ISO 8601 UTC time,
+      "producer": "icnn-compress <version>",
+      "environment": {...},                 # machine, versions, threads (``_io.environment_info``)
+      "baseline": name of the reference model or null,
+      "models": [                           # one entry per measured model (``measure.measure``)
+        {"name", "onnx", "file_bytes", "provider", "threads",
+         "accuracy"?, "macs"?, "params"?,
+         "latency": {"<batch>": LatencyStats}, "eager_latency": {"<batch>": LatencyStats},
+         "widths"?: {"<conv>": int},        # output channels per conv layer
+         "macs_reduction"?, "speedup_b<batch>"?, "warning"?}
+      ],
+      "figures": {"<name>": "<file name>"}, # PNGs written next to the report
+      "analysis_pictures": ["<file name>"]  # copied from the analysis stage when given
+    }
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import os
+import shutil
+from pathlib import Path
+
+from icnn_compress._io import atomic_write_bytes, atomic_write_json, environment_info
+from icnn_compress._version import __version__
+from icnn_compress.measure import latency_guard
+
+__all__ = ["SCHEMA_VERSION", "build_report", "write_report"]
+
+SCHEMA_VERSION = 1
+
+
+def build_report(
+    models: list[dict],
+    *,
+    title: str = "icnn-compress report",
+    baseline: str | None = None,
+    speedup_batch: int = 32,
+) -> dict:
+    """Assemble the JSON document; adds MACs reduction, speedup and the latency guard per model
+    relative to ``baseline`` (default: the first model)."""
+    if not models:
+        raise ValueError("build_report needs at least one measured model.")
+    base = next((m for m in models if m["name"] == baseline), models[0])
+    out = []
+    for m in models:
+        m = dict(m)
+        b = str(speedup_batch)
+        if m is not base and b in m.get("latency", {}) and b in base.get("latency", {}):
+            m[f"speedup_b{b}"] = base["latency"][b]["median_ms"] / m["latency"][b]["median_ms"]
+        if m.get("macs") and base.get("macs"):
+            m["macs_reduction"] = base["macs"] / m["macs"]
+        warning = latency_guard(m.get("macs_reduction"), m.get(f"speedup_b{b}"))
+        if warning:
+            m["warning"] = warning
+        out.append(m)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "title": title,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "producer": f"icnn-compress {__version__}",
+        "environment": environment_info(),
+        "baseline": base["name"],
+        "models": out,
+        "figures": {},
+        "analysis_pictures": [],
+    }
+
+
+def _figures(report: dict, out: Path, batch: int) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    pts = [
+        (m["name"], m["latency"][str(batch)]["median_ms"], m["accuracy"])
+        for m in report["models"]
+        if "accuracy" in m and str(batch) in m.get("latency", {})
+    ]
+    if pts:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for name, lat, acc in pts:
+            ax.scatter(lat, acc)
+            ax.annotate(name, (lat, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"ONNX Runtime latency, batch {batch} (ms, median)")
+        ax.set_ylabel("top-1 accuracy")
+        ax.set_title("accuracy vs latency", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_latency.png", dpi=90)
+        plt.close(fig)
+        figs["accuracy_vs_latency"] = "accuracy_vs_latency.png"
+    widths = [m for m in report["models"] if m.get("widths")]
+    if len(widths) >= 1:
+        layers = list(widths[0]["widths"])
+        fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(layers)), 3.5))
+        step = 0.8 / len(widths)
+        for k, m in enumerate(widths):
+            ax.bar(
+                [i + k * step for i in range(len(layers))],
+                [m["widths"].get(n, 0) for n in layers],
+                width=step,
+                label=m["name"],
+            )
+        ax.set_xticks([i + 0.4 - step / 2 for i in range(len(layers))], layers, rotation=60, fontsize=6)
+        ax.set_ylabel("output channels")
+        ax.legend(fontsize=7)
+        ax.set_title("layer widths", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "layer_widths.png", dpi=90)
+        plt.close(fig)
+        figs["layer_widths"] = "layer_widths.png"
+    return figs
+
+
+def _markdown(report: dict, batch: int) -> str:
+    lines = [
+        f"# {report['title']}",
+        "",
+        f"{report['producer']}, {report['created']}; baseline `{report['baseline']}`.",
+        "",
+        f"| model | accuracy | MACs | MACs reduction | ORT latency b{batch} (ms) | speedup | provider |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in report["models"]:
+        lat = m.get("latency", {}).get(str(batch), {}).get("median_ms")
+        lines.append(
+            f"| {m['name']} | {m.get('accuracy', float('nan')):.4f} | {m.get('macs', '')} | "
+            f"{m.get('macs_reduction', 1.0):.2f}x | {lat if lat is None else f'{lat:.3f}'} | "
+            f"{m.get(f'speedup_b{batch}', 1.0):.2f}x | {m['provider']} |"
+        )
+    warnings = [f"- **{m['name']}**: {m['warning']}" for m in report["models"] if m.get("warning")]
+    if warnings:
+        lines += ["", "## Warnings", "", *warnings]
+    for name, file in {**report["figures"], **{p: p for p in report["analysis_pictures"]}}.items():
+        lines += ["", f"![{name}]({file})"]
+    return "\n".join(lines) + "\n"
+
+
+def _html(report: dict, md_table: str, out: Path) -> str:
+    def img(file: str) -> str:
+        data = base64.b64encode((out / file).read_bytes()).decode()
+        return f'<img alt="{html.escape(file)}" src="data:image/png;base64,{data}">'
+
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
+        for line in md_table.splitlines()[6:]
+        if line.startswith("| ")
+    )
+    head = "".join(
+        f"<th>{html.escape(c.strip())}</th>" for c in md_table.splitlines()[4].strip("|").split("|")
+    )
+    warnings = "".join(
+        f"<li><b>{html.escape(m['name'])}</b>: {html.escape(m['warning'])}</li>"
+        for m in report["models"]
+        if m.get("warning")
+    )
+    figures = "".join(
+        f"<figure>{img(f)}<figcaption>{html.escape(n)}</figcaption></figure>"
+        for n, f in report["figures"].items()
+    )
+    pictures = "".join(
+        f"<figure>{img(p)}<figcaption>{html.escape(p)}</figcaption></figure>"
+        for p in report["analysis_pictures"]
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(report['title'])}</title><style>body{{font-family:sans-serif;margin:2em}}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}"
+        f"</style></head><body><h1>{html.escape(report['title'])}</h1>"
+        f"<p>{html.escape(report['producer'])}, {html.escape(report['created'])}; baseline "
+        f"<code>{html.escape(report['baseline'])}</code>; schema version {report['schema_version']}.</p>"
+        f"<table><tr>{head}</tr>{rows}</table>"
+        + (f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
+        + figures
+        + (f"<h2>Filter analysis</h2>{pictures}" if pictures else "")
+        + "</body></html>\n"
+    )
+
+
+def write_report(
+    report: dict,
+    out_dir: str | os.PathLike,
+    *,
+    analysis_pictures: list[str | os.PathLike] = (),
+    batch: int = 32,
+) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and a self-contained ``report.html`` (figures embedded)
+    with their PNG figures into ``out_dir``. Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(report)
+    report["figures"] = _figures(report, out, batch)
+    pics = []
+    for p in analysis_pictures:
+        p = Path(p)
+        if p.is_file():
+            if p.resolve() != (out / p.name).resolve():
+                shutil.copyfile(p, out / p.name)
+            pics.append(p.name)
+    report["analysis_pictures"] = pics
+    md = _markdown(report, batch)
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    atomic_write_json(report, paths["json"])
+    atomic_write_bytes(md.encode(), paths["md"])
+    atomic_write_bytes(_html(report, md, out).encode(), paths["html"])
+    return paths

@@ -1,0 +1,68 @@
+import json
+from html.parser import HTMLParser
+
+import torch
+from torch import nn
+
+from icnn_compress import models
+from icnn_compress.export import export_onnx
+from icnn_compress.measure import latency_guard, measure
+from icnn_compress.prune import prune_model
+from icnn_compress.report import SCHEMA_VERSION, build_report, write_report
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.srcs += [v for k, v in attrs if k in ("src", "href")]
+
+
+def test_latency_guard():
+    assert latency_guard(2.0, 1.02) is not None and "2.00x fewer MACs" in latency_guard(2.0, 1.02)
+    assert latency_guard(2.0, 1.5) is None
+    assert latency_guard(1.2, 1.0) is None
+
+
+def test_report_json_html_markdown(tmp_path):
+    base = models.create("resnet_cifar8", num_classes=3, in_channels=1).eval()
+    pruned = prune_model(base, torch.rand(1, 1, 16, 16), target=2.0, round_to=4, progress=False).model.eval()
+    data = [(torch.rand(4, 1, 16, 16), torch.randint(0, 3, (4,)))]
+    entries = []
+    for name, model in (("unpruned", base), ("l1-2x", pruned)):
+        path = tmp_path / f"{name}.onnx"
+        export_onnx(model, path, torch.rand(1, 1, 16, 16))
+        entry = measure(
+            path,
+            data,
+            name=name,
+            batch_sizes=(1, 8),
+            threads=1,
+            provider="cpu",
+            torch_model=model,
+            example=torch.rand(1, 1, 16, 16),
+            warmup=1,
+            repeats=3,
+        )
+        entry["widths"] = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        entries.append(entry)
+    picture = tmp_path / "gallery.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n")  # a stand-in analysis picture
+    report = build_report(entries, speedup_batch=8)
+    assert report["schema_version"] == SCHEMA_VERSION and report["baseline"] == "unpruned"
+    assert report["models"][1]["macs_reduction"] >= 2.0
+    paths = write_report(report, tmp_path / "report", analysis_pictures=[picture], batch=8)
+    doc = json.loads(paths["json"].read_text())
+    assert set(doc["figures"]) == {"accuracy_vs_latency", "layer_widths"}
+    for f in [*doc["figures"].values(), *doc["analysis_pictures"]]:
+        assert (tmp_path / "report" / f).is_file()
+    parser = _Collect()
+    parser.feed(paths["html"].read_text())
+    assert "table" in parser.tags and parser.srcs
+    for src in parser.srcs:  # self-contained: every image is embedded, nothing points to a missing file
+        assert src.startswith("data:image/png;base64,") or (tmp_path / "report" / src).is_file()
+    md = paths["md"].read_text()
+    assert "| l1-2x |" in md and "accuracy_vs_latency.png" in md
