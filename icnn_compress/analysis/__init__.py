@@ -18,7 +18,7 @@ from icnn_compress.analysis._pictures import (
     plot_filter_gallery,
     plot_instability_histogram,
 )
-from icnn_compress.analysis._receptive_field import RF, receptive_field
+from icnn_compress.analysis._receptive_field import RF, receptive_field, receptive_fields
 from icnn_compress.analysis._signatures import LayerSignature, filter_signatures, layer_maps_point
 
 __all__ = [
@@ -36,4 +36,5 @@ __all__ = [
     "plot_filter_gallery",
     "plot_instability_histogram",
     "receptive_field",
+    "receptive_fields",
 ]

@@ -75,6 +75,11 @@ _PASS_FUNCS = {
 
 
 def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, ...]) -> RF:
+    """Receptive field of the output of module ``layer`` (see ``receptive_fields``)."""
+    return receptive_fields(model, [layer], input_size)[layer]
+
+
+def receptive_fields(model: nn.Module, layers: list[str], input_size: tuple[int, ...]) -> dict[str, RF]:
     """Receptive field of the output of module ``layer`` for inputs of ``input_size``.
 
     Composes kernel, stride, padding and dilation of every conv/pool on the traced paths from
@@ -92,8 +97,9 @@ def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, ...]) -
         196.0
     """
     modules = dict(model.named_modules())
-    if layer not in modules:
-        raise ConfigError(f"The model has no module named {layer!r}.")
+    for layer in layers:
+        if layer not in modules:
+            raise ConfigError(f"The model has no module named {layer!r}.")
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:
@@ -139,14 +145,20 @@ def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, ...]) -
                 and tuple(meta_in.shape[-2:]) == tuple(meta_out.shape[-2:])
             )
             if not same:
-                if node.op == "call_module" and node.target == layer:
+                if node.op == "call_module" and node.target in layers:
                     raise ConfigError(
-                        f"{layer!r} does not produce a spatial map, so it has no receptive field."
+                        f"{node.target!r} does not produce a spatial map, so it has no receptive field."
                     )
                 continue  # a head op (pooling to 1x1, flatten, linear): not on a path to a spatial layer
         rf[node] = (float(size), float(stride), float(offset))
-        if node.op == "call_module" and node.target == layer:
-            return RF(*rf[node])
+    return {layer: _layer_rf(gm, rf, layer) for layer in layers}
+
+
+def _layer_rf(gm: fx.GraphModule, rf: dict, layer: str) -> RF:
+    """The field of ``layer``'s output: its own node, or for a container the last node inside it."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer and n in rf), None)
+    if node is not None:
+        return RF(*rf[node])
     # layer is a container (e.g. "layer4"): its output is the last node inside it
     inside = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(layer + ".")]
     inside = [n for n in inside if n in rf]

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from icnn_compress.analysis._receptive_field import RF, receptive_field
+from icnn_compress.analysis._receptive_field import RF, receptive_fields
 from icnn_compress.errors import ConfigError, ICNNError
 from icnn_compress.icnn import ICNNHandle, find_activation
 
@@ -143,9 +143,10 @@ def filter_signatures(
     landmarks = torch.cat(landmarks_all) if landmarks_all and len(landmarks_all) == len(labels_all) else None
     cats = handle.filter_categories if handle is not None else {}
     out = {}
+    rfs = receptive_fields(model, sorted(set(points.values())), (x.shape[1], *image_size))  # one trace
     for name in names:
         st = state[name]
-        rf = receptive_field(model, points[name], (x.shape[1], *image_size))
+        rf = rfs[points[name]]
         class_sum = torch.zeros(st["sum"].shape[1], k)
         class_sum.index_add_(1, labels, torch.cat(st["sum_rows"], 0).t())
         counts = torch.bincount(labels, minlength=k).clamp_min(1).float()

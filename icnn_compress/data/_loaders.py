@@ -132,7 +132,7 @@ def loaders(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1. Got {batch_size!r} instead.")
-    train, val = build_datasets(name, **options)
+    train, val = build_datasets(name, seed=seed, **options)
     if train_subset is not None:
         train = Subset(train, range(min(train_subset, len(train))))
     common = dict(

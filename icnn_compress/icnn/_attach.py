@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,27 @@ def find_activation(model: nn.Module, conv_name: str) -> str:
                 return f"{parent_name}.{nxt}" if parent_name else nxt
             break
     raise ICNNError(f"Could not find the ReLU after {conv_name!r} (the model is not fx-traceable); {hint}.")
+
+
+class _ResetCalls:
+    """Forward pre-hook of the root model: resets the per-forward call counters of a handle.
+
+    Holds the handle weakly, and a copy of the model gets an inert hook: copies and pickles of a
+    model never drag the loss state (or tensors of the last forward pass) along."""
+
+    def __init__(self, handle: ICNNHandle | None) -> None:
+        self._handle = weakref.ref(handle) if handle is not None else None
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        handle = self._handle() if self._handle is not None else None
+        if handle is not None:
+            handle._reset_calls(module, inputs)
+
+    def __deepcopy__(self, memo) -> _ResetCalls:
+        return _ResetCalls(None)
+
+    def __reduce__(self):
+        return (_ResetCalls, (None,))
 
 
 @dataclass
@@ -500,5 +522,5 @@ def attach_icnn(
         points.append(point)
     for name, point in zip(names, points, strict=False):
         handle._add_point(name, point, name in extra_names)
-    handle._hooks.insert(0, model.register_forward_pre_hook(handle._reset_calls))
+    handle._hooks.insert(0, model.register_forward_pre_hook(_ResetCalls(handle)))
     return handle

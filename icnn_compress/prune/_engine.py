@@ -250,7 +250,7 @@ def prune_model(
     if needs_data and data is None:
         what = f"criterion {criterion!r}" if criterion in NEEDS_DATA else "compensate=True"
         raise ConfigError(f"{what} needs data= (a DataLoader of probe batches).")
-    importance = make_importance(criterion, **(criterion_options or {}))
+    importance = make_importance(criterion, **{"probe_batches": probe_batches, **(criterion_options or {})})
     model = model if inplace else copy.deepcopy(model)
     device = next(model.parameters()).device
     example_inputs = example_inputs.to(device)

@@ -73,5 +73,12 @@ def load_pruned(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modu
     model.eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     graph.load_pruning_history([(n, o, idx) for n, o, idx in json.loads(record["history"])])
-    model.load_state_dict(record["state_dict"])
+    state = record["state_dict"]
+    modules = dict(model.named_modules())
+    for key in state:  # compensation may have given a bias-free layer a bias
+        owner, _, leaf = key.rpartition(".")
+        m = modules.get(owner)
+        if leaf == "bias" and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None:
+            m.bias = nn.Parameter(torch.zeros_like(state[key]))
+    model.load_state_dict(state)
     return model, json.loads(record["metadata"])

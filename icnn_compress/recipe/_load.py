@@ -1,0 +1,134 @@
+"""Recipe loading: YAML (safe_load), ``--set key.sub=value`` overrides, errors people can act on."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from icnn_compress.errors import ConfigError
+from icnn_compress.recipe._schema import Recipe
+
+__all__ = ["RECIPES_DIR", "apply_overrides", "bundled_recipes", "load_recipe", "recipe_hash"]
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Name -> path of the recipes shipped in ``recipes/``."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))} if RECIPES_DIR.is_dir() else {}
+
+
+def _lines(text: str) -> dict[tuple, int]:
+    """Key path -> 1-based line of the key in the YAML text (best effort)."""
+    out: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, k.value)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    with contextlib.suppress(yaml.YAMLError):
+        walk(yaml.compose(text), ())
+    return out
+
+
+def _fields(model: type[BaseModel], path: tuple) -> list[str]:
+    """Field names of the sub-config at ``path`` (for suggestions)."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format(err: ValidationError, lines: dict[tuple, int], source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(str(p) for p in e["loc"])
+    key = ".".join(loc)
+    line = lines.get(loc) or lines.get(loc[:-1])
+    where = f"{source}:{line}: " if line else f"{source}: "
+    if e["type"] == "extra_forbidden":
+        allowed = _fields(Recipe, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" Did you mean {'.'.join((*loc[:-1], close[0]))!r}?" if close else ""
+        return f"{where}unknown key {key!r}.{hint} Allowed here: {', '.join(allowed)}."
+    got = e.get("input")
+    got_s = (
+        json.dumps(got) if isinstance(got, (str, int, float, bool, type(None), list)) else type(got).__name__
+    )
+    return f"{where}{key}: {e['msg']} (got {got_s})."
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a recipe dict."""
+    data = json.loads(json.dumps(data))  # a deep copy of plain data
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set needs key.sub=value. Got {item!r}.")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set needs a key before '='. Got {item!r}.")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section.")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe: a path, a bundled recipe name (``quickstart``) or a dict.
+
+    Raises ``ConfigError`` with one line naming the file, line, key path, bad value and what is
+    allowed, for YAML syntax errors, unknown keys (with a suggestion) and invalid values.
+    """
+    text, name = "", "<recipe>"
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if not path.exists() and str(source) in bundled_recipes():
+            path = bundled_recipes()[str(source)]
+        if not path.is_file():
+            known = ", ".join(bundled_recipes()) or "none"
+            raise ConfigError(f"Recipe {str(source)!r} is not a file or a bundled recipe (bundled: {known}).")
+        name = str(path)
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}" if mark else name
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{where}: YAML syntax error: {problem}.") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: a recipe must be a mapping of sections. Got {type(data).__name__}.")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, _lines(text), name)) from None
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """SHA-256 of the resolved recipe (stable key order)."""
+    return hashlib.sha256(json.dumps(recipe.model_dump(), sort_keys=True).encode()).hexdigest()

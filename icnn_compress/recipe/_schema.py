@@ -1,0 +1,143 @@
+"""The recipe schema: one typed config per stage, composed into a Recipe (pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AnalysisConfig",
+    "DataConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "ICNNConfig",
+    "MeasureConfig",
+    "ModelConfig",
+    "PruneConfig",
+    "Recipe",
+    "RecoverConfig",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Which data, from where, in which batches."""
+
+    name: Literal["synthetic-parts", "fashion-mnist", "imagefolder", "cub200"] = Field(
+        "synthetic-parts", description="dataset (icnn_compress.data.list_datasets())"
+    )
+    root: str | None = Field(
+        None, description="dataset folder (fashion-mnist: the Debian package's by default)"
+    )
+    batch_size: int = Field(64, ge=1, description="training batch size")
+    num_classes: int = Field(6, ge=2, description="classes (synthetic-parts: number to generate)")
+    image_size: int = Field(
+        32, ge=16, description="input side in pixels (synthetic-parts, imagefolder, cub200)"
+    )
+    train_size: int = Field(2000, ge=1, description="synthetic-parts: training items")
+    val_size: int = Field(400, ge=1, description="synthetic-parts: validation items")
+    limit: int | None = Field(
+        None, ge=1, description="fashion-mnist: keep only the first N items (quick runs)"
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    seed: int = Field(0, description="shuffling and data seed")
+
+
+class ModelConfig(_Strict):
+    """The network."""
+
+    name: str = Field("vgg_small", description="registry name (icnn_compress.models.list_models())")
+    in_channels: int = Field(3, ge=1, description="input channels (1 for Fashion-MNIST)")
+    small_input: bool | None = Field(None, description="adapt torchvision stems to ~32 px inputs")
+    weights: str | None = Field(
+        None, description="local state-dict file (weights_only) or torchvision weights name"
+    )
+
+
+class ICNNConfig(_Strict):
+    """The interpretable filter loss (attach_icnn options)."""
+
+    enabled: bool = Field(True, description="fine-tune with masks + the loss (False: plain fine-tune)")
+    layers: list[str] | Literal["auto"] = Field("auto", description="conv layer names, or 'auto' (last conv)")
+    weight: float = Field(0.5, ge=0, description="lambda (balance='grad': gradient-RMS ratio)")
+    balance: Literal["grad", "none"] = "grad"
+    warmup_steps: int = Field(200, ge=0)
+    beta: float = Field(4.0, gt=0)
+    centre: Literal["argmax", "centroid"] = "argmax"
+    categories: Literal["multi", "balanced", "single"] = "multi"
+
+
+class FinetuneConfig(_Strict):
+    """The fine-tune (with the loss when icnn.enabled)."""
+
+    epochs: int = Field(1, ge=0, description="0 skips training")
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    schedule: Literal["cosine", "step", "loglinear", "constant"] = "cosine"
+    lr_end: float = Field(0.0, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    clip_grad_norm: float | None = Field(None, gt=0)
+
+
+class AnalysisConfig(_Strict):
+    """Filter signatures, clusters and pictures of the ICNN layers."""
+
+    probe_images: int = Field(512, ge=8, description="images probed")
+    distance_threshold: float = Field(0.25, gt=0, description="cluster merge distance")
+    pictures: bool = Field(True, description="write the gallery/overview PNGs")
+
+
+class PruneConfig(_Strict):
+    """Structural pruning."""
+
+    criterion: str = Field("icnn-cluster", description="icnn_compress.prune.list_criteria()")
+    macs_reduction: float = Field(2.0, gt=1, description="target: this many times fewer MACs")
+    compensate: bool = True
+    round_to: int | None = Field(8, ge=1, description="keep widths multiples of this (fast kernels)")
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1)
+    global_ranking: bool = False
+    ignored_layers: list[str] = Field(default_factory=list, description="module names never pruned")
+    step_ratio: float = Field(0.05, gt=0, lt=1)
+    bn_batches: int = Field(20, ge=0)
+
+
+class RecoverConfig(_Strict):
+    """The short fine-tune after pruning."""
+
+    epochs: int = Field(1, ge=0, description="0 skips recovery")
+    lr: float = Field(0.01, gt=0)
+
+
+class ExportConfig(_Strict):
+    """ONNX export."""
+
+    opset: int = Field(17, ge=11)
+
+
+class MeasureConfig(_Strict):
+    """Measurement of the exported models in ONNX Runtime."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    threads: int = Field(2, ge=1)
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    repeats: int = Field(30, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole run: data, model, fine-tune, analyse, prune, recover, export, measure, report."""
+
+    name: str = Field("run", description="a label for reports")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    icnn: ICNNConfig = Field(default_factory=ICNNConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)

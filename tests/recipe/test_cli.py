@@ -1,0 +1,163 @@
+"""prune-recipe end to end on a tiny recipe; resume, lock, and invalid recipes."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from icnn_compress import Trainer
+from icnn_compress.cli import main
+from icnn_compress.recipe import load_recipe
+
+TINY = {
+    "name": "tiny",
+    "data": {
+        "name": "synthetic-parts",
+        "num_classes": 3,
+        "image_size": 16,
+        "train_size": 96,
+        "val_size": 48,
+        "batch_size": 32,
+    },
+    "model": {"name": "resnet_cifar8", "in_channels": 3},
+    "icnn": {"layers": ["layer3"], "warmup_steps": 2},
+    "finetune": {"epochs": 2, "lr": 0.05},
+    "analysis": {"probe_images": 32, "pictures": False},
+    "prune": {"criterion": "l1", "macs_reduction": 1.5, "round_to": None, "step_ratio": 0.1, "bn_batches": 2},
+    "recover": {"epochs": 1},
+    "measure": {"batch_sizes": [1, 4], "threads": 1, "provider": "cpu", "repeats": 2},
+}
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def _weights(run):
+    return torch.load(run / "4_recover" / "recovered.pt", weights_only=True)["state_dict"]
+
+
+def test_run_end_to_end_and_resume(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(run), "--quiet"]) == 0
+    assert "report:" in capsys.readouterr().out
+    for stage in ("1_finetune", "2_analyse", "3_prune", "4_recover", "5_export", "6_measure", "7_report"):
+        assert (run / stage / "manifest.json").is_file()
+    html = (run / "7_report" / "report.html").read_text()
+    assert "<table>" in html and "pruned" in html
+    measured = json.loads((run / "6_measure" / "measurements.json").read_text())
+    assert measured[1]["macs"] * 1.5 <= measured[0]["macs"]
+    # an existing run directory is never overwritten without --force
+    assert main(["run", str(recipe), "--out", str(run), "--quiet"]) == 2
+    # --resume skips every finished stage; a corrupted artefact makes its stage (and later ones) run again
+    before = _weights(run)
+    (run / "5_export" / "model.onnx").write_bytes(b"corrupt")
+    assert main(["run", str(recipe), "--out", str(run), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "[prune] finished earlier" in out and "[export] checksum mismatch" in out
+    assert all(torch.equal(v, _weights(run)[k]) for k, v in before.items())
+
+
+def test_kill_inside_a_stage_then_resume_reproduces(recipe, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    assert main(["run", str(recipe), "--out", str(full), "--quiet", "--stages", "finetune"]) == 0
+    calls = {"n": 0}
+    original = Trainer.train_epoch
+
+    def interrupted(self, epoch):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second epoch of the fine-tune: epoch 1's checkpoint exists
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    part = tmp_path / "part"
+    assert main(["run", str(recipe), "--out", str(part), "--quiet", "--stages", "finetune"]) == 130
+    assert not (part / "1_finetune" / "manifest.json").exists() and not (part / ".lock").exists()
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert main(["run", str(recipe), "--out", str(part), "--quiet", "--resume", "--stages", "finetune"]) == 0
+    a = torch.load(full / "1_finetune" / "model.pt", weights_only=True)
+    b = torch.load(part / "1_finetune" / "model.pt", weights_only=True)
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_lock_conflict_is_refused(recipe, tmp_path, capsys):
+    run = tmp_path / "locked"
+    run.mkdir()
+    (run / ".lock").write_text(str(os.getpid()))  # a live process holds it
+    assert main(["run", str(recipe), "--out", str(run), "--resume", "--quiet"]) == 3
+    assert "in use by another run" in capsys.readouterr().err
+
+
+def test_validate_show_list(recipe, capsys):
+    assert main(["validate", str(recipe)]) == 0 and capsys.readouterr().out.strip() == "ok"
+    assert main(["show", str(recipe), "--set", "prune.macs_reduction=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["prune"]["macs_reduction"] == 3 and shown["finetune"]["optimizer"] == "sgd"
+    assert main(["list"]) == 0 and "quickstart" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("mutation", "match"), [
+    ({"prune": {"macs_reduction": 0.5}}, r"tiny.yaml:\d+: prune.macs_reduction: Input should be greater"),
+    ({"finetune": {"optimizr": "sgd"}}, r"unknown key 'finetune.optimizr'. Did you mean 'finetune.optim"),
+    ({"data": {"name": "mnist"}}, r"data.name: Input should be 'synthetic-parts', 'fashion-mnist'"),
+])  # fmt: skip
+def test_invalid_recipes_name_key_line_and_allowed(tmp_path, capsys, mutation, match):
+    data = json.loads(json.dumps(TINY))
+    for section, values in mutation.items():
+        data[section].update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(match, err), err
+
+
+def test_yaml_syntax_error_and_bad_set(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  name: [unclosed\n")
+    assert main(["validate", str(path)]) == 2
+    assert "YAML syntax error" in capsys.readouterr().err
+    assert main(["validate", "quickstart", "--set", "noequals"]) == 2
+
+
+_keys = st.sampled_from(["data", "model", "icnn", "finetune", "prune", "recover", "measure", "bogus"])
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=_keys, key=st.text(min_size=1, max_size=12), value=_values)
+def test_mutated_recipes_give_one_line_errors(tmp_path, capsys, section, key, value):
+    data = json.loads(json.dumps(TINY))
+    target = data.setdefault(section, {})
+    if isinstance(target, dict):
+        keys = list(target) or [key]
+        target[keys[hash(key) % len(keys)] if key.isidentifier() else key] = value
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code in (0, 2)
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1 and err.startswith("prune-recipe: error:")
+        assert "Traceback" not in err
+    else:
+        load_recipe(path)  # valid mutations really are valid
