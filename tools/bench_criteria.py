@@ -93,12 +93,16 @@ def main() -> None:
     p.add_argument("--step-ratio", type=float, default=0.05, help="channel ratio pruned per step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="runs/bench_criteria")
+    p.add_argument("--write-only", action="store_true", help="only write the results of the cached rows")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows_path = cache / "rows.json"
     rows: dict = json.loads(rows_path.read_text()) if rows_path.exists() else {}
+    if a.write_only:
+        write_results(rows, a)
+        return
     train_dl, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
     eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
     # probe batches come from the training set, without augmentation-free guarantees: same as users
