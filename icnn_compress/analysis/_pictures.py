@@ -26,6 +26,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | os.PathLike) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    _plt().close(fig)
+    return out
+
+
 def _to_rgb(img: torch.Tensor) -> np.ndarray:
     img = img.float()
     img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
@@ -98,11 +106,7 @@ def plot_filter_gallery(
         model.train(was_training)
     fig.suptitle(f"{sig.layer}: top images per filter, grouped by cluster", fontsize=9)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_instability_histogram(
@@ -122,11 +126,7 @@ def plot_instability_histogram(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_cluster_overview(sig: LayerSignature, clusters: FilterClusters, path: str | os.PathLike) -> Path:
@@ -150,8 +150,4 @@ def plot_cluster_overview(sig: LayerSignature, clusters: FilterClusters, path: s
     b.set_aspect("equal")
     b.set_title("mean peak location per filter (colour = cluster)", fontsize=9)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, path)

@@ -239,9 +239,24 @@ class Runner:
                 self._say(f"[{stage}] done in {time.perf_counter() - t0:.1f} s -> {out}")
         return self.run_dir
 
+    def _train(self, model: nn.Module, out: Path, **kwargs) -> list[dict]:
+        """Fit ``model`` with the recipe's data, checkpointing into ``out/train`` (resumable)."""
+        train_dl, val_dl = self.loaders()
+        trainer = ic.Trainer(
+            model,
+            train_dl,
+            val_dl,
+            out_dir=out / "train",
+            resume=True,
+            device=self.device,
+            seed=self.recipe.seed,
+            progress=self.progress,
+            **kwargs,
+        )
+        return trainer.fit().history
+
     # ----- the stages -----
     def _stage_finetune(self, out: Path):
-        train_dl, val_dl = self.loaders()
         self.example()
         model = self.base_model()
         spec = self.icnn_spec(model)
@@ -251,10 +266,9 @@ class Runner:
         f = self.recipe.finetune
         info: dict = {"icnn": spec}
         if f.epochs > 0:
-            trainer = ic.Trainer(
+            info["history"] = self._train(
                 model,
-                train_dl,
-                val_dl,
+                out,
                 epochs=f.epochs,
                 lr=f.lr,
                 optimizer=f.optimizer,
@@ -263,14 +277,7 @@ class Runner:
                 weight_decay=f.weight_decay,
                 clip_grad_norm=f.clip_grad_norm,
                 extra_loss=handle.loss if handle else None,
-                out_dir=out / "train",
-                resume=True,
-                device=self.device,
-                seed=self.recipe.seed,
-                progress=self.progress,
             )
-            trainer.fit()
-            info["history"] = trainer.history
         if handle is not None:
             info["filter_categories"] = {k: v.tolist() for k, v in handle.filter_categories.items()}
             handle.freeze()
@@ -364,21 +371,7 @@ class Runner:
         r = self.recipe.recover
         info: dict = {}
         if r.epochs > 0:
-            train_dl, val_dl = self.loaders()
-            trainer = ic.Trainer(
-                model,
-                train_dl,
-                val_dl,
-                epochs=r.epochs,
-                lr=r.lr,
-                out_dir=out / "train",
-                resume=True,
-                device=self.device,
-                seed=self.recipe.seed,
-                progress=self.progress,
-            )
-            trainer.fit()
-            info["history"] = trainer.history
+            info["history"] = self._train(model, out, epochs=r.epochs, lr=r.lr)
         record = torch.load(self.stage_dir("prune") / "pruned.pt", weights_only=True)
         history = [tuple(h) for h in json.loads(record["history"])]
         spec = json.loads(record["icnn"]) if record["icnn"] else None
