@@ -17,6 +17,7 @@ from torch import nn
 
 import icnn_compress as ic
 from icnn_compress._io import atomic_write_json, environment_info
+from icnn_compress.export import export_onnx
 
 
 def main() -> None:
@@ -48,15 +49,7 @@ def main() -> None:
 
     path = Path("/tmp/icnn_gpu_check.onnx")
     x = torch.rand(8, 3, 64, 64, device=device)
-    torch.onnx.export(
-        model,
-        (x,),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}},
-        dynamo=False,
-    )
+    export_onnx(model, path, x, check=False)  # parity is checked below against the provider in use
     available = ort.get_available_providers()
     wanted = [pv for pv in ("CUDAExecutionProvider", "CPUExecutionProvider") if pv in available]
     sess = ort.InferenceSession(str(path), providers=wanted)
