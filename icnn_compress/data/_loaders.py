@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from icnn_compress._dist import is_distributed
+from icnn_compress._registry import Registry
 from icnn_compress.errors import ConfigError
 
 __all__ = ["build_datasets", "list_datasets", "loaders", "register_dataset"]
 
-_DATASETS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {}
+_DATASETS: Registry[Callable[..., tuple[Dataset, Dataset]]] = Registry("dataset")
 
 
 def register_dataset(name: str):
     """Decorator: register ``fn(**options) -> (train_dataset, val_dataset)``."""
 
-    def wrap(fn):
-        if name in _DATASETS:
-            raise ConfigError(f"A dataset named {name!r} is already registered.")
-        _DATASETS[name] = fn
-        return fn
-
-    return wrap
+    return _DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
+    return _DATASETS.names()
 
 
 @register_dataset("synthetic-parts")
@@ -104,11 +98,7 @@ def _cub(
 
 def build_datasets(name: str, **options) -> tuple[Dataset, Dataset]:
     """``(train, val)`` datasets of a registered name (see ``list_datasets()``)."""
-    if name not in _DATASETS:
-        close = difflib.get_close_matches(name, list(_DATASETS), n=2)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"Unknown dataset {name!r}.{hint} Available: {', '.join(list_datasets())}.")
-    return _DATASETS[name](**options)
+    return _DATASETS.get(name)(**options)
 
 
 def loaders(

@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from torch import nn
 
+from icnn_compress._registry import Registry
 from icnn_compress.errors import ConfigError
 
 __all__ = ["create", "list_models", "register_model"]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a constructor ``fn(*, num_classes, in_channels, small_input) -> nn.Module``."""
 
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ConfigError(f"A model named {name!r} is already registered.")
-        _MODELS[name] = fn
-        return fn
-
-    return wrap
+    return _MODELS.register(name)
 
 
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
-    return sorted(_MODELS)
+    return _MODELS.names()
 
 
 def create(
@@ -56,10 +50,7 @@ def create(
     Example:
         >>> model = create("vgg_small", num_classes=10, in_channels=1)
     """
-    if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"Unknown model {name!r}.{hint} Available: {', '.join(list_models())}.")
+    build = _MODELS.get(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an int >= 1. Got {num_classes!r} instead.")
     if not isinstance(in_channels, int) or in_channels < 1:
@@ -70,4 +61,4 @@ def create(
     if weights is not None:
         kwargs["weights"] = weights
         kwargs["strict"] = strict
-    return _MODELS[name](**kwargs)
+    return build(**kwargs)

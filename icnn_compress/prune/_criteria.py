@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
@@ -10,7 +9,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from icnn_compress.errors import ConfigError
+from icnn_compress._registry import Registry
 from icnn_compress.prune._probe import collect_layer_inputs
 
 __all__ = [
@@ -21,33 +20,23 @@ __all__ = [
     "register_criterion",
 ]
 
-_CRITERIA: dict[str, Callable[..., tp.importance.Importance]] = {}
+_CRITERIA: Registry[Callable[..., tp.importance.Importance]] = Registry("criterion")
 NEEDS_DATA = {"icnn-cluster", "taylor"}  # criteria that score from probe data or gradients
 
 
 def register_criterion(name: str):
     """Decorator: register ``fn(**options) -> torch_pruning Importance`` under ``name``."""
 
-    def wrap(fn):
-        if name in _CRITERIA:
-            raise ConfigError(f"A criterion named {name!r} is already registered.")
-        _CRITERIA[name] = fn
-        return fn
-
-    return wrap
+    return _CRITERIA.register(name)
 
 
 def list_criteria() -> list[str]:
-    return sorted(_CRITERIA)
+    return _CRITERIA.names()
 
 
 def make_importance(name: str, **options) -> tp.importance.Importance:
     """The ``Importance`` object of a criterion name (see ``list_criteria()``)."""
-    if name not in _CRITERIA:
-        close = difflib.get_close_matches(name, list(_CRITERIA), n=2)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"Unknown criterion {name!r}.{hint} Available: {', '.join(list_criteria())}.")
-    return _CRITERIA[name](**options)
+    return _CRITERIA.get(name)(**options)
 
 
 register_criterion("l1")(lambda **_: tp.importance.GroupMagnitudeImportance(p=1))
