@@ -9,10 +9,13 @@ fine-tuned with the loss, ``icnn-cluster@plain`` = from the plain one). Each row
 * one-shot: pruned (compensated where ``+comp``), BatchNorm re-estimated on 20 batches, no
   training; over several seeds (probe subsets and the random criterion), mean and spread;
   also recorded before the BatchNorm re-estimation (seed 0), to show what it adds;
-* recovered: the seed-0 one-shot model fine-tuned for the same short budget for everyone.
+* recovered: each seed's one-shot model fine-tuned for the same short budget for everyone
+  (``--recover-steps`` SGD steps, data order from the seed); mean and spread over the seeds.
 
 Accuracy is top-1 of the exported ONNX model in ONNX Runtime (CPU) on the first ``--eval-size``
-test images. Results are cached per row in ``runs/bench_criteria/rows.json`` (re-runs resume) and
+test images; the latency of the seed-0 one-shot model is measured in the same session (batch 1
+and 32, median of ``--latency-repeats`` after 5 warm-up calls, ``--threads`` intra-op threads).
+Results are cached per row in ``runs/bench_criteria/rows_<model>.json`` (re-runs resume) and
 written to tools/results/criteria.json and criteria.md.
 
     .venv/bin/python tools/bench_criteria.py [--models vgg_small,resnet_cifar20] [--seeds 3]
@@ -36,18 +39,31 @@ from torch.utils.data import DataLoader, Subset
 import icnn_compress as ic
 from icnn_compress._io import atomic_save, atomic_write_json, environment_info
 from icnn_compress.export import export_onnx
-from icnn_compress.measure import ort_accuracy, ort_session
+from icnn_compress.measure import ort_accuracy, ort_latency, ort_session
 from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
 
 CRITERIA = ["icnn-cluster", "icnn-cluster@plain", "l1", "l2", "fpgm", "taylor", "bn-scale", "lamp", "random"]
 LEVELS = {"2x": 2.0, "3x": 3.0, "4x": 4.0}
+CACHE_VERSION = 2  # cached rows written by another version of this script are ignored
 
 
-def onnx_acc(model: nn.Module, loader: DataLoader, threads: int) -> float:
+def onnx_eval(model: nn.Module, loader: DataLoader, threads: int, latency_repeats: int = 0) -> dict:
+    """Top-1 of the exported model in ONNX Runtime (CPU) and, if ``latency_repeats``, its median
+    latency in ms at batch 1 and 32."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.onnx"
         export_onnx(model.eval(), path, torch.rand(1, 1, 28, 28))
-        return ort_accuracy(ort_session(path, provider="cpu", threads=threads), loader)
+        sess = ort_session(path, provider="cpu", threads=threads)
+        out = {"acc": ort_accuracy(sess, loader)}
+        for b in (1, 32) if latency_repeats else ():
+            out[f"latency_b{b}_ms"] = ort_latency(
+                path, b, session=sess, warmup=5, repeats=latency_repeats, threads=threads
+            ).median_ms
+        return out
+
+
+def onnx_acc(model: nn.Module, loader: DataLoader, threads: int) -> float:
+    return onnx_eval(model, loader, threads)["acc"]
 
 
 def finetune(
@@ -74,7 +90,12 @@ def finetune(
     ).fit()
 
 
-def top_convs(model: nn.Module, k: int = 2) -> list[str]:
+def top_layers(model: nn.Module, k: int = 2) -> list[str]:
+    """Where the loss goes: the top ``k`` conv layers, or for a ResNet the outputs of its last ``k``
+    residual blocks (post-ReLU; a block's last conv feeds the residual add, not a ReLU)."""
+    stages = [n for n, m in model.named_children() if n.startswith("layer") and isinstance(m, nn.Sequential)]
+    if stages:
+        return [f"{s}.{i}" for s in stages for i in range(len(getattr(model, s)))][-k:]
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-k:]
 
 
@@ -88,20 +109,22 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--finetune-steps", type=int, default=None, help="cap the fine-tune (quick runs)")
     p.add_argument("--recover-steps", type=int, default=200)
+    p.add_argument("--latency-repeats", type=int, default=30)
+    p.add_argument("--train-size", type=int, default=None, help="baseline trained on a subset (quick runs)")
     p.add_argument("--eval-size", type=int, default=5000)
     p.add_argument("--probe-batches", type=int, default=8)
     p.add_argument("--step-ratio", type=float, default=0.05, help="channel ratio pruned per step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="runs/bench_criteria")
     p.add_argument("--write-only", action="store_true", help="only write the results of the cached rows")
+    p.add_argument("--out-dir", default=None, help="where criteria.json/.md go (default tools/results)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    rows_path = cache / "rows.json"
-    rows: dict = json.loads(rows_path.read_text()) if rows_path.exists() else {}
+    rows = load_rows(cache)
     if a.write_only:
-        write_results(rows, a)
+        write_results(rows, a, Path(a.out_dir) if a.out_dir else None)
         return
     train_dl, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
     eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
@@ -110,7 +133,8 @@ def main() -> None:
     example = torch.rand(1, 1, 28, 28)
     t_start = time.perf_counter()
     for model_name in a.models.split(","):
-        base_path = Path(f"runs/baselines/{model_name}_fashion_e{a.baseline_epochs}.pt")
+        sub = f"_n{a.train_size}" if a.train_size else ""
+        base_path = Path(f"runs/baselines/{model_name}_fashion_e{a.baseline_epochs}{sub}.pt")
         if not base_path.exists():
             subprocess.run(
                 [
@@ -120,6 +144,7 @@ def main() -> None:
                     model_name,
                     "--epochs",
                     str(a.baseline_epochs),
+                    *(["--train-size", str(a.train_size)] if a.train_size else []),
                 ],
                 check=True,
             )
@@ -127,7 +152,7 @@ def main() -> None:
         for variant in ("plain", "icnn"):
             path = cache / f"{model_name}_{variant}.pt"
             model = ic.models.create(model_name, num_classes=10, in_channels=1, weights=str(base_path))
-            layers = top_convs(model)
+            layers = top_layers(model)
             handle = ic.attach_icnn(model, layers, num_classes=10) if variant == "icnn" else None
             if path.exists():
                 if handle is not None:
@@ -143,8 +168,10 @@ def main() -> None:
             variants[variant] = model.eval()
         key = f"{model_name}/unpruned"
         if key not in rows:
-            rows[key] = {v: onnx_acc(m, eval_dl, a.threads) for v, m in variants.items()}
-            atomic_write_json(rows, rows_path)
+            evals = {v: onnx_eval(m, eval_dl, a.threads, a.latency_repeats) for v, m in variants.items()}
+            rows[key] = {v: e["acc"] for v, e in evals.items()}
+            rows[key].update({k: v for k, v in evals["plain"].items() if k.startswith("latency")})
+            save_rows(cache, model_name, rows)
         print(model_name, "unpruned", rows[key], flush=True)
         for level in a.levels.split(","):
             for crit in a.criteria.split(","):
@@ -156,7 +183,7 @@ def main() -> None:
                     if key in rows:
                         continue
                     t0 = time.perf_counter()
-                    oneshot, pre_bn, recovered, stats = [], None, None, None
+                    oneshot, recovered, pre_bn, stats, lat = [], [], None, None, {}
                     for seed in range(a.seeds):
                         g = torch.Generator().manual_seed(1000 + seed)
                         probe = DataLoader(
@@ -183,59 +210,96 @@ def main() -> None:
                             pre_bn = onnx_acc(res.model, eval_dl, a.threads)
                             stats = res.summary()
                         reestimate_batchnorm(res.model, probe, max_batches=20)
-                        oneshot.append(onnx_acc(res.model, eval_dl, a.threads))
-                        if seed == 0:
-                            pruned = res.model
-                    finetune(pruned.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01)
-                    recovered = onnx_acc(pruned, eval_dl, a.threads)
+                        ev = onnx_eval(res.model, eval_dl, a.threads, a.latency_repeats if seed == 0 else 0)
+                        oneshot.append(ev.pop("acc"))
+                        lat = lat or ev
+                        finetune(
+                            res.model.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01, seed=seed
+                        )
+                        recovered.append(onnx_acc(res.model, eval_dl, a.threads))
                     rows[key] = {
                         "oneshot": oneshot,
                         "oneshot_mean": statistics.fmean(oneshot),
                         "oneshot_std": statistics.pstdev(oneshot),
                         "oneshot_before_bn": pre_bn,
                         "recovered": recovered,
+                        "recovered_mean": statistics.fmean(recovered),
+                        "recovered_std": statistics.pstdev(recovered),
+                        **lat,
                         "seconds": time.perf_counter() - t0,
                         **stats,
                     }
-                    atomic_write_json(rows, rows_path)
+                    save_rows(cache, model_name, rows)
                     print(
                         f"{key}: oneshot {statistics.fmean(oneshot):.4f}±{statistics.pstdev(oneshot):.4f} "
-                        f"(before BN {pre_bn:.4f}) recovered {recovered:.4f} "
+                        f"(before BN {pre_bn:.4f}) recovered {rows[key]['recovered_mean']:.4f} "
                         f"[{rows[key]['macs_reduction']:.2f}x, {time.perf_counter() - t0:.0f}s, "
                         f"total {time.perf_counter() - t_start:.0f}s]",
                         flush=True,
                     )
-    write_results(rows, a)
+    write_results(load_rows(cache), a, Path(a.out_dir) if a.out_dir else None)
 
 
-def write_results(rows: dict, a) -> None:
+def load_rows(cache: Path) -> dict:
+    """The cached rows of every model (one ``rows_<model>.json`` each, so that models can run in
+    parallel processes); files written by another version of this script are ignored."""
+    rows: dict = {}
+    for path in sorted(cache.glob("rows_*.json")):
+        data = json.loads(path.read_text())
+        if data.pop("_version", None) != CACHE_VERSION:
+            print(f"{path} was written by another version of this benchmark: ignored", flush=True)
+            continue
+        rows.update(data)
+    return rows
+
+
+def save_rows(cache: Path, model_name: str, rows: dict) -> None:
+    mine = {k: v for k, v in rows.items() if k.split("/")[0] == model_name}
+    atomic_write_json({"_version": CACHE_VERSION, **mine}, cache / f"rows_{model_name}.json")
+
+
+def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
+    """Write criteria.json (``summary.<model>.<level>.<regime>.<criterion>`` = mean top-1, with
+    ``<regime>_std`` beside it) and criteria.md into ``out_dir`` (default tools/results)."""
+    out_dir = out_dir or Path(__file__).parent / "results"
+    rows = {k: v for k, v in rows.items() if not k.startswith("_")}
     summary: dict = {}
     for key, row in rows.items():
         parts = key.split("/")
         if parts[1] == "unpruned":
             summary.setdefault(parts[0], {})["unpruned"] = row["plain"]
             summary[parts[0]]["unpruned_icnn"] = row["icnn"]
+            for k in ("latency_b1_ms", "latency_b32_ms"):
+                if k in row:
+                    summary[parts[0]][f"unpruned_{k}"] = row[k]
             continue
         model, level, name = parts
-        for regime, value in (("oneshot", row["oneshot_mean"]), ("recovered", row["recovered"])):
-            summary.setdefault(model, {}).setdefault(level, {}).setdefault(regime, {})[name] = value
+        lv = summary.setdefault(model, {}).setdefault(level, {})
+        for field in ("oneshot", "recovered"):
+            lv.setdefault(field, {})[name] = row[f"{field}_mean"]
+            lv.setdefault(f"{field}_std", {})[name] = row[f"{field}_std"]
+        for k in ("latency_b1_ms", "latency_b32_ms", "macs_reduction"):
+            if k in row:
+                lv.setdefault(k, {})[name] = row[k]
     result = {
         "benchmark": "criteria",
         "command": "python tools/bench_criteria.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in (None, False)),
         "environment": environment_info(),
         "setup": {
             **vars(a),
             "dataset": "fashion-mnist",
-            "eval": f"first {a.eval_size} test images, ONNX Runtime CPU",
+            "eval": f"first {a.eval_size} test images, ONNX Runtime CPU provider, {a.threads} threads",
             "bn_reestimation_batches": 20,
             "probe": "20 batches of 64 training images per seed",
+            "recovery": f"{a.recover_steps} SGD steps (batch 64, lr 0.01, cosine) per seed",
         },
         "seeds": list(range(a.seeds)),
         "rows": rows,
         "summary": summary,
     }
-    atomic_write_json(result, Path(__file__).parent / "results" / "criteria.json")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result, out_dir / "criteria.json")
     md = []
     for model, levels in summary.items():
         md.append(
@@ -250,12 +314,16 @@ def write_results(rows: dict, a) -> None:
             for lv in LEVELS:
                 r = rows.get(f"{model}/{lv}/{n}")
                 cells += (
-                    [f"{r['oneshot_mean']:.4f} ± {r['oneshot_std']:.4f}", f"{r['recovered']:.4f}"]
+                    [
+                        f"{r['oneshot_mean']:.4f} ± {r['oneshot_std']:.4f}",
+                        f"{r['recovered_mean']:.4f} ± {r['recovered_std']:.4f}",
+                    ]
                     if r
                     else ["", ""]
                 )
             md.append(f"| {n} | " + " | ".join(cells) + " |")
-    (Path(__file__).parent / "results" / "criteria.md").write_text("\n".join(md) + "\n")
+    (out_dir / "criteria.md").write_text("\n".join(md) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -188,6 +188,37 @@ def _track_removed(
             alive[name] = [a for i, a in enumerate(alive[name]) if i not in drop]
 
 
+_FINE_STEPS = 12  # extra, smaller steps allowed when closing in on a MACs or params target
+
+
+def _next_ratio(
+    history: list[tuple[float, float]], target: Target, step_ratio: float, max_ratio: float
+) -> float | None:
+    """The cumulative channel ratio for the next step, or ``None`` when nothing is left to remove.
+
+    A full step is ``step_ratio`` more. For MACs and parameter targets the step is shortened so as
+    not to overshoot: ``log(reduction)`` is close to linear in ``-log(1 - ratio)`` (slope ~2 for
+    MACs: both the inputs and the outputs of a layer shrink), so the ratio that meets the target is
+    extrapolated from the last two steps (slope 2 before the first).
+    """
+    r_prev, red_prev = history[-1]
+    if r_prev >= max_ratio - 1e-9:
+        return None
+    full = min(r_prev + step_ratio, max_ratio)
+    if target.kind == "latency_speedup":
+        return full
+    x_prev = -math.log1p(-r_prev)
+    slope = 2.0
+    if len(history) >= 2:
+        r0, red0 = history[-2]
+        dx = x_prev + math.log1p(-r0)
+        if dx > 1e-9 and red_prev > red0:
+            slope = (math.log(red_prev) - math.log(red0)) / dx
+    wanted = 1.0 - math.exp(-(x_prev + (math.log(target.value) - math.log(red_prev)) / slope))
+    # never less than a tenth of a step, so that rounding to whole channels still makes progress
+    return min(full, max(wanted, r_prev + step_ratio / 10))
+
+
 @torch.enable_grad()  # torch-pruning traces the dependency graph through autograd
 def prune_model(
     model: nn.Module,
@@ -227,7 +258,8 @@ def prune_model(
         global_ranking: rank channels across layers (else the same ratio in every layer).
         ignored_layers: names, modules or module types that are never pruned (types expanded).
         keep_classifier: leave the last linear (or last conv) layer's outputs alone.
-        step_ratio: the channel ratio removed per step; smaller meets targets more closely.
+        step_ratio: the largest channel ratio removed per step; the last steps before a MACs or
+            params target are shortened so as not to overshoot it.
         probe_batches: batches probed per step; bn_batches: batches for BatchNorm re-estimation
             after pruning (0: none).
         ridge: regularisation of compensation and cluster residuals.
@@ -261,12 +293,14 @@ def prune_model(
     macs0, params0 = _stats(model, example_inputs)
     base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
+    # the per-step channel ratios are chosen as we go (see _next_ratio), so the list is only storage
     pruner = tp.pruner.MetaPruner(
         model,
         example_inputs,
         importance=importance,
         pruning_ratio=max_layer_ratio,
-        iterative_steps=steps_max,
+        iterative_steps=steps_max + _FINE_STEPS,
+        iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] * (steps + 1),
         global_pruning=global_ranking,
         ignored_layers=ignored,
         round_to=round_to,
@@ -276,8 +310,13 @@ def prune_model(
     alive = {n: list(range(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     removed: dict[str, list[int]] = {}
     reached, macs, params, step, compensated, speedup = False, macs0, params0, 0, 0, None
+    history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
     bar = tqdm(total=steps_max, desc=f"prune {criterion}", disable=not progress, leave=False)
-    for step in range(1, steps_max + 1):  # noqa: B007  (step is reported)
+    for step in range(1, steps_max + _FINE_STEPS + 1):
+        ratio = _next_ratio(history, target, step_ratio, max_layer_ratio)
+        if ratio is None:
+            break
+        pruner.per_step_pruning_ratio[step] = ratio
         if isinstance(importance, ClusterRedundancyImportance):
             importance.refresh(model, data)
         if criterion == "taylor":
@@ -295,13 +334,14 @@ def prune_model(
         bar.update(1)
         bar.set_postfix(macs=f"{macs0 / max(macs, 1):.2f}x")
         if target.kind == "macs_reduction":
-            reached = macs0 / max(macs, 1) >= target.value
+            achieved = macs0 / max(macs, 1)
         elif target.kind == "params_reduction":
-            reached = params0 / max(params, 1) >= target.value
+            achieved = params0 / max(params, 1)
         else:
-            speedup = base_latency / _latency_ms(model, example_inputs, target)
+            speedup = achieved = base_latency / _latency_ms(model, example_inputs, target)
             model.to(device)
-            reached = speedup >= target.value
+        history.append((ratio, achieved))
+        reached = achieved >= target.value
         if reached:
             break
     bar.close()
