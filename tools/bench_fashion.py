@@ -29,10 +29,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None)
     p.add_argument("--train-size", type=int, default=None, help="train on the first N images (quick runs)")
+    p.add_argument("--force", action="store_true", help="train again even if the cached weights exist")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     sub = f"_n{a.train_size}" if a.train_size else ""
     cache = Path(a.cache or f"runs/baselines/{a.model}_fashion_e{a.epochs}{sub}.pt")
+    if cache.exists() and not a.force:
+        print(f"{a.model}: cached weights in {cache} (--force trains again)")
+        return
     train_dl, val_dl = ic.data.loaders("fashion-mnist", batch_size=a.batch, seed=a.seed, val_batch_size=512)
     if a.train_size:
         train_dl = DataLoader(

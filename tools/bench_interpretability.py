@@ -83,6 +83,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bench_interpretability")
+    p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -146,14 +147,19 @@ def main() -> None:
     }
     result = {
         "benchmark": "interpretability",
-        "command": f"python tools/bench_interpretability.py --epochs {a.epochs} --image-size {a.image_size}",
+        "command": "python tools/bench_interpretability.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("out", "results_dir")
+        ),
         "environment": environment_info(),
         "setup": {**vars(a), "model": "vgg_small", "icnn_layers": convs, "dataset": "synthetic-parts"},
         "seeds": [a.seed],
         "results": rows,
         "summary": summary,
     }
-    atomic_write_json(result, Path(__file__).parent / "results" / "interpretability.json")
+    results_dir = Path(a.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result, results_dir / "interpretability.json")
     md = [
         "| model | test acc | location instability | part interpretability | ARI (clusters vs parts) |",
         "|---|---|---|---|---|",
@@ -167,7 +173,7 @@ def main() -> None:
         f"| ratio / drop | {summary['accuracy_drop_points']:+.2f} pt | "
         f"{summary['location_instability_ratio']:.3f} | {summary['part_interpretability_ratio']:.3f} | |"
     )
-    (Path(__file__).parent / "results" / "interpretability.md").write_text("\n".join(md) + "\n")
+    (results_dir / "interpretability.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -188,6 +188,11 @@ def _track_removed(
             alive[name] = [a for i, a in enumerate(alive[name]) if i not in drop]
 
 
+def _reduction(model: nn.Module, example_inputs: Tensor, target: Target, macs0: int, params0: int) -> float:
+    macs, params = _stats(model, example_inputs)
+    return macs0 / max(macs, 1) if target.kind == "macs_reduction" else params0 / max(params, 1)
+
+
 _FINE_STEPS = 12  # extra, smaller steps allowed when closing in on a MACs or params target
 
 
@@ -215,8 +220,9 @@ def _next_ratio(
         if dx > 1e-9 and red_prev > red0:
             slope = (math.log(red_prev) - math.log(red0)) / dx
     wanted = 1.0 - math.exp(-(x_prev + (math.log(target.value) - math.log(red_prev)) / slope))
-    # never less than a tenth of a step, so that rounding to whole channels still makes progress
-    return min(full, max(wanted, r_prev + step_ratio / 10))
+    # if the last step removed nothing (rounding to whole channels), take at least a tenth of a step
+    stalled = len(history) >= 2 and red_prev <= history[-2][1]
+    return min(full, max(wanted, r_prev + (step_ratio / 10 if stalled else 1e-3)))
 
 
 @torch.enable_grad()  # torch-pruning traces the dependency graph through autograd
@@ -325,11 +331,18 @@ def prune_model(
         if compensate:
             consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
             inputs = collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
+        # a shortened step is the approach to the target: check it after every group and stop there,
+        # since all layers' widths move in whole channels at once and would overshoot together
+        approach = target.kind != "latency_speedup" and ratio < min(
+            history[-1][0] + step_ratio, max_layer_ratio
+        )
         for group in pruner.step(interactive=True):
             _track_removed(group, names, alive, removed)
             if compensate:
                 compensated += compensate_group(group, inputs, ridge=ridge)
             group.prune()
+            if approach and _reduction(model, example_inputs, target, macs0, params0) >= target.value:
+                break
         macs, params = _stats(model, example_inputs)
         bar.update(1)
         bar.set_postfix(macs=f"{macs0 / max(macs, 1):.2f}x")

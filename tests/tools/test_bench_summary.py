@@ -1,0 +1,85 @@
+"""The benchmark summary: tables, the verdict against the baselines, the plot and the README block."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+ENV = {
+    "cpu_count": 2,
+    "processor": "x86_64",
+    "torch": "2.14.1",
+    "onnxruntime": "1.31.1",
+    "torch_pruning": "1.6.1",
+}
+
+
+def criteria_result() -> dict:
+    rows, summary = {}, {"m": {"unpruned": 0.9, "unpruned_icnn": 0.89, "unpruned_latency_b32_ms": 10.0}}
+    for level, lat in (("2x", 6.0), ("3x", 4.0), ("4x", 3.0)):
+        accs = {"icnn-cluster+comp": 0.85, "l1+comp": 0.87, "l1": 0.5}
+        for name, acc in accs.items():
+            rows[f"m/{level}/{name}"] = {"oneshot_mean": acc, "recovered_mean": acc + 0.01}
+        summary["m"][level] = {
+            "oneshot": accs,
+            "oneshot_std": dict.fromkeys(accs, 0.01),
+            "recovered": {k: v + 0.01 for k, v in accs.items()},
+            "recovered_std": dict.fromkeys(accs, 0.0),
+            "latency_b32_ms": dict.fromkeys(accs, lat),
+            "macs_reduction": dict.fromkeys(accs, float(level[0])),
+        }
+    return {
+        "command": "python tools/bench_criteria.py --models m",
+        "environment": ENV,
+        "setup": {"threads": 1, "eval_size": 100, "recover_steps": 5},
+        "seeds": [0, 1, 2],
+        "rows": rows,
+        "summary": summary,
+    }
+
+
+def run_summary(tmp_path: Path, readme_text: str) -> subprocess.CompletedProcess:
+    (tmp_path / "criteria.json").write_text(json.dumps(criteria_result()))
+    (tmp_path / "README.md").write_text(readme_text)
+    cmd = [sys.executable, str(TOOLS / "bench_summary.py"), "--results", ".", "--readme", "README.md"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_summary_tables_verdict_plot_and_readme(tmp_path):
+    proc = run_summary(
+        tmp_path, "# x\n\nbefore\n<!-- bench:start -->\nold table\n<!-- bench:end -->\nafter\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    readme = tmp_path / "README.md"
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+    # the best of each column is bold, and the verdict says where icnn-cluster loses, by how much
+    assert "| l1+comp | **0.8700 ± 0.0100** |" in text
+    assert "icnn-cluster+comp trails the best baseline (l1+comp) by 2.00 pt" in text
+    assert "seeds [0, 1, 2]" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sections"]["criteria"]["seeds"] == [0, 1, 2]
+    assert summary["sections"]["criteria"]["environment"] == ENV
+    assert (tmp_path / "accuracy_vs_latency.png").stat().st_size > 1000
+    assert "latency.json" in text  # sections that were not run are listed, not invented
+
+
+def test_summary_refuses_a_readme_without_the_block(tmp_path):
+    proc = run_summary(tmp_path, "# no block\n")
+    assert proc.returncode != 0 and "bench:start" in proc.stderr
+    assert (tmp_path / "README.md").read_text() == "# no block\n"
+
+
+def test_bench_lists_its_stages_and_rejects_unknown_ones():
+    proc = subprocess.run(
+        [sys.executable, str(TOOLS / "bench.py"), "--quick", "--dry-run"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("baselines", "overhead", "interpretability", "latency", "criteria", "summary"):
+        assert f"] {stage}:" in proc.stdout
+    assert "tools/results/quick" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, str(TOOLS / "bench.py"), "--only", "criterai"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "criterai" in bad.stderr

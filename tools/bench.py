@@ -1,0 +1,200 @@
+"""One command for every published number: runs the benchmarks in order, then the summary.
+
+    .venv/bin/python tools/bench.py            # the published numbers (hours on 2 cores; cached)
+    .venv/bin/python tools/bench.py --quick    # a reduced run, under 15 minutes on 2 cores
+    .venv/bin/python tools/bench.py --only criteria,summary
+
+Stages: the Fashion-MNIST baselines (trained once, cached in runs/baselines), the loss's
+training-step overhead, interpretability on synthetic parts, ONNX Runtime latency, the pruning
+criteria, then ``tools/bench_summary.py`` (results/summary.json, results/summary.md, the
+accuracy-vs-latency plot and, for the full run, the table in README.md). Every stage caches what
+it trains under runs/ and the criteria stage resumes row by row, so a re-run skips finished work.
+The full run writes into tools/results/, ``--quick`` into tools/results/quick/ (and never touches
+the README). Before each stage the time left is estimated from the last run's stage times
+(tools/results[/quick]/bench_timings.json), or from built-in guesses on a first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+
+# stage -> (arguments of the full run, arguments of --quick, guessed seconds full / quick)
+STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] = {
+    "baselines": (
+        [
+            ["bench_fashion.py", "--model", "vgg_small", "--epochs", "6"],
+            ["bench_fashion.py", "--model", "resnet_cifar20", "--epochs", "6"],
+        ],
+        [["bench_fashion.py", "--model", "vgg_small", "--epochs", "1", "--train-size", "6000"]],
+        (1700.0, 60.0),
+    ),
+    "overhead": (
+        [["bench_icnn_overhead.py", "--threads", "2", "--out", "{results}/icnn_overhead.json"]],
+        [
+            [
+                "bench_icnn_overhead.py",
+                "--threads",
+                "2",
+                "--repeats",
+                "10",
+                "--out",
+                "{results}/icnn_overhead.json",
+            ]
+        ],
+        (120.0, 40.0),
+    ),
+    "interpretability": (
+        [["bench_interpretability.py", "--epochs", "8", "--results-dir", "{results}"]],
+        [
+            [
+                "bench_interpretability.py",
+                "--epochs",
+                "2",
+                "--train-size",
+                "1500",
+                "--probe-size",
+                "300",
+                "--image-size",
+                "32",
+                "--out",
+                "runs/bench_interpretability_quick",
+                "--results-dir",
+                "{results}",
+            ]
+        ],
+        (1500.0, 150.0),
+    ),
+    "latency": (
+        [["bench_latency.py", "--threads", "2", "--out", "{results}/latency.json"]],
+        [
+            [
+                "bench_latency.py",
+                "--models",
+                "vgg_small",
+                "--levels",
+                "2,4",
+                "--round-to",
+                "8",
+                "--repeats",
+                "15",
+                "--out",
+                "{results}/latency.json",
+            ]
+        ],
+        (300.0, 40.0),
+    ),
+    "criteria": (
+        [
+            [
+                "bench_criteria.py",
+                "--models",
+                "vgg_small,resnet_cifar20",
+                "--seeds",
+                "3",
+                "--step-ratio",
+                "0.1",
+                "--recover-steps",
+                "150",
+                "--threads",
+                "1",
+                "--out-dir",
+                "{results}",
+            ]
+        ],
+        [
+            [
+                "bench_criteria.py",
+                "--models",
+                "vgg_small",
+                "--baseline-epochs",
+                "1",
+                "--train-size",
+                "6000",
+                "--finetune-steps",
+                "60",
+                "--criteria",
+                "icnn-cluster,l2,taylor,random",
+                "--levels",
+                "2x,4x",
+                "--seeds",
+                "2",
+                "--step-ratio",
+                "0.1",
+                "--recover-steps",
+                "30",
+                "--eval-size",
+                "1000",
+                "--latency-repeats",
+                "10",
+                "--cache",
+                "runs/bench_criteria_quick",
+                "--out-dir",
+                "{results}",
+            ]
+        ],
+        (7200.0, 300.0),
+    ),
+    "summary": (
+        [["bench_summary.py", "--results", "{results}", "--readme", "README.md"]],
+        [["bench_summary.py", "--results", "{results}"]],
+        (20.0, 20.0),
+    ),
+}
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced sizes, results in tools/results/quick/")
+    p.add_argument("--only", default=None, help=f"comma-separated stages out of {','.join(STAGES)}")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    a = p.parse_args()
+    stages = list(STAGES) if a.only is None else [s.strip() for s in a.only.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        p.error(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
+    results = TOOLS / "results" / ("quick" if a.quick else "")
+    results.mkdir(parents=True, exist_ok=True)
+    timings_path = results / "bench_timings.json"
+    last = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    guess = {s: last.get(s, STAGES[s][2][1 if a.quick else 0]) for s in stages}
+    timings = dict(last)
+    t_start = time.perf_counter()
+    for i, stage in enumerate(stages, 1):
+        left = sum(guess[s] for s in stages[i - 1 :])
+        print(
+            f"[bench {i}/{len(stages)}] {stage}: elapsed {_fmt(time.perf_counter() - t_start)}, "
+            f"about {_fmt(left)} left",
+            flush=True,
+        )
+        t0 = time.perf_counter()
+        for args in STAGES[stage][1 if a.quick else 0]:
+            cmd = [sys.executable, str(TOOLS / args[0]), *(x.format(results=results) for x in args[1:])]
+            print("  $", " ".join(cmd[1:]), flush=True)
+            if a.dry_run:
+                continue
+            rc = subprocess.call(cmd, cwd=ROOT)
+            if rc != 0:
+                print(f"[bench] stage {stage!r} failed (exit {rc}); finished stages are kept", flush=True)
+                return rc
+        if not a.dry_run:
+            timings[stage] = time.perf_counter() - t0
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"[bench] done in {_fmt(time.perf_counter() - t_start)}; results in {results}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

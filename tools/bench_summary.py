@@ -1,0 +1,352 @@
+"""Gather the benchmark results into summary.json, summary.md, a plot and the README table.
+
+Reads the JSON files the benchmarks wrote into ``--results`` (missing ones are listed as not run),
+and writes there:
+
+* ``summary.json``: every section with the machine, versions, threads, provider, seeds and the
+  command that produced it, and its numbers;
+* ``summary.md``: the tables (the README shows the same text);
+* ``accuracy_vs_latency.png``: top-1 against ONNX Runtime latency (batch 32) for every criterion.
+
+With ``--readme``, the text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in that
+file is replaced by summary.md.
+
+    .venv/bin/python tools/bench_summary.py --results tools/results --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+LEVELS = ("2x", "3x", "4x")
+SECTIONS = {
+    "criteria": "criteria.json",
+    "latency": "latency.json",
+    "interpretability": "interpretability.json",
+    "overhead": "icnn_overhead.json",
+    "overhead_cuda": "icnn_overhead_cuda.json",
+    "gpu_check": "gpu_check.json",
+    "fashion_vgg_small": "fashion_vgg_small.json",
+    "fashion_resnet_cifar20": "fashion_resnet_cifar20.json",
+}
+
+
+def _load(results: Path) -> dict[str, dict]:
+    out = {}
+    for name, file in SECTIONS.items():
+        path = results / file
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def _machine(env: dict) -> str:
+    cuda = f", {env['cuda']}" if env.get("cuda") else ""
+    return (
+        f"{env.get('cpu_count', '?')}-core {env.get('processor', '?')}{cuda}; torch {env.get('torch')}, "
+        f"onnxruntime {env.get('onnxruntime')}, torch-pruning {env.get('torch_pruning')}"
+    )
+
+
+def _cell(mean: float | None, std: float | None, best: bool) -> str:
+    if mean is None:
+        return ""
+    text = f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+    return f"**{text}**" if best else text
+
+
+def criteria_md(c: dict) -> list[str]:
+    s, setup = c["summary"], c["setup"]
+    md = [
+        f"Top-1 of the exported ONNX model (ONNX Runtime, CPU provider, {setup['threads']} thread(s), first "
+        f"{setup['eval_size']} test images), mean ± std over seeds {c['seeds']} (probe sets, recovery data "
+        "order, the random criterion). One-shot: pruned, compensated where `+comp`, BatchNorm "
+        f"re-estimated on 20 batches, no training. Recovered: then {setup['recover_steps']} SGD steps. "
+        "Bold: the best of the column. `icnn-cluster` prunes the model fine-tuned with the loss, "
+        "`icnn-cluster@plain` and every baseline the model fine-tuned without it. "
+        f"Reproduce: `{c['command']}`.",
+    ]
+    for model, lv in s.items():
+        md += [
+            "",
+            f"**{model}** (unpruned {lv['unpruned']:.4f}; "
+            f"fine-tuned with the loss {lv['unpruned_icnn']:.4f}; "
+            "MACs reduction reached: "
+            + ", ".join(
+                f"{level} -> {min(lv[level]['macs_reduction'].values()):.2f}-"
+                f"{max(lv[level]['macs_reduction'].values()):.2f}x"
+                for level in LEVELS
+                if level in lv and "macs_reduction" in lv[level]
+            )
+            + ")",
+            "",
+            "| criterion | " + " | ".join(f"{lv_} one-shot | {lv_} recovered" for lv_ in LEVELS) + " |",
+            "|---|" + "---|" * (2 * len(LEVELS)),
+        ]
+        names = sorted(
+            {n for level in LEVELS for n in lv.get(level, {}).get("oneshot", {})},
+            key=lambda n: (not n.endswith("+comp"), not n.startswith("icnn-cluster"), n),
+        )
+        best = {
+            (level, regime): max(lv[level][regime].values())
+            for level in LEVELS
+            if level in lv
+            for regime in ("oneshot", "recovered")
+        }
+        for n in names:
+            cells = []
+            for level in LEVELS:
+                for regime in ("oneshot", "recovered"):
+                    d = lv.get(level, {})
+                    mean = d.get(regime, {}).get(n)
+                    std = d.get(f"{regime}_std", {}).get(n)
+                    cells.append(_cell(mean, std, mean is not None and mean == best.get((level, regime))))
+            md.append(f"| {n} | " + " | ".join(cells) + " |")
+    return md
+
+
+def verdict_md(c: dict) -> list[str]:
+    """Where icnn-cluster+comp stands against the best baseline, level by level (no spin)."""
+    md = []
+    for model, lv in c["summary"].items():
+        for regime in ("oneshot", "recovered"):
+            parts = []
+            for level in LEVELS:
+                d = lv.get(level, {}).get(regime, {})
+                ours = max(
+                    ((v, k) for k, v in d.items() if k.startswith("icnn-cluster") and k.endswith("+comp")),
+                    default=None,
+                )
+                base = max(((v, k) for k, v in d.items() if not k.startswith("icnn-cluster")), default=None)
+                if ours is None or base is None:
+                    continue
+                diff = 100 * (ours[0] - base[0])
+                word = "beats" if diff > 0 else "ties" if diff == 0 else "trails"
+                parts.append(f"{level}: {ours[1]} {word} the best baseline ({base[1]}) by {abs(diff):.2f} pt")
+            if parts:
+                md.append(f"- {model}, {regime}: " + "; ".join(parts) + ".")
+    return md
+
+
+def ms(row: dict, key: str) -> float:
+    return row[key]["median_ms"]
+
+
+def latency_md(lat: dict) -> list[str]:
+    setup, env = lat["setup"], lat["environment"]
+    md = [
+        f"ONNX Runtime ({setup['provider']} provider, {setup['threads']} intra-op threads, sequential, "
+        "all graph optimisations) against PyTorch eager (inference_mode, same threads), "
+        f"medians of {setup['repeats']} "
+        f"calls after {setup['warmup']} warm-up; models pruned with `{setup['criterion']}` to each MACs "
+        f"reduction. Machine: {_machine(env)}. Reproduce: `{lat['command']}`.",
+        "",
+        "| model | round_to | MACs | ORT b1 ms | eager b1 ms | ORT b32 ms | eager b32 ms "
+        "| ORT speedup b1 / b32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base: dict = {}
+    for r in lat["rows"]:
+        key = (r["model"], r["round_to"])
+        if r["level"] == "1x":
+            for rt in {x["round_to"] for x in lat["rows"] if x["model"] == r["model"]}:
+                base[(r["model"], rt)] = r
+        b = base.get(key, r)
+        md.append(
+            f"| {r['model']} | {r['round_to'] or '-'} | {r['level']} ({r['macs'] / 1e6:.1f} M) | "
+            f"{ms(r, 'ort_b1'):.3f} | {ms(r, 'eager_b1'):.3f} | {ms(r, 'ort_b32'):.2f} | "
+            f"{ms(r, 'eager_b32'):.2f} | {ms(b, 'ort_b1') / ms(r, 'ort_b1'):.2f}x / "
+            f"{ms(b, 'ort_b32') / ms(r, 'ort_b32'):.2f}x |"
+        )
+    return md
+
+
+def interpretability_md(it: dict) -> list[str]:
+    s = it["summary"]
+    paper = s.get("paper_ratios", {})
+    rows = it["results"]
+    md = [
+        "Synthetic parts, vgg_small trained twice from the same seed (with and without masks + loss on the "
+        f"top two conv layers). Reproduce: `{it['command']}`. Machine: {_machine(it['environment'])}.",
+        "",
+        "| | plain | with the loss | ratio | paper's ratios (ICNN_SPEC.md section 8) |",
+        "|---|---|---|---|---|",
+    ]
+    names = list(rows)
+    plain, icnn = rows[names[0]], rows[names[-1]]
+    li = paper.get("location_instability_ratio", [])
+    pi = paper.get("part_interpretability_ratio", [])
+    md += [
+        f"| location instability (lower is better) | {plain['location_instability']:.4f} | "
+        f"{icnn['location_instability']:.4f} | {s['location_instability_ratio']:.3f} | "
+        + ", ".join(f"{x:.2f}" for x in li)
+        + " |",
+        f"| part interpretability (higher is better) | {plain['part_interpretability']:.4f} | "
+        f"{icnn['part_interpretability']:.4f} | {s['part_interpretability_ratio']:.2f} | "
+        + ", ".join(f"{x:.2f}" for x in pi)
+        + " |",
+        f"| ARI of filter clusters vs true parts | {plain['ari']:.3f} | {icnn['ari']:.3f} | | |",
+        f"| test accuracy | {plain['test_acc']:.4f} | {icnn['test_acc']:.4f} | "
+        f"{0.0 - s['accuracy_drop_points']:+.2f} pt | |",
+    ]
+    return md
+
+
+def overhead_md(sections: dict) -> list[str]:
+    md = ["| where | step with / without the loss | threads / device | reproduce |", "|---|---|---|---|"]
+    for key in ("overhead", "overhead_cuda"):
+        o = sections.get(key)
+        if o:
+            st = o.get("setup", {})
+            md.append(
+                f"| {_machine(o['environment'])} | **{o['summary']['step_ratio']:.2f}x** | "
+                f"{st.get('threads', '?')} / {st.get('device', '?')} | `{o.get('command', '')}` |"
+            )
+    g = sections.get("gpu_check")
+    if g:
+        gs = g["summary"]
+        md += [
+            "",
+            f"GPU check (`bash tools/gpu_check.sh` on a lent {gs['device']}): {g['train']['steps']} "
+            f"AMP training steps with the loss at {gs['train_steps_per_s']:.1f} steps/s, val acc "
+            f"{gs['val_acc']:.3f}; ONNX export max |diff| {gs['onnx_max_abs_diff']:.1e}; ONNX Runtime "
+            f"provider used: {gs['ort_provider']} "
+            f"(available: {', '.join(g['onnx']['available_providers'])}).",
+        ]
+    return md
+
+
+def plot(c: dict, path: Path) -> None:
+    """Top-1 vs ORT latency at batch 32, one panel per (model, regime), one line per criterion."""
+    s = c["summary"]
+    models = list(s)
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
+    names = sorted({n for lv in s.values() for level in LEVELS for n in lv.get(level, {}).get("oneshot", {})})
+    colours = {
+        n.replace("+comp", ""): plt.cm.tab10(i % 10)
+        for i, n in enumerate(sorted({n.replace("+comp", "") for n in names}))
+    }
+    for row, model in enumerate(models):
+        lv = s[model]
+        for col, regime in enumerate(("oneshot", "recovered")):
+            ax = axes[row][col]
+            for n in names:
+                xs, ys = [], []
+                for level in LEVELS:
+                    d = lv.get(level, {})
+                    if n in d.get(regime, {}) and n in d.get("latency_b32_ms", {}):
+                        xs.append(d["latency_b32_ms"][n])
+                        ys.append(d[regime][n])
+                if xs:
+                    comp = n.endswith("+comp")
+                    ax.plot(
+                        xs,
+                        ys,
+                        marker="o" if comp else "x",
+                        linestyle="-" if comp else ":",
+                        color=colours[n.replace("+comp", "")],
+                        alpha=1.0 if comp else 0.5,
+                        label=n,
+                    )
+            if "unpruned_latency_b32_ms" in lv:
+                ax.scatter(
+                    [lv["unpruned_latency_b32_ms"]],
+                    [lv["unpruned"]],
+                    marker="*",
+                    s=150,
+                    color="k",
+                    label="unpruned",
+                )
+            ax.set_title(f"{model}: {'one-shot' if regime == 'oneshot' else 'recovered'}")
+            ax.set_xlabel("ONNX Runtime latency, batch 32 (ms)")
+            ax.set_ylabel("top-1")
+            ax.grid(alpha=0.3)
+            if regime == "oneshot":
+                ax.set_ylim(bottom=max(0.0, min(lv["unpruned"] - 0.12, ax.get_ylim()[0])))
+    axes[0][1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--readme", default=None, help="replace the bench block of this file with the tables")
+    a = p.parse_args()
+    results = Path(a.results)
+    sections = _load(results)
+    md = ["<!-- generated by tools/bench_summary.py from tools/results/*.json; edit that, not this -->"]
+    if "criteria" in sections:
+        c = sections["criteria"]
+        md += ["", "#### 1. Accuracy after pruning, Fashion-MNIST", "", *criteria_md(c), "", *verdict_md(c)]
+        plot(c, results / "accuracy_vs_latency.png")
+        try:
+            shown = (results / "accuracy_vs_latency.png").resolve().relative_to(Path.cwd())
+        except ValueError:
+            shown = results / "accuracy_vs_latency.png"
+        md += ["", f"![accuracy vs latency]({shown.as_posix()})"]
+    if "latency" in sections:
+        md += [
+            "",
+            "#### 2. Latency: ONNX Runtime vs eager, and against MACs",
+            "",
+            *latency_md(sections["latency"]),
+        ]
+    if "interpretability" in sections:
+        md += [
+            "",
+            "#### 3. Interpretability with and without the loss",
+            "",
+            *interpretability_md(sections["interpretability"]),
+        ]
+    md += ["", "#### 4. Training-step overhead of the loss", "", *overhead_md(sections)]
+    missing = [f for k, f in SECTIONS.items() if k not in sections]
+    if missing:
+        md += ["", f"Not run into {results}: {', '.join(missing)}."]
+    text = "\n".join(md) + "\n"
+    (results / "summary.md").write_text(text)
+    summary = {
+        "schema_version": 1,
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "sections": {
+            k: {
+                "file": SECTIONS[k],
+                "command": v.get("command"),
+                "environment": v.get("environment"),
+                "threads": (v.get("setup") or {}).get("threads"),
+                "provider": (v.get("setup") or {}).get("provider", "cpu"),
+                "seeds": v.get("seeds", [(v.get("setup") or {}).get("seed", 0)]),
+                "summary": v.get("summary"),
+            }
+            for k, v in sections.items()
+        },
+    }
+    tmp = results / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, results / "summary.json")
+    if a.readme:
+        readme = Path(a.readme)
+        body = readme.read_text()
+        if START not in body or END not in body:
+            raise SystemExit(f"{readme} has no {START} ... {END} block to replace")
+        head, rest = body.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        readme.write_text(head + START + "\n" + text + END + tail)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
