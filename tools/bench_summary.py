@@ -74,7 +74,9 @@ def criteria_md(c: dict) -> list[str]:
         f"re-estimated on 20 batches, no training. Recovered: then {setup['recover_steps']} SGD steps. "
         "Bold: the best of the column. `icnn-cluster` prunes the model fine-tuned with the loss, "
         "`icnn-cluster@plain` and every baseline the model fine-tuned without it. "
-        f"Reproduce: `{c['command']}`.",
+        f"Reproduce: `{c['command']}`. Every criterion prunes each layer by the same ratio, so at one "
+        "MACs level all rows have the same widths and the same latency (table 2); the per-row latencies in "
+        "criteria.json were measured while other benchmarks ran and are only indicative.",
     ]
     for model, lv in s.items():
         md += [
@@ -226,8 +228,19 @@ def overhead_md(sections: dict) -> list[str]:
     return md
 
 
-def plot(c: dict, path: Path) -> None:
-    """Top-1 vs ORT latency at batch 32, one panel per (model, regime), one line per criterion."""
+def level_latency(lat: dict | None) -> dict[tuple[str, str], float]:
+    """``(model, "1x" | "2x" | ...) -> ORT ms at batch 32`` from latency.json (no round_to)."""
+    if not lat:
+        return {}
+    return {(r["model"], r["level"]): ms(r, "ort_b32") for r in lat["rows"] if r["round_to"] is None}
+
+
+def plot(c: dict, path: Path, by_level: dict[tuple[str, str], float]) -> None:
+    """Top-1 vs ORT latency at batch 32, one panel per (model, regime), one line per criterion.
+
+    Every criterion prunes each layer by the same ratio, so at one MACs level they all give the same
+    widths: the latency of a level is taken from latency.json (measured alone on the machine) where
+    it has that model, else from the criteria rows (measured while other benchmarks ran)."""
     s = c["summary"]
     models = list(s)
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
@@ -244,8 +257,9 @@ def plot(c: dict, path: Path) -> None:
                 xs, ys = [], []
                 for level in LEVELS:
                     d = lv.get(level, {})
-                    if n in d.get(regime, {}) and n in d.get("latency_b32_ms", {}):
-                        xs.append(d["latency_b32_ms"][n])
+                    x = by_level.get((model, level), d.get("latency_b32_ms", {}).get(n))
+                    if n in d.get(regime, {}) and x is not None:
+                        xs.append(x)
                         ys.append(d[regime][n])
                 if xs:
                     comp = n.endswith("+comp")
@@ -258,9 +272,10 @@ def plot(c: dict, path: Path) -> None:
                         alpha=1.0 if comp else 0.5,
                         label=n,
                     )
-            if "unpruned_latency_b32_ms" in lv:
+            x0 = by_level.get((model, "1x"), lv.get("unpruned_latency_b32_ms"))
+            if x0 is not None:
                 ax.scatter(
-                    [lv["unpruned_latency_b32_ms"]],
+                    [x0],
                     [lv["unpruned"]],
                     marker="*",
                     s=150,
@@ -292,7 +307,7 @@ def main() -> None:
     if "criteria" in sections:
         c = sections["criteria"]
         md += ["", "#### 1. Accuracy after pruning, Fashion-MNIST", "", *criteria_md(c), "", *verdict_md(c)]
-        plot(c, results / "accuracy_vs_latency.png")
+        plot(c, results / "accuracy_vs_latency.png", level_latency(sections.get("latency")))
         try:
             shown = (results / "accuracy_vs_latency.png").resolve().relative_to(Path.cwd())
         except ValueError:
