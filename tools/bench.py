@@ -26,7 +26,11 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 
-# stage -> (arguments of the full run, arguments of --quick, guessed seconds full / quick)
+CRITERIA_FULL = ["--seeds", "3", "--step-ratio", "0.1", "--recover-steps", "150", "--threads", "1"]
+CRITERIA_FULL += ["--out-dir", "{results}"]
+
+# stage -> (commands of the full run, of --quick, guessed seconds full / quick); a command that
+# starts with "&" runs in the background, and the next plain command waits for all of them
 STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] = {
     "baselines": (
         [
@@ -89,25 +93,13 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
                 "{results}/latency.json",
             ]
         ],
-        (300.0, 40.0),
+        (60.0, 30.0),
     ),
     "criteria": (
-        [
-            [
-                "bench_criteria.py",
-                "--models",
-                "vgg_small,resnet_cifar20",
-                "--seeds",
-                "3",
-                "--step-ratio",
-                "0.1",
-                "--recover-steps",
-                "150",
-                "--threads",
-                "1",
-                "--out-dir",
-                "{results}",
-            ]
+        [  # one process per model, one thread each, then one table from both caches
+            ["&", "bench_criteria.py", "--models", "vgg_small", *CRITERIA_FULL],
+            ["&", "bench_criteria.py", "--models", "resnet_cifar20", *CRITERIA_FULL],
+            ["bench_criteria.py", "--models", "vgg_small,resnet_cifar20", *CRITERIA_FULL, "--write-only"],
         ],
         [
             [
@@ -140,7 +132,7 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
                 "{results}",
             ]
         ],
-        (7200.0, 300.0),
+        (5400.0, 300.0),
     ),
     "summary": (
         [["bench_summary.py", "--results", "{results}", "--readme", "README.md"]],
@@ -153,6 +145,30 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
 def _fmt(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def run_stage(commands: list[list[str]], results: Path, dry_run: bool) -> int:
+    """Run a stage's commands in order ("&": in the background); the first non-zero exit code."""
+    background: list[subprocess.Popen] = []
+    for args in commands:
+        parallel = args[0] == "&"
+        args = args[1:] if parallel else args
+        cmd = [sys.executable, str(TOOLS / args[0]), *(x.format(results=results) for x in args[1:])]
+        print("  $", " ".join(cmd[1:]), "&" if parallel else "", flush=True)
+        if dry_run:
+            continue
+        if parallel:
+            background.append(subprocess.Popen(cmd, cwd=ROOT))
+            continue
+        codes = [p.wait() for p in background]
+        background.clear()
+        if any(codes):
+            return next(c for c in codes if c)
+        rc = subprocess.call(cmd, cwd=ROOT)
+        if rc:
+            return rc
+    codes = [p.wait() for p in background]
+    return next((c for c in codes if c), 0)
 
 
 def main() -> int:
@@ -180,15 +196,10 @@ def main() -> int:
             flush=True,
         )
         t0 = time.perf_counter()
-        for args in STAGES[stage][1 if a.quick else 0]:
-            cmd = [sys.executable, str(TOOLS / args[0]), *(x.format(results=results) for x in args[1:])]
-            print("  $", " ".join(cmd[1:]), flush=True)
-            if a.dry_run:
-                continue
-            rc = subprocess.call(cmd, cwd=ROOT)
-            if rc != 0:
-                print(f"[bench] stage {stage!r} failed (exit {rc}); finished stages are kept", flush=True)
-                return rc
+        rc = run_stage(STAGES[stage][1 if a.quick else 0], results, a.dry_run)
+        if rc != 0:
+            print(f"[bench] stage {stage!r} failed (exit {rc}); finished stages are kept", flush=True)
+            return rc
         if not a.dry_run:
             timings[stage] = time.perf_counter() - t0
             timings_path.write_text(json.dumps(timings, indent=2) + "\n")

@@ -284,7 +284,11 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
     result = {
         "benchmark": "criteria",
         "command": "python tools/bench_criteria.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in (None, False)),
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(a).items()
+            if v not in (None, False) and k not in ("write_only", "out_dir")
+        ),
         "environment": environment_info(),
         "setup": {
             **vars(a),
