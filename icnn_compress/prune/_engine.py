@@ -188,9 +188,10 @@ def _track_removed(
             alive[name] = [a for i, a in enumerate(alive[name]) if i not in drop]
 
 
-def _reduction(model: nn.Module, example_inputs: Tensor, target: Target, macs0: int, params0: int) -> float:
-    macs, params = _stats(model, example_inputs)
-    return macs0 / max(macs, 1) if target.kind == "macs_reduction" else params0 / max(params, 1)
+def _reduction(target: Target, before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The MACs or parameter reduction factor that ``target`` is about; ``(macs, params)`` pairs."""
+    i = 0 if target.kind == "macs_reduction" else 1
+    return before[i] / max(after[i], 1)
 
 
 _FINE_STEPS = 12  # extra, smaller steps allowed when closing in on a MACs or params target
@@ -198,8 +199,9 @@ _FINE_STEPS = 12  # extra, smaller steps allowed when closing in on a MACs or pa
 
 def _next_ratio(
     history: list[tuple[float, float]], target: Target, step_ratio: float, max_ratio: float
-) -> float | None:
-    """The cumulative channel ratio for the next step, or ``None`` when nothing is left to remove.
+) -> tuple[float, bool] | None:
+    """The cumulative channel ratio for the next step and whether the step was shortened (the
+    approach to the target), or ``None`` when nothing is left to remove.
 
     A full step is ``step_ratio`` more. For MACs and parameter targets the step is shortened so as
     not to overshoot: ``log(reduction)`` is close to linear in ``-log(1 - ratio)`` (slope ~2 for
@@ -211,7 +213,7 @@ def _next_ratio(
         return None
     full = min(r_prev + step_ratio, max_ratio)
     if target.kind == "latency_speedup":
-        return full
+        return full, False
     x_prev = -math.log1p(-r_prev)
     slope = 2.0
     if len(history) >= 2:
@@ -222,7 +224,8 @@ def _next_ratio(
     wanted = 1.0 - math.exp(-(x_prev + (math.log(target.value) - math.log(red_prev)) / slope))
     # if the last step removed nothing (rounding to whole channels), take at least a tenth of a step
     stalled = len(history) >= 2 and red_prev <= history[-2][1]
-    return min(full, max(wanted, r_prev + (step_ratio / 10 if stalled else 1e-3)))
+    ratio = min(full, max(wanted, r_prev + (step_ratio / 10 if stalled else 1e-3)))
+    return ratio, ratio < full
 
 
 @torch.enable_grad()  # torch-pruning traces the dependency graph through autograd
@@ -319,9 +322,10 @@ def prune_model(
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
     bar = tqdm(total=steps_max, desc=f"prune {criterion}", disable=not progress, leave=False)
     for step in range(1, steps_max + _FINE_STEPS + 1):
-        ratio = _next_ratio(history, target, step_ratio, max_layer_ratio)
-        if ratio is None:
+        planned = _next_ratio(history, target, step_ratio, max_layer_ratio)
+        if planned is None:
             break
+        ratio, approach = planned
         pruner.per_step_pruning_ratio[step] = ratio
         if isinstance(importance, ClusterRedundancyImportance):
             importance.refresh(model, data)
@@ -331,28 +335,26 @@ def prune_model(
         if compensate:
             consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
             inputs = collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
-        # a shortened step is the approach to the target: check it after every group and stop there,
-        # since all layers' widths move in whole channels at once and would overshoot together
-        approach = target.kind != "latency_speedup" and ratio < min(
-            history[-1][0] + step_ratio, max_layer_ratio
-        )
+        # on the approach to the target, check it after every group and stop there, since all
+        # layers' widths move in whole channels at once and would overshoot together
         for group in pruner.step(interactive=True):
             _track_removed(group, names, alive, removed)
             if compensate:
                 compensated += compensate_group(group, inputs, ridge=ridge)
             group.prune()
-            if approach and _reduction(model, example_inputs, target, macs0, params0) >= target.value:
+            if (
+                approach
+                and _reduction(target, (macs0, params0), _stats(model, example_inputs)) >= target.value
+            ):
                 break
         macs, params = _stats(model, example_inputs)
         bar.update(1)
         bar.set_postfix(macs=f"{macs0 / max(macs, 1):.2f}x")
-        if target.kind == "macs_reduction":
-            achieved = macs0 / max(macs, 1)
-        elif target.kind == "params_reduction":
-            achieved = params0 / max(params, 1)
-        else:
+        if target.kind == "latency_speedup":
             speedup = achieved = base_latency / _latency_ms(model, example_inputs, target)
             model.to(device)
+        else:
+            achieved = _reduction(target, (macs0, params0), (macs, params))
         history.append((ratio, achieved))
         reached = achieved >= target.value
         if reached:
