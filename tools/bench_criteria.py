@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import baseline_path, command_line, first_n_loader
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -71,14 +72,7 @@ def finetune(
 ) -> None:
     """The same short fine-tune for everyone (SGD, cosine), optionally with the filter loss."""
     if steps is not None:
-        ds = Subset(train_dl.dataset, range(min(len(train_dl.dataset), steps * train_dl.batch_size)))
-        train_dl = DataLoader(
-            ds,
-            batch_size=train_dl.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        train_dl = first_n_loader(train_dl, steps * train_dl.batch_size, train_dl.batch_size, seed)
     ic.Trainer(
         model,
         train_dl,
@@ -133,8 +127,7 @@ def main() -> None:
     example = torch.rand(1, 1, 28, 28)
     t_start = time.perf_counter()
     for model_name in a.models.split(","):
-        sub = f"_n{a.train_size}" if a.train_size else ""
-        base_path = Path(f"runs/baselines/{model_name}_fashion_e{a.baseline_epochs}{sub}.pt")
+        base_path = baseline_path(model_name, a.baseline_epochs, a.train_size)
         if not base_path.exists():
             subprocess.run(
                 [
@@ -283,12 +276,7 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
                 lv.setdefault(k, {})[name] = row[k]
     result = {
         "benchmark": "criteria",
-        "command": "python tools/bench_criteria.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in vars(a).items()
-            if v not in (None, False) and k not in ("write_only", "out_dir")
-        ),
+        "command": command_line("bench_criteria.py", a, skip=("write_only", "out_dir")),
         "environment": environment_info(),
         "setup": {
             **vars(a),

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from _common import baseline_path, first_n_loader
 
 import icnn_compress as ic
 from icnn_compress._io import atomic_save, atomic_write_json, environment_info
@@ -32,20 +32,13 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="train again even if the cached weights exist")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    sub = f"_n{a.train_size}" if a.train_size else ""
-    cache = Path(a.cache or f"runs/baselines/{a.model}_fashion_e{a.epochs}{sub}.pt")
+    cache = Path(a.cache) if a.cache else baseline_path(a.model, a.epochs, a.train_size)
     if cache.exists() and not a.force:
         print(f"{a.model}: cached weights in {cache} (--force trains again)")
         return
     train_dl, val_dl = ic.data.loaders("fashion-mnist", batch_size=a.batch, seed=a.seed, val_batch_size=512)
     if a.train_size:
-        train_dl = DataLoader(
-            Subset(train_dl.dataset, range(min(a.train_size, len(train_dl.dataset)))),
-            batch_size=a.batch,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(a.seed),
-        )
+        train_dl = first_n_loader(train_dl, a.train_size, a.batch, a.seed)
     model = ic.models.create(a.model, num_classes=10, in_channels=1)
     t0 = time.perf_counter()
     trainer = ic.Trainer(

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import command_line
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -147,10 +148,7 @@ def main() -> None:
     }
     result = {
         "benchmark": "interpretability",
-        "command": "python tools/bench_interpretability.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("out", "results_dir")
-        ),
+        "command": command_line("bench_interpretability.py", a, skip=("out", "results_dir")),
         "environment": environment_info(),
         "setup": {**vars(a), "model": "vgg_small", "icnn_layers": convs, "dataset": "synthetic-parts"},
         "seeds": [a.seed],

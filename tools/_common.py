@@ -1,0 +1,37 @@
+"""Helpers shared by the benchmark scripts in tools/ (importable because a script's folder is on sys.path)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+
+def baseline_path(model: str, epochs: int, train_size: int | None = None) -> Path:
+    """Where tools/bench_fashion.py caches the weights of a Fashion-MNIST baseline."""
+    sub = f"_n{train_size}" if train_size else ""
+    return Path(f"runs/baselines/{model}_fashion_e{epochs}{sub}.pt")
+
+
+def first_n_loader(loader: DataLoader, n: int, batch_size: int, seed: int) -> DataLoader:
+    """A shuffled (seeded), drop-last loader over the first ``n`` items of ``loader``'s dataset."""
+    return DataLoader(
+        Subset(loader.dataset, range(min(n, len(loader.dataset)))),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def command_line(script: str, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> str:
+    """The command that reproduces a run: ``python tools/<script>`` with every option set in
+    ``args`` (unset ``None``/``False`` options and the names in ``skip`` left out)."""
+    parts = [f"python tools/{script}"]
+    for k, v in vars(args).items():
+        if k in skip or v is None or v is False:
+            continue
+        parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+    return " ".join(parts)
