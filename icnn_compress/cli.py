@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import traceback
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -16,9 +18,33 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors: one line, exit 2
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"prune-recipe: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (1..100000)")
+    return value
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    """``"1,32"`` -> ``[1, 32]``; each an int in 1..4096."""
+    items = [t.strip() for t in text.split(",")]
+    if not items or any(not t for t in items):
+        raise _Usage(f"{what} must be comma-separated integers such as 1,32. Got {text!r}.")
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise _Usage(f"{what} must be comma-separated integers such as 1,32. Got {text!r}.") from None
+    bad = [v for v in values if not 1 <= v <= 4096]
+    if bad:
+        raise _Usage(f"{what}: {bad[0]} is out of range (allowed 1..4096).")
+    return values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Fine-tune with interpretable filters, prune, export and measure, from a YAML recipe.",
         epilog="Exit codes: 0 ok, 1 run failed, 2 bad usage/recipe, 3 run directory locked, 130 interrupted.",
     )
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def recipe_args(sp):
@@ -42,9 +69,22 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a recipe's stages into a run directory")
     recipe_args(r)
     r.add_argument("--out", default=None, help="run directory (default runs/<recipe name>)")
-    r.add_argument("--resume", action="store_true", help="skip finished stages (checksums verified)")
-    r.add_argument("--force", action="store_true", help="replace an existing run directory")
-    r.add_argument("--stages", default=None, help="comma-separated subset of stages")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run directory: finished stages (same recipe and inputs, checksums verified) "
+        "are skipped, an interrupted stage continues from its last checkpoint",
+    )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing run directory (only one that prune-recipe wrote; others are refused)",
+    )
+    r.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated subset of: finetune, analyse, prune, recover, export, measure, report",
+    )
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     v = sub.add_parser("validate", help="check a recipe; prints 'ok' or the first error")
@@ -64,24 +104,35 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=None)
     b = sub.add_parser("bench", help="ONNX Runtime latency of an ONNX file")
     b.add_argument("onnx")
-    b.add_argument("--batch-sizes", default="1,32")
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    b.add_argument("--threads", type=_positive_int, default=2, help="intra-op threads (default 2)")
     b.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
-    b.add_argument("--repeats", type=int, default=50)
+    b.add_argument("--repeats", type=_positive_int, default=50, help="timed runs per batch size (default 50)")
     b.add_argument("--input-shape", default=None, help="C,H,W when the model's input is not static")
     rp = sub.add_parser("report", help="(re)write the report of a run directory")
     rp.add_argument("run_dir")
     return p
 
 
+def _stages(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _cmd_run(a) -> int:
     from icnn_compress.recipe import Runner, load_recipe
 
     recipe = load_recipe(a.recipe, a.set)
-    stages = a.stages.split(",") if a.stages else None
     out = a.out or f"runs/{recipe.name}"
     run_dir = Runner(
-        recipe, out, resume=a.resume, force=a.force, stages=stages, device=a.device, progress=not a.quiet
+        recipe,
+        out,
+        resume=a.resume,
+        force=a.force,
+        stages=_stages(a.stages),
+        device=a.device,
+        progress=not a.quiet,
     ).run()
     report = run_dir / "7_report" / "report.html"
     print(f"run finished: {run_dir}" + (f"\nreport: {report}" if report.is_file() else ""))
@@ -89,26 +140,28 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_compare(a) -> int:
+    from icnn_compress._io import atomic_write_json
     from icnn_compress.export import export_onnx
     from icnn_compress.measure import measure
-    from icnn_compress.recipe import Runner, load_recipe
+    from icnn_compress.prune import list_criteria
+    from icnn_compress.recipe import Runner, load_recipe, stages
 
     recipe = load_recipe(a.recipe, a.set)
-    from icnn_compress.prune import list_criteria
-
     criteria = [c.strip() for c in a.criteria.split(",") if c.strip()]
     bad = [c for c in criteria if c not in list_criteria()]
-    if bad:
-        raise _Usage(f"unknown criteria {bad}; available: {', '.join(list_criteria())}")
+    if bad or not criteria:
+        raise _Usage(f"unknown criteria {bad or a.criteria!r}; available: {', '.join(list_criteria())}")
     out = Path(a.out or f"runs/{recipe.name}")
     runner = Runner(recipe, out, resume=True, stages=["finetune"], device=a.device, progress=not a.quiet)
     runner.run()
+    ctx = runner.ctx
     base, _ = runner.finetuned_model()
-    example = runner.example().cpu()
-    val_dl = runner.loaders()[1]
+    example = ctx.example().cpu()
+    val_dl = ctx.loaders()[1]
     rows = []
     for crit in criteria:
-        res = runner._prune(base, crit)
+        ctx.start_stage("prune")  # every criterion sees the same probe batches
+        res = stages.prune_with(ctx, base, crit)
         path = out / "compare" / f"{crit}.onnx"
         export_onnx(res.model.eval().cpu(), path, example)
         entry = measure(
@@ -128,8 +181,7 @@ def _cmd_compare(a) -> int:
                 "latency_b1_ms": entry["latency"]["1"]["median_ms"],
             }
         )
-    (out / "compare").mkdir(parents=True, exist_ok=True)
-    (out / "compare" / "compare.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_json(rows, out / "compare" / "compare.json")
     print(f"{'criterion':<16} {'accuracy':>9} {'MACs red.':>9} {'b1 ms':>8}")
     for r in rows:
         print(
@@ -139,18 +191,30 @@ def _cmd_compare(a) -> int:
     return EXIT_OK
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and a.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def _cmd_export(a) -> int:
     import torch
 
     from icnn_compress.export import export_onnx
-    from icnn_compress.prune import load_pruned
+    from icnn_compress.prune import load_pruned, read_pruned_record
 
-    model, meta = load_pruned(a.pruned)
-    record = torch.load(a.pruned, weights_only=True)
-    example = torch.rand(1, *record["input_shape"])
-    res = export_onnx(
-        model.eval(), a.onnx, example, opset=a.opset, metadata={"source": str(a.pruned), **meta}
-    )
+    src, dst = Path(a.pruned), Path(a.onnx)
+    if _same_file(src, dst):
+        raise _Usage(f"the output {a.onnx!r} is the input file; choose another output path")
+    if dst.suffix.lower() != ".onnx":
+        raise _Usage(f"the output {a.onnx!r} must end in .onnx")
+    if dst.is_dir():
+        raise _Usage(f"the output {a.onnx!r} is a directory")
+    model, meta = load_pruned(src)
+    record = read_pruned_record(src)
+    example = torch.rand(1, *record["input_shape"], generator=torch.Generator().manual_seed(0))
+    res = export_onnx(model.eval(), dst, example, opset=a.opset, metadata={"source": str(src), **meta})
     print(
         f"wrote {res.path} ({res.file_bytes} bytes, opset {res.opset}, "
         f"max |onnx - torch| {res.max_abs_diff:.2e})"
@@ -159,28 +223,41 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_bench(a) -> int:
-    from icnn_compress.measure import ort_latency
+    from icnn_compress.measure import ort_latency, ort_session
 
-    if not Path(a.onnx).is_file():
-        raise _Usage(f"ONNX file {a.onnx!r} does not exist")
-    shape = tuple(int(v) for v in a.input_shape.split(",")) if a.input_shape else None
+    batches = _int_list(a.batch_sizes, "--batch-sizes")
+    shape = tuple(_int_list(a.input_shape, "--input-shape")) if a.input_shape else None
+    if shape is not None and len(shape) != 3:
+        raise _Usage(f"--input-shape must be C,H,W. Got {a.input_shape!r}.")
+    sess = ort_session(a.onnx, provider=a.provider, threads=a.threads)
     print(f"{'batch':>5} {'median ms':>10} {'p90 ms':>8}  provider")
-    for b in (int(v) for v in a.batch_sizes.split(",")):
-        s = ort_latency(
-            a.onnx, b, input_shape=shape, provider=a.provider, threads=a.threads, repeats=a.repeats
-        )
+    for b in batches:
+        try:
+            s = ort_latency(a.onnx, b, input_shape=shape, session=sess, repeats=a.repeats, threads=a.threads)
+        except Exception as exc:  # ONNX Runtime's own errors (a wrong input shape, ...)
+            from icnn_compress.errors import DataError
+
+            if isinstance(exc, (DataError, _Usage)) or type(exc).__module__.startswith("icnn_compress"):
+                raise
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"ONNX Runtime could not run {a.onnx!r} at batch {b}: {first}") from None
         print(f"{b:>5} {s.median_ms:>10.3f} {s.p90_ms:>8.3f}  {s.provider} ({a.threads} threads)")
     return EXIT_OK
 
 
 def _cmd_report(a) -> int:
-    from icnn_compress.recipe import Recipe, Runner
+    from pydantic import ValidationError
+
+    from icnn_compress.recipe import MARKER, Recipe, Runner
 
     run_dir = Path(a.run_dir)
     resolved = run_dir / "recipe.resolved.json"
-    if not resolved.is_file():
-        raise _Usage(f"{run_dir} is not a run directory (no recipe.resolved.json)")
-    recipe = Recipe.model_validate(json.loads(resolved.read_text()))
+    if not (run_dir / MARKER).is_file() or not resolved.is_file():
+        raise _Usage(f"{run_dir} is not a run directory of prune-recipe (no {MARKER} or {resolved.name})")
+    try:
+        recipe = Recipe.model_validate(json.loads(resolved.read_text()))
+    except (ValueError, ValidationError, OSError):
+        raise _Usage(f"{resolved} is unreadable or not a recipe; run the recipe again") from None
     Runner(recipe, run_dir, resume=True, stages=["report"], progress=False).run()
     print(f"report: {run_dir / '7_report' / 'report.html'}")
     return EXIT_OK
@@ -192,50 +269,68 @@ class _Usage(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (see the module docstring)."""
-    from icnn_compress.errors import ConfigError, IcnnCompressError
-    from icnn_compress.recipe import LockError
-
-    a = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if a.command in ("validate", "show"):
-            import yaml
-
-            from icnn_compress.recipe import load_recipe
-
-            recipe = load_recipe(a.recipe, a.set)
-            print(
-                "ok" if a.command == "validate" else yaml.safe_dump(recipe.model_dump(), sort_keys=False),
-                end="\n",
-            )
-            return EXIT_OK
-        if a.command == "list":
-            from icnn_compress.recipe import bundled_recipes, load_recipe
-
-            for name, path in bundled_recipes().items():
-                first = next(
-                    (ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
-                )
-                print(f"{name:<24} {first}")
-            return EXIT_OK
-        return {
-            "run": _cmd_run,
-            "compare": _cmd_compare,
-            "export": _cmd_export,
-            "bench": _cmd_bench,
-            "report": _cmd_report,
-        }[a.command](a)
-    except LockError as exc:
-        print(f"prune-recipe: error: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
-    except (ConfigError, _Usage) as exc:
-        print(f"prune-recipe: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        a = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help, --version and usage errors (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="prune-recipe: %(levelname)s: %(message)s")
+    try:
+        return _dispatch(a)
     except KeyboardInterrupt:
         print("prune-recipe: interrupted; finished stages are kept (use --resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except IcnnCompressError as exc:
-        print(f"prune-recipe: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as exc:
+        from icnn_compress.errors import ConfigError, DataError, IcnnCompressError
+        from icnn_compress.recipe import LockError
+
+        if a.debug:
+            traceback.print_exc()
+        if isinstance(exc, LockError):
+            code = EXIT_LOCKED
+        elif isinstance(exc, (ConfigError, DataError, _Usage)):
+            code = EXIT_USAGE
+        elif isinstance(exc, IcnnCompressError):
+            code = EXIT_FAILED
+        else:  # a bug or an environment failure: one line, the traceback only with --debug
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(
+                f"prune-recipe: error: unexpected {type(exc).__name__}: {message[:300]} "
+                "(rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        message = " ".join(str(exc).split())
+        print(f"prune-recipe: error: {message}", file=sys.stderr)
+        return code
+
+
+def _dispatch(a) -> int:
+    if a.command in ("validate", "show"):
+        import yaml
+
+        from icnn_compress.recipe import RunContext, load_recipe
+
+        recipe = load_recipe(a.recipe, a.set)
+        if a.command == "validate":
+            RunContext(recipe, device="cpu", progress=False).check()
+            print("ok")
+        else:
+            print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+        return EXIT_OK
+    if a.command == "list":
+        from icnn_compress.recipe import bundled_recipes
+
+        for name, path in bundled_recipes().items():
+            first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+            print(f"{name:<24} {first}")
+        return EXIT_OK
+    return {
+        "run": _cmd_run,
+        "compare": _cmd_compare,
+        "export": _cmd_export,
+        "bench": _cmd_bench,
+        "report": _cmd_report,
+    }[a.command](a)
 
 
 if __name__ == "__main__":

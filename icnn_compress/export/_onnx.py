@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -14,11 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from icnn_compress._version import __version__
-from icnn_compress.errors import IcnnCompressError
+from icnn_compress.errors import ConfigError, IcnnCompressError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_OPSET", "ExportError", "ExportResult", "export_onnx", "read_metadata"]
 
 DEFAULT_OPSET = 17
+MIN_OPSET, MAX_OPSET = 11, 20  # what the TorchScript exporter of torch 2.4-2.14 writes
 
 
 class ExportError(IcnnCompressError, RuntimeError):
@@ -93,7 +97,9 @@ def export_onnx(
     import onnxruntime as ort
 
     path = Path(path)
-    opset = DEFAULT_OPSET if opset is None else int(opset)
+    opset = DEFAULT_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"opset must be an int in [{MIN_OPSET}, {MAX_OPSET}]. Got {opset!r} instead.")
     inputs = _as_tuple(example_inputs)
     input_names = ["input"] if len(inputs) == 1 else [f"input{i}" for i in range(len(inputs))]
     was_training = model.training
@@ -108,8 +114,8 @@ def export_onnx(
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 torch.onnx.export(
                     model,
                     inputs,
@@ -120,6 +126,7 @@ def export_onnx(
                     opset_version=opset,
                     dynamo=False,
                 )
+            _forward_tracer_warnings(caught)
             proto = onnx.load(tmp)
             props = {"producer": f"icnn-compress {__version__}"}
             for k, v in (metadata or {}).items():
@@ -136,10 +143,7 @@ def export_onnx(
                 except Exception as exc:
                     raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
                 if parity_inputs is None:
-                    parity_inputs = [inputs[0]]
-                    if dynamic_batch and len(inputs) == 1:
-                        other = 3 if inputs[0].shape[0] != 3 else 2
-                        parity_inputs.append(torch.rand(other, *inputs[0].shape[1:], device=inputs[0].device))
+                    parity_inputs = default_parity_inputs(inputs[0], dynamic_batch and len(inputs) == 1)
                 max_diff, agree = _parity(model, tmp, parity_inputs, input_names[0], atol, rtol, ort)
             os.replace(tmp, path)
         finally:
@@ -150,6 +154,30 @@ def export_onnx(
     return ExportResult(
         str(path), opset, input_names, output_names, max_diff, agree, path.stat().st_size, props
     )
+
+
+def default_parity_inputs(example: Tensor, other_batch: bool = True) -> list[Tensor]:
+    """The caller's example, its negation and zeros (data-dependent control flow shows up on one of
+    them), and with ``other_batch`` a random batch of another size drawn from the example's range."""
+    out = [example, -example, torch.zeros_like(example)]
+    if other_batch:
+        n = 3 if example.shape[0] != 3 else 2
+        g = torch.Generator().manual_seed(0)
+        lo, hi = float(example.min()), float(example.max())
+        if hi <= lo:
+            lo, hi = 0.0, 1.0
+        x = torch.rand(n, *example.shape[1:], generator=g) * (hi - lo) + lo
+        out.append(x.to(device=example.device, dtype=example.dtype))
+    return out
+
+
+def _forward_tracer_warnings(caught: list) -> None:
+    """Re-emit the tracer's warnings (they flag Python control flow or constants baked into the
+    graph, which parity on a few inputs may not catch); drop the exporter's own deprecation notices."""
+    for w in caught:
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)):
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _parity(model, file, inputs, input_name, atol, rtol, ort) -> tuple[float, float]:

@@ -306,6 +306,11 @@ class ICNNHandle:
         self.step += 1
         return total
 
+    @property
+    def skipped_images(self) -> dict[str, int]:
+        """Layer name -> images left out of the loss so far because their maps were not finite."""
+        return {n: (s.state.skipped if s.state is not None else 0) for n, s in self._sites.items()}
+
     def _new_state(self, channels: int) -> FilterLossState:
         o = self.options
         return FilterLossState(
@@ -393,6 +398,10 @@ class ICNNHandle:
             site = self._sites[name]
             site.state = self._new_state(st["class_stats"].shape[0])
             site.state.load_state_dict(st)
+
+
+# model -> the handles attached to it (to refuse a second mask on the same layer)
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, list[ICNNHandle]] = weakref.WeakKeyDictionary()
 
 
 def attach_icnn(
@@ -520,7 +529,16 @@ def attach_icnn(
         if point in points:
             raise ICNNError(f"Two layers resolve to the same activation {point!r}: {names}.")
         points.append(point)
+    live = [h for h in _HANDLES.get(model, []) if not h.removed]
+    for name, point in zip(names, points, strict=False):
+        taken = any(point in h._point_sites for h in live)
+        if taken or any(isinstance(m, ICNNMask) for m in _get(model, point).modules()):
+            raise ICNNError(
+                f"Layer {name!r} already has an ICNN mask (its activation {point!r}): attach_icnn once "
+                "per layer, or call remove() on the first handle before attaching again."
+            )
     for name, point in zip(names, points, strict=False):
         handle._add_point(name, point, name in extra_names)
+    _HANDLES.setdefault(model, []).append(handle)
     handle._hooks.insert(0, model.register_forward_pre_hook(_ResetCalls(handle)))
     return handle

@@ -57,7 +57,8 @@ class _GradientTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         g = grad_out.detach().float()
-        ctx.state.add_task_gradient(g.pow(2).sum(dim=(0, 2, 3)), g[:, 0].numel())
+        if bool(torch.isfinite(g).all()):  # a non-finite gradient must not poison the running RMS
+            ctx.state.add_task_gradient(g.pow(2).sum(dim=(0, 2, 3)), g[:, 0].numel())
         return grad_out, None
 
 
@@ -159,6 +160,7 @@ class FilterLossState:
         self.z_momentum = z_momentum
         self.stat_momentum = stat_momentum
         self.updates = 0
+        self.skipped = 0  # images left out because their maps were not finite
         self.log_z: Tensor | None = None  # (C, T)
         self.class_stats = torch.zeros(num_filters, num_classes, dtype=torch.float64)
         self.class_seen = torch.zeros(num_classes, dtype=torch.bool)
@@ -248,8 +250,21 @@ class FilterLossState:
             ``(loss, mi)``: a float32 scalar whose value is ``-weight * sum_f MI_f`` and whose
             backward is the (weighted or balanced) approximate gradient, and the MI estimate ``(C,)``.
         """
-        n, c, h, w = maps.shape
+        n_all, c, h, w = maps.shape
         x = maps.detach().float()
+        # an image whose maps hold NaN/inf (a bad pixel, an overflow) is left out and counted; the
+        # running estimates never see it, and its maps get no filter-loss gradient
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        keep = None
+        if not bool(finite.all()):
+            self.skipped += int((~finite).sum())
+            if not bool(finite.any()):
+                value = torch.zeros((), device=maps.device)
+                loss = _InjectGradient.apply(maps, value, torch.zeros_like(maps), self)
+                return loss, torch.zeros(c, device=maps.device)
+            keep = finite
+            x, targets = x[keep], targets[keep]
+        n = x.shape[0]
         # the statistics need float32 even under autocast (exp/log-sum-exp of template scores)
         with torch.no_grad(), torch.autocast(maps.device.type, enabled=False):
             flat = x.reshape(n, c, h * w)
@@ -285,6 +300,10 @@ class FilterLossState:
             # reported value: -lambda * sum_f MI_f (float32: lambda * MI can exceed float16's range)
             value = -float(weight) * mi.sum()
         self.updates += 1
+        if keep is not None:
+            full = grad.new_zeros((n_all, c, h, w))
+            full[keep] = grad
+            grad = full
         loss = _InjectGradient.apply(maps, value, grad.to(maps.dtype), self)
         return loss, mi
 
@@ -295,6 +314,7 @@ class FilterLossState:
     def state_dict(self) -> dict:
         return {
             "updates": self.updates,
+            "skipped": self.skipped,
             "log_z": None if self.log_z is None else self.log_z.detach().cpu(),
             "class_stats": self.class_stats.clone(),
             "class_seen": self.class_seen.clone(),
@@ -312,6 +332,7 @@ class FilterLossState:
                 f"this layer has {tuple(self.class_stats.shape)}."
             )
         self.updates = int(state["updates"])
+        self.skipped = int(state.get("skipped", 0))
         self.log_z = state["log_z"]
         self.class_stats = state["class_stats"].clone()
         self.class_seen = state["class_seen"].clone()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -26,7 +27,11 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(size, int):
         h = w = size
     else:
-        h, w = (int(v) for v in size)
+        # under the ONNX tracer the sizes are traced values; the exported graph has a fixed spatial
+        # size (only the batch axis is dynamic), so baking them in as constants is correct
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            h, w = (int(v) for v in size)
     if h < 1 or w < 1:
         raise ICNNError(f"The map size must be positive. Got {size!r} instead.")
     return h, w

@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from icnn_compress.errors import DataError
+
 __all__ = ["meta_copy", "model_stats", "ort_accuracy"]
 
 
@@ -35,7 +37,9 @@ def ort_accuracy(
         logits = sess.run(None, {name: x.numpy().astype(np.float32, copy=False)})[0]
         correct += int((logits.argmax(1) == y.numpy()).sum())
         seen += len(y)
-    return correct / max(seen, 1)
+    if seen == 0:
+        raise DataError("ort_accuracy got an empty loader (no images): accuracy is undefined.")
+    return correct / seen
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

@@ -7,12 +7,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from icnn_compress.errors import ConfigError
+from icnn_compress.errors import ConfigError, DataError
 
 __all__ = ["LatencyStats", "ort_latency", "ort_session", "pick_providers", "time_callable", "torch_latency"]
 
@@ -122,7 +123,16 @@ def ort_session(
     if threads:
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=pick_providers(provider))
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be an int >= 1. Got {threads!r} instead.")
+    if not Path(path).is_file():
+        raise DataError(f"ONNX file {str(path)!r} does not exist or is not a file.")
+    providers = pick_providers(provider)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/InvalidProtobuf
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"ONNX file {str(path)!r} cannot be loaded by ONNX Runtime: {first}") from None
 
 
 def ort_latency(
@@ -138,6 +148,8 @@ def ort_latency(
 ) -> LatencyStats:
     """Latency of one ``session.run`` on a random batch; ``input_shape`` (without batch) is read
     from the model when it is static."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1. Got {batch_size!r} instead.")
     sess = session or ort_session(path, provider=provider, threads=threads)
     inp = sess.get_inputs()[0]
     shape = input_shape or tuple(inp.shape[1:])

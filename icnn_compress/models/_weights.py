@@ -23,16 +23,9 @@ def load_weights(model: nn.Module, source: str | os.PathLike | dict, *, strict: 
     if isinstance(source, dict):
         state = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"Weights file {str(path)!r} does not exist.")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ConfigError(
-                f"Could not read {str(path)!r} as a state dict with torch.load(weights_only=True): {exc}. "
-                "Save weights with torch.save(model.state_dict(), path); pickled whole models are refused."
-            ) from exc
+        from icnn_compress._artefact import read_weights_file
+
+        state = read_weights_file(Path(source), what="Weights file")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -126,7 +126,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             list(convs),
             handle=self.handle,
             progress=False,
-            max_images=self.probe_batches * (loader.batch_size or 64),
+            max_images=self.probe_batches * (getattr(loader, "batch_size", None) or 64),
         )
         self.labels = {}
         for name, sig in sigs.items():

@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
@@ -19,7 +20,17 @@ from icnn_compress.prune._compensation import compensate_group
 from icnn_compress.prune._criteria import NEEDS_DATA, ClusterRedundancyImportance, make_importance
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
 
-__all__ = ["PruneResult", "Target", "TargetError", "prune_filters", "prune_model", "resolve_ignored"]
+__all__ = [
+    "PruneResult",
+    "Target",
+    "TargetError",
+    "as_batches",
+    "as_target",
+    "ignored_module_names",
+    "prune_filters",
+    "prune_model",
+    "resolve_ignored",
+]
 
 
 class TargetError(ConfigError):
@@ -109,6 +120,68 @@ def _classifier(model: nn.Module) -> nn.Module | None:
         return linears[-1]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     return convs[-1] if convs else None
+
+
+def as_target(target) -> Target:
+    """A ``Target`` from a ``Target``, a MACs-reduction factor, or a dict of ``Target`` fields."""
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, dict):
+        allowed = ("macs_reduction", "params_reduction", "latency_speedup")
+        bad = [k for k in target if k not in allowed]
+        if bad:
+            raise ConfigError(f"target has unknown key(s) {bad}; allowed: {', '.join(allowed)}.")
+        try:
+            return Target(**{k: float(v) for k, v in target.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"target {target!r} is not valid: {exc}") from None
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        return Target(macs_reduction=float(target))
+    raise ConfigError(
+        f"target must be a Target, a number (MACs reduction) or a dict such as "
+        f"{{'macs_reduction': 2.0}}. Got {type(target).__name__}."
+    )
+
+
+def as_batches(data):
+    """``data`` as something iterable of ``(images, labels, ...)`` batches: a DataLoader, or a list
+    or tuple of batches (each a tuple/list whose first item is an image tensor ``(N, C, H, W)``)."""
+    if data is None or isinstance(data, DataLoader):
+        return data
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise ConfigError("data is an empty list: give at least one (images, labels) batch.")
+        for i, batch in enumerate(data):
+            if not (isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0])):
+                raise ConfigError(
+                    f"data[{i}] is a {type(batch).__name__}; each batch must be a tuple "
+                    "(images, labels, ...) with an image tensor of shape (N, C, H, W) first."
+                )
+            if batch[0].dim() != 4:
+                raise ConfigError(
+                    f"data[{i}][0] has shape {tuple(batch[0].shape)}; images must be (N, C, H, W)."
+                )
+        return list(data)
+    if torch.is_tensor(data):
+        raise ConfigError("data must be batches of (images, labels); a bare tensor was given. Use [(x, y)].")
+    if hasattr(data, "__iter__"):
+        return data
+    raise ConfigError(
+        f"data must be a DataLoader or a list of (images, labels) batches. Got {type(data).__name__}."
+    )
+
+
+def ignored_module_names(model: nn.Module, ignored) -> list[str]:
+    """Names (in ``model``) of the ignored layers: names, modules of ``model`` or module types."""
+    names = {m: n for n, m in model.named_modules()}
+    modules = resolve_ignored(model, ignored)
+    missing = [type(m).__name__ for m in modules if m not in names]
+    if missing:
+        raise ConfigError(
+            f"ignored_layers holds a {missing[0]} that is not a module of this model (a module of "
+            "another copy?): pass the module of the model you prune, or its name."
+        )
+    return [names[m] for m in modules]
 
 
 def resolve_ignored(model: nn.Module, ignored) -> list[nn.Module]:
@@ -282,7 +355,8 @@ def prune_model(
         >>> res = prune_model(model, torch.rand(1, 1, 28, 28), criterion="l1", target=2.0)
         >>> res.macs_reduction  # ~2.0
     """
-    target = target if isinstance(target, Target) else Target(macs_reduction=float(target))
+    target = as_target(target)
+    data = as_batches(data)
     if not 0 < max_layer_ratio < 1:
         raise ConfigError(f"max_layer_ratio must be in (0, 1). Got {max_layer_ratio!r} instead.")
     if not 0 < step_ratio <= max_layer_ratio:
@@ -292,10 +366,13 @@ def prune_model(
         what = f"criterion {criterion!r}" if criterion in NEEDS_DATA else "compensate=True"
         raise ConfigError(f"{what} needs data= (a DataLoader of probe batches).")
     importance = make_importance(criterion, **{"probe_batches": probe_batches, **(criterion_options or {})})
+    # modules of the caller's model are matched by name before the copy, so they keep meaning
+    ignored_names = ignored_module_names(model, ignored_layers)
     model = model if inplace else copy.deepcopy(model)
     device = next(model.parameters()).device
     example_inputs = example_inputs.to(device)
-    ignored = resolve_ignored(model, ignored_layers)
+    named = dict(model.named_modules())
+    ignored = [named[n] for n in ignored_names]
     clf = _classifier(model)
     if keep_classifier and clf is not None and clf not in ignored:
         ignored.append(clf)
@@ -415,7 +492,11 @@ def prune_filters(
     conv = modules[layer]
     if not isinstance(conv, nn.Conv2d):
         raise ConfigError(f"prune_filters needs a Conv2d layer; {layer!r} is a {type(conv).__name__}.")
-    idx = list(indices.tolist() if torch.is_tensor(indices) else indices)
+    if torch.is_tensor(indices) or isinstance(indices, np.ndarray):
+        indices = indices.tolist()
+    if isinstance(indices, (int, np.integer)):
+        indices = [indices]
+    idx = [int(i) if isinstance(i, np.integer) else i for i in indices]
     if not idx:
         raise ConfigError(f"indices for {layer!r} is empty: give at least one channel to remove.")
     if any(not isinstance(i, int) or isinstance(i, bool) for i in idx):

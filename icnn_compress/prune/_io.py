@@ -9,10 +9,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from icnn_compress._io import atomic_save
-from icnn_compress.errors import ConfigError
+from icnn_compress._artefact import load_artefact, save_artefact
+from icnn_compress.errors import DataError
 
-__all__ = ["FORMAT", "load_pruned", "save_pruned"]
+__all__ = ["FORMAT", "load_pruned", "read_pruned_record", "save_pruned"]
 
 FORMAT = "icnn-compress-pruned/1"
 
@@ -48,22 +48,33 @@ def save_pruned(
         "metadata": json.dumps(metadata or {}),
         "state_dict": model.state_dict(),
     }
-    atomic_save(record, path)
+    save_artefact(record, path, kind="pruned-model", model=arch)
 
 
 def load_pruned(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by ``save_pruned``; returns ``(model, metadata)``."""
+    """Rebuild a model saved by ``save_pruned``; returns ``(model, metadata)``.
+
+    The file's checksum is verified first; a missing, corrupt, tampered or non-weights file raises
+    ``DataError`` (one line) and nothing in it is executed (``weights_only=True``).
+    """
+    model, record = _rebuild(read_pruned_record(path, map_location=map_location))
+    return model, json.loads(record["metadata"])
+
+
+def read_pruned_record(path: str | os.PathLike, *, map_location="cpu") -> dict:
+    """The verified record of a ``save_pruned`` file (``input_shape``, ``history``, ``icnn``, ...)."""
+    record = load_artefact(path, kind="pruned-model", what="Pruned model file", map_location=map_location)
+    if record.get("format") != FORMAT:
+        raise DataError(
+            f"{str(path)!r} is not a pruned model saved by icnn-compress (expected format {FORMAT})."
+        )
+    return record
+
+
+def _rebuild(record: dict) -> tuple[nn.Module, dict]:
     from icnn_compress import models
     from icnn_compress.icnn import attach_icnn
 
-    try:
-        record = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"Pruned model file {str(path)!r} does not exist.") from exc
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ConfigError(
-            f"{str(path)!r} is not a pruned model saved by icnn-compress (expected format {FORMAT})."
-        )
     model = models.create(record["arch"], **json.loads(record["arch_kwargs"]))
     if record["icnn"]:
         spec = json.loads(record["icnn"])
@@ -81,4 +92,4 @@ def load_pruned(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modu
         if leaf == "bias" and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None:
             m.bias = nn.Parameter(torch.zeros_like(state[key]))
     model.load_state_dict(state)
-    return model, json.loads(record["metadata"])
+    return model, record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import hashlib
 import json
@@ -23,6 +24,49 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 def bundled_recipes() -> dict[str, Path]:
     """Name -> path of the recipes shipped in ``recipes/``."""
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))} if RECIPES_DIR.is_dir() else {}
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything larger is not one
+MAX_RECIPE_VALUES = 100_000  # values after YAML aliases are expanded (stops "billion laughs")
+
+
+def _read_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES}).")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {exc.start}): a recipe is YAML text."
+        ) from None
+
+
+def _check_size(node, name: str) -> None:
+    """Refuse a YAML document whose aliases expand to more than ``MAX_RECIPE_VALUES`` values,
+    counted on the node graph without expanding it."""
+    sizes: dict[int, int] = {}
+
+    def size(n) -> int:
+        if n is None:
+            return 0
+        if id(n) in sizes:
+            return sizes[id(n)]
+        sizes[id(n)] = 1  # a recursive alias counts once (safe_load refuses it later anyway)
+        if isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in n.value)
+        else:
+            total = 1
+        sizes[id(n)] = min(total, MAX_RECIPE_VALUES + 1)
+        return sizes[id(n)]
+
+    if size(node) > MAX_RECIPE_VALUES:
+        raise ConfigError(
+            f"{name}: the recipe expands to more than {MAX_RECIPE_VALUES} values (YAML aliases); "
+            "recipes are small mappings of sections."
+        )
 
 
 def _lines(text: str) -> dict[tuple, int]:
@@ -52,12 +96,15 @@ def _fields(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format(err: ValidationError, lines: dict[tuple, int], source: str) -> str:
+def _format(err: ValidationError, lines: dict[tuple, int], source: str, overridden: set[tuple]) -> str:
     e = err.errors()[0]
     loc = tuple(str(p) for p in e["loc"])
     key = ".".join(loc)
     line = lines.get(loc) or lines.get(loc[:-1])
-    where = f"{source}:{line}: " if line else f"{source}: "
+    if any(loc[: len(o)] == o for o in overridden):
+        where = "--set: "  # the bad value came from the command line, not from the file
+    else:
+        where = f"{source}:{line}: " if line else f"{source}: "
     if e["type"] == "extra_forbidden":
         allowed = _fields(Recipe, loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
@@ -72,7 +119,7 @@ def _format(err: ValidationError, lines: dict[tuple, int], source: str) -> str:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a recipe dict."""
-    data = json.loads(json.dumps(data))  # a deep copy of plain data
+    data = copy.deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set needs key.sub=value. Got {item!r}.")
@@ -81,14 +128,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not parts:
             raise ConfigError(f"--set needs a key before '='. Got {item!r}.")
         try:
+            _check_size(yaml.compose(raw), f"--set {key}")
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {problem}.") from None
         node = data
         for p in parts[:-1]:
             if not isinstance(node.get(p, {}), dict):
                 raise ConfigError(f"--set {key}: {p!r} is not a section.")
             node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])!r} is not a section.")
         node[parts[-1]] = value
     return data
 
@@ -110,8 +161,9 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
             known = ", ".join(bundled_recipes()) or "none"
             raise ConfigError(f"Recipe {str(source)!r} is not a file or a bundled recipe (bundled: {known}).")
         name = str(path)
-        text = path.read_text()
+        text = _read_text(path)
         try:
+            _check_size(yaml.compose(text), name)
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
@@ -123,10 +175,11 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
         if not isinstance(data, dict):
             raise ConfigError(f"{name}: a recipe must be a mapping of sections. Got {type(data).__name__}.")
     data = apply_overrides(data, overrides or [])
+    overridden = {tuple(p for p in item.split("=", 1)[0].strip().split(".") if p) for item in overrides or []}
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format(err, _lines(text), name)) from None
+        raise ConfigError(_format(err, _lines(text), name, overridden)) from None
 
 
 def recipe_hash(recipe: Recipe) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +21,7 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -33,25 +33,25 @@ class DataConfig(_Strict):
     root: str | None = Field(
         None, description="dataset folder (fashion-mnist: the Debian package's by default)"
     )
-    batch_size: int = Field(64, ge=1, description="training batch size")
-    num_classes: int = Field(6, ge=2, description="classes (synthetic-parts: number to generate)")
+    batch_size: int = Field(64, ge=1, le=4096, description="training batch size")
+    num_classes: int = Field(6, ge=2, le=100_000, description="classes (synthetic-parts: number to generate)")
     image_size: int = Field(
-        32, ge=16, description="input side in pixels (synthetic-parts, imagefolder, cub200)"
+        32, ge=16, le=2048, description="input side in pixels (synthetic-parts, imagefolder, cub200)"
     )
-    train_size: int = Field(2000, ge=1, description="synthetic-parts: training items")
-    val_size: int = Field(400, ge=1, description="synthetic-parts: validation items")
+    train_size: int = Field(2000, ge=1, le=10_000_000, description="synthetic-parts: training items")
+    val_size: int = Field(400, ge=1, le=10_000_000, description="synthetic-parts: validation items")
     limit: int | None = Field(
         None, ge=1, description="fashion-mnist: keep only the first N items (quick runs)"
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader workers")
-    seed: int = Field(0, description="shuffling and data seed")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers")
+    seed: int = Field(0, ge=0, lt=2**63, description="shuffling and data seed")
 
 
 class ModelConfig(_Strict):
     """The network."""
 
     name: str = Field("vgg_small", description="registry name (icnn_compress.models.list_models())")
-    in_channels: int = Field(3, ge=1, description="input channels (1 for Fashion-MNIST)")
+    in_channels: int = Field(3, ge=1, le=4096, description="input channels (1 for Fashion-MNIST)")
     small_input: bool | None = Field(None, description="adapt torchvision stems to ~32 px inputs")
     weights: str | None = Field(
         None, description="local state-dict file (weights_only) or torchvision weights name"
@@ -63,10 +63,10 @@ class ICNNConfig(_Strict):
 
     enabled: bool = Field(True, description="fine-tune with masks + the loss (False: plain fine-tune)")
     layers: list[str] | Literal["auto"] = Field("auto", description="conv layer names, or 'auto' (last conv)")
-    weight: float = Field(0.5, ge=0, description="lambda (balance='grad': gradient-RMS ratio)")
+    weight: float = Field(0.5, ge=0, le=1000, description="lambda (balance='grad': gradient-RMS ratio)")
     balance: Literal["grad", "none"] = "grad"
-    warmup_steps: int = Field(200, ge=0)
-    beta: float = Field(4.0, gt=0)
+    warmup_steps: int = Field(200, ge=0, le=10_000_000)
+    beta: float = Field(4.0, gt=0, le=1000)
     centre: Literal["argmax", "centroid"] = "argmax"
     categories: Literal["multi", "balanced", "single"] = "multi"
 
@@ -74,20 +74,20 @@ class ICNNConfig(_Strict):
 class FinetuneConfig(_Strict):
     """The fine-tune (with the loss when icnn.enabled)."""
 
-    epochs: int = Field(1, ge=0, description="0 skips training")
-    lr: float = Field(0.05, gt=0)
+    epochs: int = Field(1, ge=0, le=10_000, description="0 skips training")
+    lr: float = Field(0.05, gt=0, le=10)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     schedule: Literal["cosine", "step", "loglinear", "constant"] = "cosine"
-    lr_end: float = Field(0.0, ge=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    clip_grad_norm: float | None = Field(None, gt=0)
+    lr_end: float = Field(0.0, ge=0, le=10)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    clip_grad_norm: float | None = Field(None, gt=0, le=1e6)
 
 
 class AnalysisConfig(_Strict):
     """Filter signatures, clusters and pictures of the ICNN layers."""
 
-    probe_images: int = Field(512, ge=8, description="images probed")
-    distance_threshold: float = Field(0.25, gt=0, description="cluster merge distance")
+    probe_images: int = Field(512, ge=8, le=1_000_000, description="images probed")
+    distance_threshold: float = Field(0.25, gt=0, le=2, description="cluster merge distance")
     pictures: bool = Field(True, description="write the gallery/overview PNGs")
 
 
@@ -95,43 +95,51 @@ class PruneConfig(_Strict):
     """Structural pruning."""
 
     criterion: str = Field("icnn-cluster", description="icnn_compress.prune.list_criteria()")
-    macs_reduction: float = Field(2.0, gt=1, description="target: this many times fewer MACs")
+    macs_reduction: float = Field(2.0, gt=1, le=1000, description="target: this many times fewer MACs")
     compensate: bool = True
-    round_to: int | None = Field(8, ge=1, description="keep widths multiples of this (fast kernels)")
+    round_to: int | None = Field(8, ge=1, le=1024, description="keep widths multiples of this (fast kernels)")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
     global_ranking: bool = False
-    ignored_layers: list[str] = Field(default_factory=list, description="module names never pruned")
+    ignored_layers: list[str] = Field(
+        default_factory=list, max_length=10_000, description="module names never pruned"
+    )
     step_ratio: float = Field(0.05, gt=0, lt=1)
-    bn_batches: int = Field(20, ge=0)
+    bn_batches: int = Field(20, ge=0, le=100_000)
 
 
 class RecoverConfig(_Strict):
     """The short fine-tune after pruning."""
 
-    epochs: int = Field(1, ge=0, description="0 skips recovery")
-    lr: float = Field(0.01, gt=0)
+    epochs: int = Field(1, ge=0, le=10_000, description="0 skips recovery")
+    lr: float = Field(0.01, gt=0, le=10)
 
 
 class ExportConfig(_Strict):
     """ONNX export."""
 
-    opset: int = Field(17, ge=11)
+    opset: int = Field(17, ge=11, le=20, description="ONNX opset (11-20)")
 
 
 class MeasureConfig(_Strict):
     """Measurement of the exported models in ONNX Runtime."""
 
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
-    threads: int = Field(2, ge=1)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [1, 32], min_length=1, max_length=16
+    )
+    threads: int = Field(2, ge=1, le=1024)
     provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
-    repeats: int = Field(30, ge=1)
+    repeats: int = Field(30, ge=1, le=100_000)
 
 
 class Recipe(_Strict):
     """A whole run: data, model, fine-tune, analyse, prune, recover, export, measure, report."""
 
-    name: str = Field("run", description="a label for reports")
-    seed: int = 0
+    name: str = Field(
+        "run",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="a plain identifier (letters, digits, _ and -): runs/<name> and the report title",
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of every stage (each stage derives its own)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     icnn: ICNNConfig = Field(default_factory=ICNNConfig)

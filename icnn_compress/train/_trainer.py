@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -18,10 +19,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from icnn_compress import _dist
-from icnn_compress._io import atomic_save
-from icnn_compress.errors import ConfigError, TrainingError
+from icnn_compress._artefact import ARTEFACT_KEY, load_artefact, save_artefact
+from icnn_compress.errors import ConfigError, DataError, TrainingError
 
-__all__ = ["Callback", "Trainer"]
+__all__ = ["CHECKPOINT_KIND", "Callback", "Trainer"]
+
+log = logging.getLogger(__name__)
+CHECKPOINT_KIND = "trainer-checkpoint"
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "loglinear", "constant")
@@ -74,6 +78,9 @@ class Trainer:
         device: ``"cpu"``, ``"cuda"``, ...; ``None`` = CUDA when available.
         seed: seeds torch/numpy/random at the start of ``fit`` (not on resume: RNG state is restored).
         progress: tqdm progress bars (rank 0 only).
+        run_key: what this training is (e.g. a hash of its settings and inputs), stored in every
+            checkpoint. On resume a checkpoint with another key, a failed checksum or a shape that
+            does not fit is set aside (renamed ``last.pt.stale-N``, with a warning), never loaded.
 
     Example:
         >>> icnn = attach_icnn(model, "auto", num_classes=10)
@@ -104,6 +111,7 @@ class Trainer:
         device: str | torch.device | None = None,
         seed: int = 0,
         progress: bool = True,
+        run_key: str | None = None,
     ) -> None:
         if optimizer not in OPTIMIZERS:
             raise ConfigError(
@@ -123,6 +131,11 @@ class Trainer:
             raise ConfigError("schedule='loglinear' needs lr_end > 0 (the paper: lr 1e-4 -> lr_end 1e-5).")
         if resume and out_dir is None:
             raise ConfigError("resume=True needs out_dir (where the checkpoint is).")
+        if hasattr(train_loader, "__len__") and len(train_loader) == 0:
+            raise DataError(
+                "The training loader yields no batches (fewer items than one batch with drop_last?): "
+                "there is nothing to train on."
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -137,6 +150,7 @@ class Trainer:
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume, self.callbacks, self.seed = resume, list(callbacks), seed
+        self.run_key = run_key
         self.progress = progress and _dist.rank() == 0
         self._opt = (optimizer, momentum, weight_decay)
         self.rebuild_optimizer()
@@ -237,7 +251,30 @@ class Trainer:
             return
         state = self.state_dict()
         self._call("on_checkpoint", state)
-        atomic_save(state, self.checkpoint_path)
+        save_artefact(state, self.checkpoint_path, kind=CHECKPOINT_KIND, run_key=self.run_key)
+
+    def _resume_from_checkpoint(self) -> bool:
+        """Load ``last.pt`` when it is intact and belongs to this run; else set it aside."""
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        try:
+            record = load_artefact(path, kind=CHECKPOINT_KIND, what="Checkpoint", map_location=self.device)
+            key = record[ARTEFACT_KEY].get("run_key")
+            if key != self.run_key:
+                raise DataError(f"it belongs to another run (key {key!r}, not {self.run_key!r})")
+            state = {k: v for k, v in record.items() if k != ARTEFACT_KEY}
+            self.load_state_dict(state)
+            return True
+        except (DataError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+            aside = _set_aside(path)
+            log.warning(
+                "Not resuming from %s (%s); set aside as %s, training from the start.",
+                path,
+                str(exc).splitlines()[0],
+                aside.name,
+            )
+            return False
 
     def _log(self, record: dict) -> None:
         if self.out_dir is None or _dist.rank() != 0:
@@ -249,11 +286,8 @@ class Trainer:
     # ----- the loop -----
     def fit(self) -> Trainer:
         """Train for the remaining epochs; returns ``self`` (metrics in ``history``)."""
-        if self.resume and self.checkpoint_path is not None and self.checkpoint_path.is_file():
-            self.load_state_dict(
-                torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-            )
-        elif self.epoch == 0:
+        resumed = self.resume and self._resume_from_checkpoint()
+        if not resumed and self.epoch == 0:
             torch.manual_seed(self.seed)
             np.random.seed(self.seed)
             random.seed(self.seed)
@@ -352,6 +386,15 @@ class Trainer:
             )
         loss, correct, seen = _dist.all_reduce_(sums).tolist()
         return {"val_loss": loss / max(seen, 1), "val_acc": correct / max(seen, 1)}
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to the first free ``<name>.stale-N``; returns the new path."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.stale-{n}")).exists():
+        n += 1
+    path.replace(aside)
+    return aside
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:

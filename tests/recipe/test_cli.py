@@ -1,17 +1,17 @@
 """prune-recipe end to end on a tiny recipe; resume, lock, and invalid recipes."""
 
 import json
-import os
 
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from icnn_compress import Trainer
 from icnn_compress.cli import main
-from icnn_compress.recipe import load_recipe
+from icnn_compress.recipe import MARKER, load_recipe
 
 TINY = {
     "name": "tiny",
@@ -80,19 +80,21 @@ def test_kill_inside_a_stage_then_resume_reproduces(recipe, tmp_path, monkeypatc
     monkeypatch.setattr(Trainer, "train_epoch", interrupted)
     part = tmp_path / "part"
     assert main(["run", str(recipe), "--out", str(part), "--quiet", "--stages", "finetune"]) == 130
-    assert not (part / "1_finetune" / "manifest.json").exists() and not (part / ".lock").exists()
+    assert not (part / "1_finetune" / "manifest.json").exists()
+    FileLock(str(part / ".lock"), timeout=0).acquire().lock.release()  # the lock was released
     monkeypatch.setattr(Trainer, "train_epoch", original)
     assert main(["run", str(recipe), "--out", str(part), "--quiet", "--resume", "--stages", "finetune"]) == 0
-    a = torch.load(full / "1_finetune" / "model.pt", weights_only=True)
-    b = torch.load(part / "1_finetune" / "model.pt", weights_only=True)
+    a = torch.load(full / "1_finetune" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(part / "1_finetune" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
 
 def test_lock_conflict_is_refused(recipe, tmp_path, capsys):
     run = tmp_path / "locked"
     run.mkdir()
-    (run / ".lock").write_text(str(os.getpid()))  # a live process holds it
-    assert main(["run", str(recipe), "--out", str(run), "--resume", "--quiet"]) == 3
+    (run / MARKER).write_text("{}")
+    with FileLock(str(run / ".lock"), timeout=0):  # another run holds it
+        assert main(["run", str(recipe), "--out", str(run), "--resume", "--quiet"]) == 3
     assert "in use by another run" in capsys.readouterr().err
 
 

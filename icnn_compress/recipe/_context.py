@@ -1,0 +1,205 @@
+"""What a recipe turns into: loaders, models, ICNN options, per-stage seeds, and the checks that
+resolve every name in it before a run touches the disk."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import icnn_compress as ic
+from icnn_compress.errors import ConfigError, IcnnCompressError
+from icnn_compress.recipe._schema import Recipe
+
+__all__ = ["RunContext", "resolve_device"]
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` checked (``"cpu"``, ``"cuda"``, ``"cuda:1"``...), or the default: CUDA when present."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"Unknown device {device!r}; use cpu, cuda or cuda:<index>.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Device {device!r} was asked for, but CUDA is not available here; use cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"Device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices).")
+    elif dev.type != "cpu":
+        raise ConfigError(f"Device {device!r} is not supported; use cpu, cuda or cuda:<index>.")
+    return str(dev)
+
+
+class RunContext:
+    """Turns a validated ``Recipe`` into objects: data loaders, the model, the ICNN options.
+
+    Every stage calls ``start_stage`` first: the torch/numpy/random seeds and the training loader's
+    shuffling generator are set from ``(recipe.seed, data.seed, stage)``, so a stage gives the same
+    result whether earlier stages ran in this process, in another one, or were resumed.
+    """
+
+    def __init__(self, recipe: Recipe, device: str | None = None, progress: bool = True) -> None:
+        self.recipe = recipe
+        self.device = resolve_device(device)
+        self.progress = progress
+        self._loaders = None
+
+    # ----- seeds -----
+    def stage_seed(self, stage: str) -> int:
+        """A seed in [0, 2**31) derived from the recipe's seeds and the stage name."""
+        text = f"{self.recipe.seed}:{self.recipe.data.seed}:{stage}"
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+    def start_stage(self, stage: str) -> int:
+        """Seed everything a stage draws from; returns the stage's seed."""
+        seed = self.stage_seed(stage)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        if self._loaders is not None:
+            gen = getattr(self._loaders[0], "generator", None)
+            if gen is not None:
+                gen.manual_seed(seed)
+        return seed
+
+    # ----- data and models -----
+    def loaders(self):
+        """``(train_loader, val_loader)`` of the recipe's data (built once)."""
+        if self._loaders is None:
+            d = self.recipe.data
+            opts = {
+                "num_classes": d.num_classes,
+                "image_size": d.image_size,
+                "train_size": d.train_size,
+                "val_size": d.val_size,
+                "limit": d.limit,
+            }
+            if d.root:
+                opts["root"] = d.root
+            self._loaders = ic.data.loaders(
+                d.name, batch_size=d.batch_size, num_workers=d.num_workers, seed=d.seed, **opts
+            )
+        return self._loaders
+
+    def example(self) -> torch.Tensor:
+        """One validation image ``(1, C, H, W)``."""
+        x = next(iter(self.loaders()[1]))[0][:1]
+        if x.shape[1] != self.recipe.model.in_channels:
+            raise ConfigError(
+                f"The data has {x.shape[1]} channels but model.in_channels is "
+                f"{self.recipe.model.in_channels}: set model.in_channels={x.shape[1]}."
+            )
+        return x
+
+    def base_model(self, *, weights: bool = True) -> nn.Module:
+        """The recipe's model (with its weights file unless ``weights=False``)."""
+        m = self.recipe.model
+        return ic.models.create(
+            m.name,
+            num_classes=self.recipe.data.num_classes,
+            in_channels=m.in_channels,
+            small_input=m.small_input,
+            weights=m.weights if weights else None,
+        )
+
+    def icnn_spec(self, model: nn.Module) -> dict | None:
+        """``{"layers", "num_classes", "options"}`` for ``attach_icnn``, or ``None`` without the loss."""
+        c = self.recipe.icnn
+        if not c.enabled:
+            return None
+        layers = [ic.icnn.last_conv_name(model)] if c.layers == "auto" else list(c.layers)
+        options = {
+            "weight": c.weight,
+            "balance": c.balance,
+            "warmup_steps": c.warmup_steps,
+            "beta": c.beta,
+            "centre": c.centre,
+            "categories": c.categories,
+        }
+        return {"layers": layers, "num_classes": self.recipe.data.num_classes, "options": options}
+
+    def load_finetuned(self, path: Path) -> tuple[nn.Module, dict | None]:
+        """The fine-tuned model (ICNN masks frozen in) from the fine-tune stage's ``model.pt``."""
+        from icnn_compress._artefact import load_artefact
+
+        model = self.base_model(weights=False)
+        spec = self.icnn_spec(model)
+        if spec:
+            ic.attach_icnn(model, spec["layers"], spec["num_classes"], **spec["options"]).freeze()
+        record = load_artefact(path, kind="finetuned-model", what="Fine-tuned model")
+        model.load_state_dict(record["state_dict"])
+        return model.eval(), spec
+
+    # ----- checks -----
+    def check(self, *, training: bool = True) -> None:
+        """Resolve every name and size the recipe uses, reading but never writing: dataset, model
+        (built on the meta device), ICNN layers, criterion, ignored layers, weights file, device,
+        and that a training epoch has at least one batch. Raises ``ConfigError``/``DataError``."""
+        r = self.recipe
+        if r.data.name not in ic.data.list_datasets():
+            known = ", ".join(ic.data.list_datasets())
+            raise ConfigError(f"data.name: unknown dataset {r.data.name!r}; available: {known}.")
+        if r.model.name not in ic.models.list_models():
+            known = ", ".join(ic.models.list_models())
+            raise ConfigError(f"model.name: unknown model {r.model.name!r}; available: {known}.")
+        from icnn_compress.prune import list_criteria
+
+        if r.prune.criterion not in list_criteria():
+            raise ConfigError(
+                f"prune.criterion: unknown criterion {r.prune.criterion!r}; available: "
+                f"{', '.join(list_criteria())}."
+            )
+        if r.model.weights is not None:
+            w = Path(r.model.weights)
+            looks_like_path = w.suffix in (".pt", ".pth", ".bin") or "/" in r.model.weights
+            if looks_like_path and not w.is_file():
+                raise ConfigError(f"model.weights: file {r.model.weights!r} does not exist.")
+        try:
+            with torch.device("meta"):
+                model = self.base_model(weights=False)
+        except IcnnCompressError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"model: {r.model.name!r} cannot be built with these settings ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})."
+            ) from None
+        self._check_layers(model)
+        train_dl, _ = self.loaders()
+        if training and (r.finetune.epochs > 0 or r.recover.epochs > 0) and len(train_dl) == 0:
+            raise ConfigError(
+                f"data: {len(train_dl.dataset)} training items give no full batch of data.batch_size="
+                f"{r.data.batch_size}; lower the batch size or use more items."
+            )
+
+    def _check_layers(self, model: nn.Module) -> None:
+        r = self.recipe
+        names = dict(model.named_modules())
+        spec = None
+        if r.icnn.enabled:
+            if r.icnn.layers != "auto":
+                for layer in r.icnn.layers:
+                    if layer not in names:
+                        raise ConfigError(_unknown("icnn.layers", layer, names))
+            spec = self.icnn_spec(model)
+            handle = ic.attach_icnn(model, spec["layers"], spec["num_classes"], **spec["options"])
+            handle.remove()
+        for layer in r.prune.ignored_layers:
+            if layer not in names:
+                raise ConfigError(_unknown("prune.ignored_layers", layer, names))
+
+
+def _unknown(key: str, name: str, names: dict) -> str:
+    import difflib
+
+    convs = [n for n, m in names.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    close = difflib.get_close_matches(name, list(names), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    shown = ", ".join(convs[-6:])
+    return f"{key}: the model has no layer {name!r}.{hint} Its last conv/linear layers: {shown}."

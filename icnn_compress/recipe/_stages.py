@@ -1,0 +1,272 @@
+"""The stage bodies: each reads its inputs from earlier stages' folders and writes its own.
+
+Every function has the signature ``stage(ctx, run, out, key) -> (files, info)``: ``files`` are the
+artefacts (relative to ``out``) whose checksums the manifest records, ``info`` goes into the
+manifest. ``prune_with`` is the pruning step on its own (``prune-recipe compare`` uses it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+import icnn_compress as ic
+from icnn_compress._artefact import save_artefact
+from icnn_compress._io import atomic_write_json
+from icnn_compress.recipe._context import RunContext
+from icnn_compress.recipe._rundir import RunDirectory
+
+__all__ = [
+    "STAGE_FUNCTIONS",
+    "analyse",
+    "export",
+    "finetune",
+    "measure",
+    "prune",
+    "prune_with",
+    "recover",
+    "report",
+]
+
+Output = tuple[list[str], dict]
+
+
+def _train(ctx: RunContext, model: nn.Module, out: Path, key: str, stage: str, **kwargs) -> list[dict]:
+    """Fit ``model`` with the recipe's data, checkpointing into ``out/train`` (resumable under ``key``)."""
+    train_dl, val_dl = ctx.loaders()
+    trainer = ic.Trainer(
+        model,
+        train_dl,
+        val_dl,
+        out_dir=out / "train",
+        resume=True,
+        run_key=key,
+        device=ctx.device,
+        seed=ctx.stage_seed(stage),
+        progress=ctx.progress,
+        **kwargs,
+    )
+    return trainer.fit().history
+
+
+def finetune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
+    """Fine-tune the base model (with ICNN masks and the loss when ``icnn.enabled``) -> ``model.pt``."""
+    ctx.example()
+    model = ctx.base_model()
+    spec = ctx.icnn_spec(model)
+    handle = ic.attach_icnn(model, spec["layers"], spec["num_classes"], **spec["options"]) if spec else None
+    f = ctx.recipe.finetune
+    info: dict = {"icnn": spec}
+    if f.epochs > 0:
+        info["history"] = _train(
+            ctx,
+            model,
+            out,
+            key,
+            "finetune",
+            epochs=f.epochs,
+            lr=f.lr,
+            optimizer=f.optimizer,
+            schedule=f.schedule,
+            lr_end=f.lr_end,
+            weight_decay=f.weight_decay,
+            clip_grad_norm=f.clip_grad_norm,
+            extra_loss=handle.loss if handle else None,
+        )
+    if handle is not None:
+        info["filter_categories"] = {k: v.tolist() for k, v in handle.filter_categories.items()}
+        info["skipped_images"] = handle.skipped_images
+        handle.freeze()
+    save_artefact(
+        {"state_dict": model.cpu().state_dict()},
+        out / "model.pt",
+        kind="finetuned-model",
+        model=ctx.recipe.model.name,
+    )
+    return ["model.pt"], info
+
+
+def _finetuned(ctx: RunContext, run: RunDirectory):
+    return ctx.load_finetuned(run.stage_dir("finetune") / "model.pt")
+
+
+def analyse(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
+    """Signatures and clusters of the ICNN layers' filters -> ``analysis.json`` (+ pictures)."""
+    from icnn_compress.analysis import cluster_filters, filter_signatures, plot_cluster_overview
+
+    model, spec = _finetuned(ctx, run)
+    layers = spec["layers"] if spec else [ic.icnn.last_conv_name(model)]
+    sigs = filter_signatures(
+        model,
+        ctx.loaders()[1],
+        layers,
+        num_classes=ctx.recipe.data.num_classes,
+        max_images=ctx.recipe.analysis.probe_images,
+        progress=ctx.progress,
+    )
+    summary, files = {}, ["analysis.json"]
+    for name, sig in sigs.items():
+        cl = cluster_filters(sig, distance_threshold=ctx.recipe.analysis.distance_threshold)
+        summary[name] = {
+            "filters": sig.num_filters,
+            "clusters": cl.num_clusters,
+            "ari": cl.ari,
+            "alive": float((sig.alive > 0.01).float().mean()),
+            "categories": sig.category.tolist(),
+            "labels": cl.labels.tolist(),
+        }
+        if ctx.recipe.analysis.pictures:
+            png = f"clusters_{name.replace('.', '_')}.png"
+            plot_cluster_overview(sig, cl, out / png)
+            files.append(png)
+    atomic_write_json(summary, out / "analysis.json")
+    return files, summary
+
+
+def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
+    """Prune ``model`` (a copy) to the recipe's target with ``criterion`` (default: the recipe's);
+    returns the ``PruneResult``."""
+    from icnn_compress.prune import Target, prune_model
+
+    p = ctx.recipe.prune
+    return prune_model(
+        model,
+        ctx.example(),
+        criterion=criterion or p.criterion,
+        target=Target(macs_reduction=p.macs_reduction),
+        data=ctx.loaders()[0],
+        compensate=p.compensate,
+        round_to=p.round_to,
+        max_layer_ratio=p.max_layer_ratio,
+        global_ranking=p.global_ranking,
+        ignored_layers=p.ignored_layers,
+        step_ratio=p.step_ratio,
+        bn_batches=p.bn_batches,
+        progress=ctx.progress,
+    )
+
+
+def _save_pruned(ctx: RunContext, model: nn.Module, history: list, path: Path, spec, meta: dict) -> None:
+    from icnn_compress.prune import save_pruned
+
+    m = ctx.recipe.model
+    save_pruned(
+        model.cpu(),
+        path,
+        arch=m.name,
+        history=history,
+        input_shape=tuple(ctx.example().shape[1:]),
+        arch_kwargs={
+            "num_classes": ctx.recipe.data.num_classes,
+            "in_channels": m.in_channels,
+            "small_input": m.small_input,
+        },
+        icnn=spec,
+        metadata=meta,
+    )
+
+
+def prune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
+    """Prune the fine-tuned model to the target -> ``pruned.pt`` and ``prune.json``."""
+    model, spec = _finetuned(ctx, run)
+    res = prune_with(ctx, model)
+    summary = res.summary()
+    _save_pruned(ctx, res.model, res.history, out / "pruned.pt", spec, summary)
+    atomic_write_json(summary, out / "prune.json")
+    return ["pruned.pt", "prune.json"], summary
+
+
+def recover(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
+    """Fine-tune the pruned model briefly -> ``recovered.pt`` (a copy of it with ``epochs: 0``)."""
+    from icnn_compress.prune import load_pruned, read_pruned_record
+
+    src = run.stage_dir("prune") / "pruned.pt"
+    model, meta = load_pruned(src)
+    r = ctx.recipe.recover
+    info: dict = {}
+    if r.epochs > 0:
+        info["history"] = _train(ctx, model, out, key, "recover", epochs=r.epochs, lr=r.lr)
+    record = read_pruned_record(src)
+    history = [tuple(h) for h in json.loads(record["history"])]
+    spec = json.loads(record["icnn"]) if record["icnn"] else None
+    _save_pruned(ctx, model, history, out / "recovered.pt", spec, meta)
+    return ["recovered.pt"], info
+
+
+def export(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
+    """Export the fine-tuned and the recovered model to ONNX (with parity checks)."""
+    from icnn_compress.export import export_onnx
+    from icnn_compress.prune import load_pruned
+
+    example = ctx.example().cpu()
+    model, _ = _finetuned(ctx, run)
+    d = ctx.recipe.data
+    meta = {
+        "classes": list(range(d.num_classes)),
+        "preprocessing": {"dataset": d.name, "image_size": d.image_size},
+        "recipe": ctx.recipe.name,
+        "stage_key": key,
+    }
+    opset = ctx.recipe.export.opset
+    a = export_onnx(model, out / "unpruned.onnx", example, opset=opset, metadata=meta)
+    pruned, _ = load_pruned(run.stage_dir("recover") / "recovered.pt")
+    b = export_onnx(pruned.eval(), out / "model.onnx", example, opset=opset, metadata=meta)
+    return ["unpruned.onnx", "model.onnx"], {"unpruned": a.to_dict(), "pruned": b.to_dict()}
+
+
+def measure(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
+    """Accuracy and latency of both ONNX models in ONNX Runtime -> ``measurements.json``."""
+    from icnn_compress.measure import measure as measure_model
+    from icnn_compress.prune import load_pruned
+
+    m = ctx.recipe.measure
+    example = ctx.example().cpu()
+    val_dl = ctx.loaders()[1]
+    models = {
+        "unpruned": _finetuned(ctx, run)[0],
+        "pruned": load_pruned(run.stage_dir("recover") / "recovered.pt")[0].eval(),
+    }
+    entries = []
+    for name, model in models.items():
+        onnx = run.stage_dir("export") / ("unpruned.onnx" if name == "unpruned" else "model.onnx")
+        entry = measure_model(
+            onnx,
+            val_dl,
+            name=name,
+            batch_sizes=tuple(m.batch_sizes),
+            threads=m.threads,
+            provider=m.provider,
+            torch_model=model,
+            example=example,
+            repeats=m.repeats,
+        )
+        entry["widths"] = {n: c.out_channels for n, c in model.named_modules() if isinstance(c, nn.Conv2d)}
+        entries.append(entry)
+    atomic_write_json(entries, out / "measurements.json")
+    return ["measurements.json"], {e["name"]: e.get("accuracy") for e in entries}
+
+
+def report(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
+    """The HTML/Markdown/JSON report of the run."""
+    from icnn_compress.report import build_report, write_report
+
+    entries = json.loads((run.stage_dir("measure") / "measurements.json").read_text())
+    batch = max(ctx.recipe.measure.batch_sizes)
+    rep = build_report(entries, title=f"icnn-compress: {ctx.recipe.name}", speedup_batch=batch)
+    analysed = run.stage_dir("analyse")
+    pictures = sorted(analysed.glob("*.png")) if run.finished("analyse")[0] else []
+    paths = write_report(rep, out, analysis_pictures=pictures, batch=batch)
+    return [p.name for p in paths.values()], {"report": str(paths["html"])}
+
+
+STAGE_FUNCTIONS = {
+    "finetune": finetune,
+    "analyse": analyse,
+    "prune": prune,
+    "recover": recover,
+    "export": export,
+    "measure": measure,
+    "report": report,
+}
