@@ -525,7 +525,16 @@ def attach_icnn(
                 f"Layer {name!r} is a {type(module).__name__}, not a conv layer: name an nn.Conv2d, "
                 "its ReLU, or a block of conv layers whose output is post-ReLU."
             )
-        point = find_activation(model, name) if isinstance(module, nn.Conv2d) else name
+        try:
+            point = find_activation(model, name) if isinstance(module, nn.Conv2d) else name
+        except ICNNError:
+            frozen = [n for n, m in model.named_modules() if isinstance(m, ICNNMask)]
+            if frozen:
+                raise ICNNError(
+                    f"Layer {name!r} cannot be resolved: the model already has frozen ICNN masks "
+                    f"({', '.join(frozen[:4])}); attach_icnn once per layer, before freeze()."
+                ) from None
+            raise
         if point in points:
             raise ICNNError(f"Two layers resolve to the same activation {point!r}: {names}.")
         points.append(point)
