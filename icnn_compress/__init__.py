@@ -12,12 +12,13 @@ from icnn_compress import data, icnn, models
 from icnn_compress._version import __version__
 from icnn_compress.errors import ConfigError, DataError, IcnnCompressError, ICNNError, TrainingError
 from icnn_compress.icnn import ICNNHandle, attach_icnn
-from icnn_compress.train import Callback, Trainer
+from icnn_compress.train import Callback, Distillation, Trainer, frozen_copy
 
 __all__ = [
     "Callback",
     "ConfigError",
     "DataError",
+    "Distillation",
     "ICNNError",
     "ICNNHandle",
     "IcnnCompressError",
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "attach_icnn",
     "data",
+    "frozen_copy",
     "icnn",
     "models",
 ]

@@ -7,7 +7,7 @@ Public API:
     approximate_gradient, assign_categories, FilterLossState: the pieces of the loss.
 """
 
-from icnn_compress.icnn._attach import ICNNHandle, attach_icnn, find_activation, last_conv_name
+from icnn_compress.icnn._attach import ICNNHandle, attach_icnn, find_activation, last_conv_name, top_layers
 from icnn_compress.icnn._loss import FilterLossState, approximate_gradient, assign_categories
 from icnn_compress.icnn._mask import ICNNMask
 from icnn_compress.icnn._templates import (
@@ -34,4 +34,5 @@ __all__ = [
     "mask_shape",
     "mutual_information",
     "template_scores",
+    "top_layers",
 ]

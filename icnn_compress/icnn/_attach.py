@@ -14,7 +14,7 @@ from icnn_compress.errors import ICNNError
 from icnn_compress.icnn._loss import FilterLossState
 from icnn_compress.icnn._mask import ICNNMask
 
-__all__ = ["ICNNHandle", "attach_icnn", "find_activation", "last_conv_name"]
+__all__ = ["ICNNHandle", "attach_icnn", "find_activation", "last_conv_name", "top_layers"]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 SCHEDULES = ("constant", "paper")
@@ -43,6 +43,24 @@ def last_conv_name(model: nn.Module) -> str:
     if not names:
         raise ICNNError("layers='auto' needs a model with at least one nn.Conv2d; this model has none.")
     return names[-1]
+
+
+def top_layers(model: nn.Module, k: int = 1) -> list[str]:
+    """The ``k`` top places for the loss, deepest last: the last ``k`` conv layers, or for a ResNet
+    (children ``layer1``, ``layer2``... that are ``nn.Sequential``) the outputs of its last ``k``
+    residual blocks, which are post-ReLU (a block's last conv feeds the residual add, not a ReLU).
+    ``layers="auto"`` means ``top_layers(model, 1)``."""
+    if not isinstance(k, int) or k < 1:
+        raise ICNNError(f"k must be an int >= 1. Got {k!r} instead.")
+    stages = [n for n, m in model.named_children() if n.startswith("layer") and isinstance(m, nn.Sequential)]
+    if stages:
+        blocks = [f"{s}.{i}" for s in stages for i in range(len(getattr(model, s)))]
+        if blocks:
+            return blocks[-k:]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ICNNError("layers='auto' needs a model with at least one nn.Conv2d; this model has none.")
+    return convs[-k:]
 
 
 def find_activation(model: nn.Module, conv_name: str) -> str:
@@ -432,7 +450,8 @@ def attach_icnn(
         model: any CNN; it is changed only through forward hooks (and, with ``extra_conv``, new
             submodules) until ``handle.freeze()``.
         layers: module names: a ``Conv2d`` (its ReLU, through BatchNorm, is found and masked), an
-            activation module, or a block whose output is post-ReLU. ``"auto"``: the last conv layer.
+            activation module, or a block whose output is post-ReLU. ``"auto"``: ``top_layers(model, 1)``
+            (the last conv layer; for a ResNet the last residual block).
         num_classes: K, the number of classes of the targets passed to ``handle.loss``.
         weight: lambda. With ``balance="grad"`` (default) it is the ratio of the RMS of the filter
             loss's gradient to the RMS of the task loss's gradient at the same maps, per filter
@@ -506,7 +525,7 @@ def attach_icnn(
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
         raise ICNNError("layers must name at least one layer (or be 'auto').")
-    names = [last_conv_name(model) if n == "auto" else n for n in names]
+    names = [top_layers(model, 1)[0] if n == "auto" else n for n in names]
     if len(set(names)) != len(names):
         raise ICNNError(f"layers has duplicates: {names}.")
     extra_names = set(names if extra_conv is True else (extra_conv or []))

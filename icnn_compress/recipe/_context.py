@@ -113,7 +113,7 @@ class RunContext:
         c = self.recipe.icnn
         if not c.enabled:
             return None
-        layers = [ic.icnn.last_conv_name(model)] if c.layers == "auto" else list(c.layers)
+        layers = ic.icnn.top_layers(model, 1) if c.layers == "auto" else list(c.layers)
         options = {
             "weight": c.weight,
             "balance": c.balance,

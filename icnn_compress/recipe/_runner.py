@@ -38,7 +38,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "finetune": (),
     "analyse": ("finetune",),
     "prune": ("finetune",),
-    "recover": ("prune",),
+    "recover": ("finetune", "prune"),  # the fine-tuned model is the distillation teacher
     "export": ("finetune", "recover"),
     "measure": ("finetune", "recover", "export"),
     "report": ("measure",),

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "AnalysisConfig",
     "DataConfig",
+    "DistillConfig",
     "ExportConfig",
     "FinetuneConfig",
     "ICNNConfig",
@@ -71,6 +72,14 @@ class ICNNConfig(_Strict):
     categories: Literal["multi", "balanced", "single"] = "multi"
 
 
+class DistillConfig(_Strict):
+    """Knowledge distillation from the model as it was before the stage (a frozen teacher)."""
+
+    enabled: bool = Field(True, description="distil from the model before the stage (False: plain CE)")
+    weight: float = Field(0.5, ge=0, le=1, description="share of the soft (KL) term in the loss")
+    temperature: float = Field(4.0, gt=0, le=100, description="softmax temperature of both sides")
+
+
 class FinetuneConfig(_Strict):
     """The fine-tune (with the loss when icnn.enabled)."""
 
@@ -81,6 +90,9 @@ class FinetuneConfig(_Strict):
     lr_end: float = Field(0.0, ge=0, le=10)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     clip_grad_norm: float | None = Field(None, gt=0, le=1e6)
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig, description="teacher: the model before the fine-tune"
+    )
 
 
 class AnalysisConfig(_Strict):
@@ -112,6 +124,9 @@ class RecoverConfig(_Strict):
 
     epochs: int = Field(1, ge=0, le=10_000, description="0 skips recovery")
     lr: float = Field(0.01, gt=0, le=10)
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig, description="teacher: the unpruned fine-tuned model"
+    )
 
 
 class ExportConfig(_Strict):

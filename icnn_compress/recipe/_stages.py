@@ -55,10 +55,11 @@ def finetune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     """Fine-tune the base model (with ICNN masks and the loss when ``icnn.enabled``) -> ``model.pt``."""
     ctx.example()
     model = ctx.base_model()
+    f = ctx.recipe.finetune
+    teacher = ic.frozen_copy(model) if f.distill.enabled and f.epochs > 0 else None  # before the masks
     spec = ctx.icnn_spec(model)
     handle = ic.attach_icnn(model, spec["layers"], spec["num_classes"], **spec["options"]) if spec else None
-    f = ctx.recipe.finetune
-    info: dict = {"icnn": spec}
+    info: dict = {"icnn": spec, "distill": teacher is not None}
     if f.epochs > 0:
         info["history"] = _train(
             ctx,
@@ -74,6 +75,7 @@ def finetune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
             weight_decay=f.weight_decay,
             clip_grad_norm=f.clip_grad_norm,
             extra_loss=handle.loss if handle else None,
+            distill=_distill(teacher, f.distill),
         )
     if handle is not None:
         info["filter_categories"] = {k: v.tolist() for k, v in handle.filter_categories.items()}
@@ -88,6 +90,12 @@ def finetune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     return ["model.pt"], info
 
 
+def _distill(teacher: nn.Module | None, cfg) -> ic.Distillation | None:
+    if teacher is None:
+        return None
+    return ic.Distillation(teacher, weight=cfg.weight, temperature=cfg.temperature)
+
+
 def _finetuned(ctx: RunContext, run: RunDirectory):
     return ctx.load_finetuned(run.stage_dir("finetune") / "model.pt")
 
@@ -97,7 +105,7 @@ def analyse(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     from icnn_compress.analysis import cluster_filters, filter_signatures, plot_cluster_overview
 
     model, spec = _finetuned(ctx, run)
-    layers = spec["layers"] if spec else [ic.icnn.last_conv_name(model)]
+    layers = spec["layers"] if spec else ic.icnn.top_layers(model, 1)
     sigs = filter_signatures(
         model,
         ctx.loaders()[1],
@@ -185,9 +193,12 @@ def recover(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     src = run.stage_dir("prune") / "pruned.pt"
     model, meta = load_pruned(src)
     r = ctx.recipe.recover
-    info: dict = {}
+    info: dict = {"distill": r.distill.enabled and r.epochs > 0}
     if r.epochs > 0:
-        info["history"] = _train(ctx, model, out, key, "recover", epochs=r.epochs, lr=r.lr)
+        teacher = ic.frozen_copy(_finetuned(ctx, run)[0]) if r.distill.enabled else None
+        info["history"] = _train(
+            ctx, model, out, key, "recover", epochs=r.epochs, lr=r.lr, distill=_distill(teacher, r.distill)
+        )
     record = read_pruned_record(src)
     history = [tuple(h) for h in json.loads(record["history"])]
     spec = json.loads(record["icnn"]) if record["icnn"] else None

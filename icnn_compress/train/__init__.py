@@ -1,5 +1,6 @@
-"""The fine-tune loop (Trainer) and its callbacks."""
+"""The fine-tune loop (Trainer), its callbacks, and knowledge distillation."""
 
+from icnn_compress.train._distill import Distillation, distillation_loss, frozen_copy
 from icnn_compress.train._trainer import Callback, Trainer
 
-__all__ = ["Callback", "Trainer"]
+__all__ = ["Callback", "Distillation", "Trainer", "distillation_loss", "frozen_copy"]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from icnn_compress import _dist
 from icnn_compress._artefact import ARTEFACT_KEY, load_artefact, save_artefact
 from icnn_compress.errors import ConfigError, DataError, TrainingError
+from icnn_compress.train._distill import Distillation, distillation_loss, teacher_logits
 
 __all__ = ["CHECKPOINT_KIND", "Callback", "Trainer"]
 
@@ -81,6 +82,8 @@ class Trainer:
         run_key: what this training is (e.g. a hash of its settings and inputs), stored in every
             checkpoint. On resume a checkpoint with another key, a failed checksum or a shape that
             does not fit is set aside (renamed ``last.pt.stale-N``, with a warning), never loaded.
+        distill: a ``Distillation`` (frozen teacher, weight, temperature): the task loss becomes
+            ``(1 - w) * CE + w * T**2 * KL(teacher || student)``; ``None`` or weight 0: plain CE.
 
     Example:
         >>> icnn = attach_icnn(model, "auto", num_classes=10)
@@ -112,6 +115,7 @@ class Trainer:
         seed: int = 0,
         progress: bool = True,
         run_key: str | None = None,
+        distill: Distillation | None = None,
     ) -> None:
         if optimizer not in OPTIMIZERS:
             raise ConfigError(
@@ -151,6 +155,11 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume, self.callbacks, self.seed = resume, list(callbacks), seed
         self.run_key = run_key
+        if distill is not None and not isinstance(distill, Distillation):
+            raise ConfigError(f"distill must be a Distillation or None. Got {type(distill).__name__}.")
+        self.distill = distill if distill is not None and distill.weight > 0 else None
+        if self.distill is not None:
+            self.distill.teacher.to(self.device).eval()
         self.progress = progress and _dist.rank() == 0
         self._opt = (optimizer, momentum, weight_decay)
         self.rebuild_optimizer()
@@ -323,6 +332,11 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp):
                 out = self.net(x)
                 task = F.cross_entropy(out, y)
+                if self.distill is not None:
+                    soft = distillation_loss(
+                        out, teacher_logits(self.distill.teacher, x), self.distill.temperature
+                    )
+                    task = (1 - self.distill.weight) * task + self.distill.weight * soft
                 extra = self.extra_loss(y) if self.extra_loss is not None else None
                 loss = task + extra if extra is not None else task
             if not torch.isfinite(loss.detach()):

@@ -163,3 +163,14 @@ def test_mutated_recipes_give_one_line_errors(tmp_path, capsys, section, key, va
         assert "Traceback" not in err
     else:
         load_recipe(path)  # valid mutations really are valid
+
+
+def test_compare_prunes_the_same_finetuned_model_with_each_criterion(recipe, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(recipe), "--criteria", "l1,icnn-cluster", "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "compare" / "compare.json").read_text())
+    assert [r["criterion"] for r in rows] == ["l1", "icnn-cluster"]
+    assert all(r["macs_reduction"] >= 1.5 * 0.97 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert "icnn-cluster" in capsys.readouterr().out
+    code = main(["compare", str(recipe), "--criteria", "l1,nope", "--out", str(out)])
+    assert code == 2 and "unknown criteria" in capsys.readouterr().err

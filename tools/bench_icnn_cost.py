@@ -1,0 +1,373 @@
+"""Where the accuracy cost of the interpretable filter loss comes from (issue 13).
+
+For each model and each independently trained base model (``--bases``, different training seeds
+and training subsets), every variant fine-tunes a copy of the base with the same budget and data
+order (``--ft-seeds`` data orders inside each base) and is scored by top-1 on the first
+``--eval-size`` Fashion-MNIST test images (PyTorch, eval mode, masks frozen in). The cost of a
+variant is the paired difference to the plain fine-tune with the same epochs (same base, same data
+order): a negative cost is a gain. Variants:
+
+* ``plain`` / ``plain+kd``: no masks, no loss (without / with distillation from the base);
+* ``full``: masks + loss on the top two layers (the loss weight 0.5, balance="grad");
+* ``mask-only``: masks in the forward pass, loss weight 0; ``loss-only``: the loss without masks;
+* ``top1``: masks + loss on the top layer only (the paper's choice);
+* ``w0.1``: loss weight 0.1; ``+kd``: distillation from the base (weight 0.5, T=4);
+* ``@eN``: N fine-tune epochs of ``--ft-images`` images each.
+
+The price in interpretability of each variant is measured on synthetic parts: the same variant
+fine-tunes a plain synthetic-parts base of the same architecture, and the location instability of
+its loss layers is divided by that of the plain fine-tune with the same epochs (lower is better;
+the paper's ratios are 0.55-0.69).
+
+Writes tools/results/icnn_cost.json (``summary.<model>.<variant>``: top-1 mean/std over bases and
+data orders, cost in points mean/std, location-instability ratio) and icnn_cost.md. Rows are cached
+in ``--cache`` (re-runs resume); ``--models`` lets two processes share the work.
+
+    .venv/bin/python tools/bench_icnn_cost.py --quick            # ~25 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _common import command_line
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, Subset
+
+import icnn_compress as ic
+from icnn_compress._io import atomic_save, atomic_write_json, environment_info
+from icnn_compress.analysis import filter_signatures, location_instability
+
+# name -> (loss on, masks, loss weight, number of top layers, distillation, fine-tune epochs)
+VARIANTS: dict[str, dict] = {
+    "plain@e1": dict(icnn=False, epochs=1),
+    "plain+kd@e1": dict(icnn=False, kd=True, epochs=1),
+    "full@e1": dict(icnn=True, mask=True, weight=0.5, layers=2, epochs=1),
+    "mask-only@e1": dict(icnn=True, mask=True, weight=0.0, layers=2, epochs=1),
+    "loss-only@e1": dict(icnn=True, mask=False, weight=0.5, layers=2, epochs=1),
+    "top1@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, epochs=1),
+    "w0.1@e1": dict(icnn=True, mask=True, weight=0.1, layers=2, epochs=1),
+    "full+kd@e1": dict(icnn=True, mask=True, weight=0.5, layers=2, kd=True, epochs=1),
+    "top1+kd@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, kd=True, epochs=1),
+    "top1-loss-only@e1": dict(icnn=True, mask=False, weight=0.5, layers=1, epochs=1),
+    "mask-b1@e1": dict(icnn=True, mask=True, weight=0.5, layers=2, beta=1.0, epochs=1),
+    "top1-b1@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, beta=1.0, epochs=1),
+    "centroid@e1": dict(icnn=True, mask=True, weight=0.5, layers=2, centre="centroid", epochs=1),
+    "plain@e3": dict(icnn=False, epochs=3),
+    "loss-only@e3": dict(icnn=True, mask=False, weight=0.5, layers=2, epochs=3),
+    "full@e3": dict(icnn=True, mask=True, weight=0.5, layers=2, epochs=3),
+}
+CACHE_VERSION = 1
+
+
+def plain_of(variant: str) -> str:
+    """The plain fine-tune with the same epochs (the reference of a variant's cost)."""
+    return "plain@" + variant.split("@")[1]
+
+
+def subset_loader(dataset, n: int, seed: int, batch_size: int = 64) -> DataLoader:
+    """``n`` random items per epoch (without replacement within an epoch), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, replacement=False, num_samples=min(n, len(dataset)), generator=g)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
+
+
+@torch.no_grad()
+def top1(model: nn.Module, loader: DataLoader) -> float:
+    model.eval()
+    correct = seen = 0
+    for x, y, *_ in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        seen += len(y)
+    return correct / seen
+
+
+def train_base(
+    model_name: str, dataset, in_channels: int, classes: int, a, seed: int, path: Path
+) -> nn.Module:
+    """A base model trained from scratch (cached): ``--base-epochs`` epochs of ``--base-images``."""
+    torch.manual_seed(seed)
+    model = ic.models.create(model_name, num_classes=classes, in_channels=in_channels)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+    dl = subset_loader(dataset, a.base_images, seed)
+    ic.Trainer(model, dl, epochs=a.base_epochs, lr=0.05, seed=seed, progress=False).fit()
+    atomic_save(model.state_dict(), path)
+    return model
+
+
+def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
+    """A copy of ``base`` fine-tuned as ``spec`` says; returns ``(model, handle, layers)``."""
+    model = ic.frozen_copy(base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    handle, layers = None, ic.icnn.top_layers(model, spec.get("layers", 1))
+    if spec["icnn"]:
+        handle = ic.attach_icnn(
+            model,
+            layers,
+            num_classes=classes,
+            weight=spec["weight"],
+            mask=spec["mask"],
+            beta=spec.get("beta", 4.0),
+            centre=spec.get("centre", "argmax"),
+        )
+    distill = ic.Distillation(ic.frozen_copy(base), weight=0.5, temperature=4.0) if spec.get("kd") else None
+    dl = subset_loader(dataset, a.ft_images, 10_000 + seed)
+    ic.Trainer(
+        model,
+        dl,
+        epochs=spec["epochs"],
+        lr=a.ft_lr,
+        seed=seed,
+        extra_loss=handle.loss if handle else None,
+        distill=distill,
+        progress=False,
+    ).fit()
+    if handle is not None:
+        handle.freeze()
+    return model.eval(), handle, layers
+
+
+def load_rows(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data["rows"] if data.get("version") == CACHE_VERSION else {}
+
+
+def save_rows(path: Path, rows: dict) -> None:
+    atomic_write_json({"version": CACHE_VERSION, "rows": rows}, path)
+
+
+def run_fashion(model_name: str, a, rows: dict, cache: Path, rows_path: Path, variants: list[str]) -> None:
+    train_ds = ic.data.FashionMNIST("train", transform=ic.data._fashion.fashion_transforms(True))
+    test_ds = ic.data.FashionMNIST("test", transform=ic.data._fashion.fashion_transforms(False))
+    eval_dl = DataLoader(Subset(test_ds, range(a.eval_size)), batch_size=500)
+    for b in range(a.bases):
+        base = train_base(model_name, train_ds, 1, 10, a, b, cache / f"base_{model_name}_s{b}.pt")
+        key = f"{model_name}/fashion/base{b}/unpruned"
+        if key not in rows:
+            rows[key] = {"top1": top1(base, eval_dl)}
+            save_rows(rows_path, rows)
+        for s in range(a.ft_seeds):
+            for v in variants:
+                key = f"{model_name}/fashion/base{b}/seed{s}/{v}"
+                if key in rows:
+                    continue
+                t0 = time.perf_counter()
+                model, _, layers = fine_tune(base, VARIANTS[v], train_ds, 10, a, s)
+                rows[key] = {
+                    "top1": top1(model, eval_dl),
+                    "seconds": time.perf_counter() - t0,
+                    "layers": layers,
+                }
+                save_rows(rows_path, rows)
+                print(f"{key}: {rows[key]['top1']:.4f} ({rows[key]['seconds']:.0f} s)", flush=True)
+
+
+def run_synthetic(model_name: str, a, rows: dict, cache: Path, rows_path: Path, variants: list[str]) -> None:
+    kw = dict(num_classes=a.syn_classes, image_size=a.syn_size, seed=0)
+    train_ds = ic.data.SyntheticParts("train", a.syn_train, **kw)
+    probe = ic.data.SyntheticParts("test", a.syn_probe, annotations=True, **kw)
+    probe_dl = DataLoader(probe, batch_size=128)
+    base = train_base(
+        model_name, train_ds, 3, a.syn_classes, _SynArgs(a), 0, cache / f"syn_base_{model_name}.pt"
+    )
+    for v in variants:
+        key = f"{model_name}/synthetic/{v}"
+        if key in rows:
+            continue
+        spec = VARIANTS[v]
+        ref_spec = {**spec, "icnn": False}
+        t0 = time.perf_counter()
+        model, handle, layers = fine_tune(base, spec, train_ds, a.syn_classes, _SynArgs(a), 0)
+        sigs = filter_signatures(
+            model, probe_dl, layers, num_classes=a.syn_classes, handle=handle, progress=False
+        )
+        li = statistics.fmean(location_instability(sigs[n])["score"] for n in layers)
+        rows[key] = {
+            "location_instability": li,
+            "top1": top1(model, probe_dl),
+            "layers": layers,
+            "seconds": time.perf_counter() - t0,
+        }
+        ref_key = f"{model_name}/synthetic/{plain_of(v)}:{'-'.join(layers)}"
+        if ref_key not in rows:  # the plain fine-tune, measured on the same layers
+            ref, _, _ = fine_tune(base, ref_spec, train_ds, a.syn_classes, _SynArgs(a), 0)
+            sigs = filter_signatures(ref, probe_dl, layers, num_classes=a.syn_classes, progress=False)
+            rows[ref_key] = {
+                "location_instability": statistics.fmean(
+                    location_instability(sigs[n])["score"] for n in layers
+                ),
+                "top1": top1(ref, probe_dl),
+            }
+        save_rows(rows_path, rows)
+        ratio = li / rows[ref_key]["location_instability"]
+        print(f"{key}: location instability {li:.4f} (ratio {ratio:.3f})", flush=True)
+
+
+class _SynArgs:
+    """The fine-tune/base budget on synthetic parts (its own sizes, the same lr and epochs)."""
+
+    def __init__(self, a) -> None:
+        self.base_images, self.base_epochs = a.syn_train, a.syn_base_epochs
+        self.ft_images, self.ft_lr = a.syn_ft_images, a.ft_lr
+
+
+def summarise(rows: dict, a) -> dict:
+    summary: dict = {}
+    for model_name in a.models.split(","):
+        out = summary.setdefault(model_name, {})
+        unpruned = [
+            r["top1"]
+            for k, r in rows.items()
+            if k.startswith(f"{model_name}/fashion/") and k.endswith("/unpruned")
+        ]
+        if unpruned:
+            out["base"] = {
+                "top1_mean": statistics.fmean(unpruned),
+                "top1_std": statistics.pstdev(unpruned),
+                "n": len(unpruned),
+            }
+        for v in VARIANTS:
+            accs, costs = [], []
+            for b in range(a.bases):
+                for s in range(a.ft_seeds):
+                    r = rows.get(f"{model_name}/fashion/base{b}/seed{s}/{v}")
+                    ref = rows.get(f"{model_name}/fashion/base{b}/seed{s}/{plain_of(v)}")
+                    if r is None:
+                        continue
+                    accs.append(r["top1"])
+                    if ref is not None:
+                        costs.append(100 * (ref["top1"] - r["top1"]))
+            if not accs:
+                continue
+            entry = {
+                "top1_mean": statistics.fmean(accs),
+                "top1_std": statistics.pstdev(accs),
+                "n": len(accs),
+                "cost_points_mean": statistics.fmean(costs) if costs else None,
+                "cost_points_std": statistics.pstdev(costs) if costs else None,
+                **VARIANTS[v],
+            }
+            syn = rows.get(f"{model_name}/synthetic/{v}")
+            if syn is not None and VARIANTS[v]["icnn"]:
+                ref = rows.get(f"{model_name}/synthetic/{plain_of(v)}:{'-'.join(syn['layers'])}")
+                if ref:
+                    entry["location_instability_ratio"] = (
+                        syn["location_instability"] / ref["location_instability"]
+                    )
+            out[v] = entry
+    return summary
+
+
+def write_results(rows: dict, a, out_dir: Path) -> None:
+    summary = summarise(rows, a)
+    result = {
+        "benchmark": "icnn_cost",
+        "command": command_line("bench_icnn_cost.py", a, skip=("cache", "out_dir", "write_only")),
+        "environment": environment_info(),
+        "setup": {k: v for k, v in vars(a).items() if k not in ("cache", "out_dir", "write_only")},
+        "variants": VARIANTS,
+        "rows": rows,
+        "summary": summary,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result, out_dir / "icnn_cost.json")
+    md = []
+    for model_name, entries in summary.items():
+        base = entries.get("base", {})
+        md += [
+            f"**{model_name}** (bases: top-1 {base.get('top1_mean', float('nan')):.4f} "
+            f"± {base.get('top1_std', float('nan')):.4f}, n={base.get('n', 0)})",
+            "",
+            "| variant | top-1 | cost vs plain, same epochs (points) | location instability ratio |",
+            "|---|---|---|---|",
+        ]
+        for v, e in entries.items():
+            if v == "base":
+                continue
+            cost = (
+                "—"
+                if e["cost_points_mean"] is None or v.startswith("plain@")
+                else (f"{e['cost_points_mean']:+.2f} ± {e['cost_points_std']:.2f}")
+            )
+            li = f"{e['location_instability_ratio']:.3f}" if "location_instability_ratio" in e else "—"
+            md.append(f"| {v} | {e['top1_mean']:.4f} ± {e['top1_std']:.4f} (n={e['n']}) | {cost} | {li} |")
+        md.append("")
+    (out_dir / "icnn_cost.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="vgg_small,resnet_cifar20")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--bases", type=int, default=2, help="independently trained base models per architecture")
+    p.add_argument("--ft-seeds", type=int, default=1, help="fine-tune data orders inside each base")
+    p.add_argument("--base-epochs", type=int, default=6)
+    p.add_argument("--base-images", type=int, default=60000, help="training images per base epoch")
+    p.add_argument("--ft-images", type=int, default=60000, help="images per fine-tune epoch")
+    p.add_argument("--ft-lr", type=float, default=0.01)
+    p.add_argument("--eval-size", type=int, default=10000)
+    p.add_argument("--syn-classes", type=int, default=6)
+    p.add_argument("--syn-size", type=int, default=32)
+    p.add_argument("--syn-train", type=int, default=6000)
+    p.add_argument("--syn-base-epochs", type=int, default=4)
+    p.add_argument("--syn-ft-images", type=int, default=3000)
+    p.add_argument("--syn-probe", type=int, default=600)
+    p.add_argument("--no-synthetic", action="store_true", help="skip the location-instability runs")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="bases of 4 epochs x 20000 images, fine-tune epochs of 5000 images, 5000 test images",
+    )
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default="runs/bench_icnn_cost")
+    p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--write-only", action="store_true")
+    p.add_argument(
+        "--part",
+        choices=("all", "fashion", "synthetic"),
+        default="all",
+        help="run only one half (parallel runs)",
+    )
+    a = p.parse_args()
+    if a.quick:
+        a.base_epochs, a.base_images, a.ft_images, a.eval_size = 4, 20000, 5000, 5000
+        a.syn_train, a.syn_base_epochs, a.syn_ft_images = 4000, 3, 2000
+    torch.set_num_threads(a.threads)
+    cache = Path(a.cache) / ("quick" if a.quick else "full")
+    cache.mkdir(parents=True, exist_ok=True)
+    variants = a.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    rows: dict = {}
+    for path in sorted(cache.glob("rows_*.json")):
+        rows.update(load_rows(path))
+    if not a.write_only:
+        for model_name in a.models.split(","):
+            suffix = "" if a.part == "all" else f"_{a.part}"
+            rows_path = cache / f"rows_{model_name}{suffix}.json"
+            own = {k: v for k, v in rows.items() if k.startswith(f"{model_name}/")}  # done in any part
+            own.update(load_rows(rows_path))
+            if a.part != "synthetic":
+                run_fashion(model_name, a, own, cache, rows_path, variants)
+            if not a.no_synthetic and a.part != "fashion":
+                run_synthetic(
+                    model_name, a, own, cache, rows_path, [v for v in variants if VARIANTS[v]["icnn"]]
+                )
+            rows.update(own)
+    write_results(rows, a, Path(a.out_dir))
+
+
+if __name__ == "__main__":
+    main()
