@@ -177,7 +177,7 @@ class ICNNHandle:
         self.options = options
         self.layers: list[str] = []
         self.hook_points: dict[str, str] = {}
-        self.last_mi: dict[str, float] = {}
+        self._last_mi: dict[str, Tensor] = {}
         self.epoch = 0
         self.step = 0
         self.frozen = False
@@ -247,7 +247,9 @@ class ICNNHandle:
         out = {}
         for name, site in self._sites.items():
             out[name] = (
-                site.state.categories.clone() if site.state is not None else torch.empty(0, dtype=torch.long)
+                site.state.categories.cpu().clone()
+                if site.state is not None
+                else torch.empty(0, dtype=torch.long)
             )
         return out
 
@@ -282,7 +284,9 @@ class ICNNHandle:
             )
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:
             raise ICNNError(f"targets must hold integer class indices. Got dtype {targets.dtype} instead.")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+        # value checks read the device: on the first step and every 50th, not on every step
+        check = self.step % 50 == 0
+        if check and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
             raise ICNNError(
                 f"targets must be in [0, {self.num_classes}) for num_classes={self.num_classes}. "
                 f"Got values in [{int(targets.min())}, {int(targets.max())}] instead."
@@ -301,7 +305,7 @@ class ICNNHandle:
                     f"targets has {targets.shape[0]} entries but the last forward pass had "
                     f"{maps.shape[0]} images."
                 )
-            if bool((maps.detach() < 0).any()):
+            if (check or site.state is None) and bool((maps.detach() < 0).any()):
                 raise ICNNError(
                     f"The maps of {name!r} have negative values (min {float(maps.detach().min()):.3g}); "
                     "the loss needs feature maps after ReLU: attach to the conv (its ReLU is found) "
@@ -318,11 +322,16 @@ class ICNNHandle:
                 balance=opts["balance"] == "grad",
                 weight=weight,
             )
-            self.last_mi[name] = float(mi.mean())
+            self._last_mi[name] = mi.detach().mean()
             site.maps = None
             total = loss if total is None else total + loss
         self.step += 1
         return total
+
+    @property
+    def last_mi(self) -> dict[str, float]:
+        """Layer name -> mean MI (nats) per filter at the last ``loss`` call (reading it syncs)."""
+        return {k: float(v) for k, v in self._last_mi.items()}
 
     @property
     def skipped_images(self) -> dict[str, int]:

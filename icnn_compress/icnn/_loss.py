@@ -42,7 +42,7 @@ class _InjectGradient(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # the multiplier of the loss in this backward (a GradScaler's scale under AMP): the task
         # gradient measured by the tap carries it too, and balance="grad" must divide it out
-        ctx.state.loss_scale = float(grad_out.detach().abs())
+        ctx.state.loss_scale = grad_out.detach().abs().float()  # a device tensor: no host sync
         return grad_out * grad, None, None, None
 
 
@@ -63,7 +63,7 @@ class _GradientTap(torch.autograd.Function):
 
 
 def approximate_gradient(
-    scores: Tensor, log_z: Tensor, templates: Tensor, template_index: Tensor
+    scores: Tensor, log_z: Tensor, templates: Tensor, template_index: Tensor, weights: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """The paper's dominant-term gradient of ``-MI`` and the per-filter MI estimate.
 
@@ -73,19 +73,24 @@ def approximate_gradient(
         templates: ``(T, P)`` flattened templates.
         template_index: ``T_hat`` per map, ``(N, C)``: the argmax position for images of the
             filter's category, ``T - 1`` (the negative template) otherwise.
+        weights: ``(N,)`` 1 for the images that count, 0 for those left out (non-finite maps);
+            ``None``: all count. The batch mean is over the images that count.
 
     Returns:
         ``(grad, mi)``: ``dLoss/dx`` of shape ``(N, C, P)`` for ``Loss = -sum_c MI_c`` with each
         map weighted ``1/N`` (the batch mean), and the MI estimate ``(C,)`` in nats.
     """
-    n = scores.shape[0]
+    n = scores.shape[0] if weights is None else weights.sum().clamp_min(1.0)
     num_t = templates.shape[0]
     log_pt = log_template_prior(num_t - 1, device=scores.device, dtype=scores.dtype)
     log_px_t = scores - log_z  # log p(x|T), up to the constant log|X|
     log_px = torch.logsumexp(log_px_t + log_pt, dim=2)  # (N, C)
-    mi = (torch.exp(log_pt + log_px_t) * (log_px_t - log_px[..., None])).sum(dim=2).mean(dim=0)
+    per_map = (torch.exp(log_pt + log_px_t) * (log_px_t - log_px[..., None])).sum(dim=2)  # (N, C)
+    mi = per_map.mean(dim=0) if weights is None else (per_map * weights[:, None]).sum(dim=0) / n
     lp_hat = log_px_t.gather(2, template_index[..., None]).squeeze(2)  # (N, C)
     coef = torch.exp(log_pt[template_index] + lp_hat) * (lp_hat - log_px)
+    if weights is not None:
+        coef = coef * weights[:, None]
     grad = -(coef[..., None] * templates[template_index]) / n
     return grad, mi
 
@@ -160,7 +165,8 @@ class FilterLossState:
         self.z_momentum = z_momentum
         self.stat_momentum = stat_momentum
         self.updates = 0
-        self.skipped = 0  # images left out because their maps were not finite
+        self._skipped: Tensor | int = 0  # images left out because their maps were not finite
+        self._assigned = categories == "single"  # categories assigned at least once
         self.log_z: Tensor | None = None  # (C, T)
         self.class_stats = torch.zeros(num_filters, num_classes, dtype=torch.float64)
         self.class_seen = torch.zeros(num_classes, dtype=torch.bool)
@@ -174,56 +180,90 @@ class FilterLossState:
         self.loss_scale = 1.0  # multiplier of the loss seen in the last backward
 
     # ----- task-gradient bookkeeping (balance="grad") -----
+    @property
+    def skipped(self) -> int:
+        """Images left out so far because their maps were not finite (reading it syncs the device)."""
+        return int(self._skipped)
+
     def add_task_gradient(self, sum_sq: Tensor, count: int) -> None:
-        self._pending_sq += sum_sq.to(self._pending_sq)
+        if self._pending_sq.device != sum_sq.device:
+            self._pending_sq = self._pending_sq.to(sum_sq.device)
+        self._pending_sq += sum_sq.to(self._pending_sq.dtype)
         self._pending_count += count
 
     def _consume_task_gradient(self, device: torch.device) -> Tensor | None:
-        packed = torch.cat(
-            [self._pending_sq, torch.tensor([float(self._pending_count)], dtype=torch.float64)]
-        )
-        packed = all_reduce_(packed.to(device)).cpu()
-        self._pending_sq.zero_()
+        """The running mean square of the task gradient per filter, ``(C,)``, on ``device``
+        (``None`` before any task gradient was seen). No host synchronisation."""
+        if self._pending_sq.device != device:
+            self._pending_sq = self._pending_sq.to(device)
+        packed = torch.cat([self._pending_sq, self._pending_sq.new_tensor([float(self._pending_count)])])
+        packed = all_reduce_(packed)
+        seen = self._pending_count > 0  # the same on every rank: each counts its own batch elements
+        self._pending_sq = torch.zeros_like(self._pending_sq)
         self._pending_count = 0
-        if packed[-1] > 0:
-            ms = packed[:-1] / packed[-1] / max(self.loss_scale, 1e-30) ** 2
-            self.task_grad_ms = ms if self.task_grad_ms is None else 0.9 * self.task_grad_ms + 0.1 * ms
+        if seen:
+            scale = torch.as_tensor(self.loss_scale, device=device, dtype=torch.float64).clamp_min(1e-30)
+            ms = packed[:-1] / packed[-1] / scale**2
+            if self.task_grad_ms is None:
+                self.task_grad_ms = ms
+            else:
+                self.task_grad_ms = 0.9 * self.task_grad_ms.to(device) + 0.1 * ms
         return self.task_grad_ms
 
     # ----- statistics -----
-    def update_categories(self, per_image: Tensor, targets: Tensor) -> None:
-        """Fold one batch of per-image statistics ``(N, C)`` into the class statistics."""
+    def update_categories(self, per_image: Tensor, targets: Tensor, weights: Tensor | None = None) -> None:
+        """Fold one batch of per-image statistics ``(N, C)`` into the class statistics (on the
+        device of ``per_image``; no host synchronisation except the balanced re-assignment).
+        ``weights``: ``(N,)`` 1 for the images that count, 0 for those left out."""
         k = self.num_classes
+        device = per_image.device
+        if self.class_stats.device != device:
+            self.class_stats = self.class_stats.to(device)
+            self.class_seen = self.class_seen.to(device)
+            self.categories = self.categories.to(device)
         onehot = torch.nn.functional.one_hot(targets, k).to(per_image.dtype)  # (N, K)
+        if weights is not None:
+            onehot = onehot * weights[:, None].to(onehot.dtype)
         packed = torch.cat([per_image.t() @ onehot, onehot.sum(0, keepdim=True)], dim=0).double()
-        packed = all_reduce_(packed).cpu()
+        packed = all_reduce_(packed)
         sums, counts = packed[:-1], packed[-1]
         present = counts > 0
-        mean = sums[:, present] / counts[present]
+        mean = sums / counts.clamp_min(1.0)
         m = self.stat_momentum
-        fresh = present & ~self.class_seen
-        old = present & self.class_seen
-        self.class_stats[:, fresh] = sums[:, fresh] / counts[fresh]
-        self.class_stats[:, old] = (1 - m) * self.class_stats[:, old] + m * mean[:, old[present]]
-        self.class_seen |= present
-        if self.mode != "single" and (
-            self.updates % self.refresh_every == 0 or bool((self.categories < 0).any())
-        ):
-            self.categories = assign_categories(self.class_stats, self.mode)
+        fresh = (present & ~self.class_seen)[None, :]
+        old = (present & self.class_seen)[None, :]
+        blended = (1 - m) * self.class_stats + m * mean
+        self.class_stats = torch.where(fresh, mean, torch.where(old, blended, self.class_stats))
+        self.class_seen = self.class_seen | present
+        if self.mode != "single" and (self.updates % self.refresh_every == 0 or not self._assigned):
+            self.categories = assign_categories(self.class_stats, self.mode).to(device)
+            self._assigned = True
 
-    def update_log_z(self, scores: Tensor) -> Tensor:
-        """Fold one batch of scores ``(N, C, T)`` into the running ``log Z_T``; returns it."""
+    def update_log_z(self, scores: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Fold one batch of scores ``(N, C, T)`` into the running ``log Z_T``; returns it.
+        ``weights``: ``(N,)`` 1 for the images that count, 0 for those left out (a batch where none
+        counts leaves the estimate as it was)."""
         with torch.no_grad():
             peak = all_reduce_(scores.amax(dim=0), "max")
-            count = scores.new_tensor([scores.shape[0]])
-            packed = torch.cat([torch.exp(scores - peak).sum(dim=0).flatten(), count])
-            packed = all_reduce_(packed)
-            batch = peak + torch.log(packed[:-1].view_as(peak)) - math.log(float(packed[-1]))
+            e = torch.exp(scores - peak)
+            if weights is None:
+                count = scores.new_tensor([scores.shape[0]])
+            else:
+                e = e * weights[:, None, None]
+                count = weights.sum().reshape(1).to(scores.dtype)
+            packed = all_reduce_(torch.cat([e.sum(dim=0).flatten(), count]))
+            total = packed[-1]
+            batch = (
+                peak + torch.log(packed[:-1].view_as(peak).clamp_min(1e-38)) - torch.log(total.clamp_min(1.0))
+            )
             m = self.z_momentum
             if self.log_z is None or self.log_z.shape != batch.shape or m >= 1:
-                self.log_z = batch
+                new = batch
+                old = batch if self.log_z is None or self.log_z.shape != batch.shape else self.log_z.to(batch)
             else:
-                self.log_z = torch.logaddexp(self.log_z.to(batch) + math.log1p(-m), batch + math.log(m))
+                old = self.log_z.to(batch)
+                new = torch.logaddexp(old + math.log1p(-m), batch + math.log(m))
+            self.log_z = torch.where(total > 0, new, old)
         return self.log_z
 
     # ----- the loss -----
@@ -250,49 +290,43 @@ class FilterLossState:
             ``(loss, mi)``: a float32 scalar whose value is ``-weight * sum_f MI_f`` and whose
             backward is the (weighted or balanced) approximate gradient, and the MI estimate ``(C,)``.
         """
-        n_all, c, h, w = maps.shape
+        n, c, h, w = maps.shape
         x = maps.detach().float()
-        # an image whose maps hold NaN/inf (a bad pixel, an overflow) is left out and counted; the
-        # running estimates never see it, and its maps get no filter-loss gradient
-        finite = torch.isfinite(x).flatten(1).all(dim=1)
-        keep = None
-        if not bool(finite.all()):
-            self.skipped += int((~finite).sum())
-            if not bool(finite.any()):
-                value = torch.zeros((), device=maps.device)
-                loss = _InjectGradient.apply(maps, value, torch.zeros_like(maps), self)
-                return loss, torch.zeros(c, device=maps.device)
-            keep = finite
-            x, targets = x[keep], targets[keep]
-        n = x.shape[0]
+        # an image whose maps hold NaN/inf (a bad pixel, an overflow) gets weight 0: the running
+        # estimates never see it, its maps get no filter-loss gradient, and it is counted. Done
+        # with weights rather than indexing, so the step never waits for the device.
+        finite = torch.isfinite(x).flatten(1).all(dim=1)  # (N,)
+        weights = finite.to(torch.float32)
+        x = torch.where(finite[:, None, None, None], x, torch.zeros((), device=x.device))
+        self._skipped = self._skipped + (~finite).sum()
         # the statistics need float32 even under autocast (exp/log-sum-exp of template scores)
         with torch.no_grad(), torch.autocast(maps.device.type, enabled=False):
             flat = x.reshape(n, c, h * w)
             peak_val, peak_idx = flat.max(dim=2)  # (N, C)
-            self.update_categories(x.sum(dim=(2, 3)) if self.category_stat == "sum" else peak_val, targets)
+            stat = x.sum(dim=(2, 3)) if self.category_stat == "sum" else peak_val
+            self.update_categories(stat, targets, weights)
+            valid = weights.sum().reshape(1)
             if normalize:
-                packed = all_reduce_(torch.cat([peak_val.sum(0), peak_val.new_tensor([n])]))
-                scale = (packed[:-1] / packed[-1]).clamp_min(1e-6)  # (C,) batch mean of max x
+                packed = all_reduce_(torch.cat([(peak_val * weights[:, None]).sum(0), valid]))
+                scale = (packed[:-1] / packed[-1].clamp_min(1.0)).clamp_min(1e-6)  # (C,) mean of max x
             else:
                 scale = torch.ones(c, device=x.device)
             xn = x / scale[None, :, None, None]
             templates = cached_templates(h, w, tau, beta, x.device)
             scores = template_scores(xn, templates)
-            log_z = self.update_log_z(scores)
+            log_z = self.update_log_z(scores, weights)
             cats = self.categories.to(x.device)
             own = targets[:, None] == cats[None, :]
             t_hat = torch.where(own, peak_idx, torch.full_like(peak_idx, h * w))
-            grad, mi = approximate_gradient(scores, log_z, templates, t_hat)
+            grad, mi = approximate_gradient(scores, log_z, templates, t_hat, weights)
             grad = grad.reshape(n, c, h, w) / scale[None, :, None, None]
             if balance:
                 task_ms = self._consume_task_gradient(x.device)
                 if task_ms is None:  # no task gradient seen yet: no filter-loss gradient this step
                     factor = torch.zeros(c, device=x.device)
                 else:
-                    own_ms = all_reduce_(
-                        torch.cat([grad.pow(2).sum(dim=(0, 2, 3)), grad.new_tensor([n * h * w])])
-                    )
-                    own_rms = (own_ms[:-1] / own_ms[-1]).sqrt().clamp_min(1e-30)
+                    own_ms = all_reduce_(torch.cat([grad.pow(2).sum(dim=(0, 2, 3)), valid * (h * w)]))
+                    own_rms = (own_ms[:-1] / own_ms[-1].clamp_min(1.0)).sqrt().clamp_min(1e-30)
                     factor = weight * task_ms.to(x.device).float().sqrt() / own_rms
             else:
                 factor = torch.full((c,), float(weight), device=x.device)
@@ -300,10 +334,6 @@ class FilterLossState:
             # reported value: -lambda * sum_f MI_f (float32: lambda * MI can exceed float16's range)
             value = -float(weight) * mi.sum()
         self.updates += 1
-        if keep is not None:
-            full = grad.new_zeros((n_all, c, h, w))
-            full[keep] = grad
-            grad = full
         loss = _InjectGradient.apply(maps, value, grad.to(maps.dtype), self)
         return loss, mi
 
@@ -315,14 +345,15 @@ class FilterLossState:
         return {
             "updates": self.updates,
             "skipped": self.skipped,
+            "assigned": self._assigned,
             "log_z": None if self.log_z is None else self.log_z.detach().cpu(),
-            "class_stats": self.class_stats.clone(),
-            "class_seen": self.class_seen.clone(),
-            "categories": self.categories.clone(),
-            "task_grad_ms": None if self.task_grad_ms is None else self.task_grad_ms.clone(),
-            "pending_sq": self._pending_sq.clone(),
+            "class_stats": self.class_stats.detach().cpu().clone(),
+            "class_seen": self.class_seen.cpu().clone(),
+            "categories": self.categories.cpu().clone(),
+            "task_grad_ms": None if self.task_grad_ms is None else self.task_grad_ms.cpu().clone(),
+            "pending_sq": self._pending_sq.cpu().clone(),
             "pending_count": self._pending_count,
-            "loss_scale": self.loss_scale,
+            "loss_scale": float(self.loss_scale),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -332,7 +363,8 @@ class FilterLossState:
                 f"this layer has {tuple(self.class_stats.shape)}."
             )
         self.updates = int(state["updates"])
-        self.skipped = int(state.get("skipped", 0))
+        self._skipped = int(state.get("skipped", 0))
+        self._assigned = bool(state.get("assigned", bool((state["categories"] >= 0).all())))
         self.log_z = state["log_z"]
         self.class_stats = state["class_stats"].clone()
         self.class_seen = state["class_seen"].clone()
