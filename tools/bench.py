@@ -6,9 +6,11 @@
 
 Stages: the Fashion-MNIST baselines (trained once, cached in runs/baselines), the loss's
 training-step overhead, interpretability on synthetic parts, ONNX Runtime latency, the pruning
-criteria, then ``tools/bench_summary.py`` (results/summary.json, results/summary.md, the
-accuracy-vs-latency plot and, for the full run, the table in README.md). Every stage caches what
-it trains under runs/ and the criteria stage resumes row by row, so a re-run skips finished work.
+criteria, where the loss's accuracy cost comes from (bench_icnn_cost.py) and the interpretable route
+over two independently trained bases (bench_route.py), then ``tools/bench_summary.py``
+(results/summary.json, results/summary.md, the accuracy-vs-latency plot and, for the full run,
+the table in README.md). Every stage caches what it trains under runs/ and the criteria, cost and
+route stages resume row by row, so a re-run skips finished work.
 The full run writes into tools/results/, ``--quick`` into tools/results/quick/ (and never touches
 the README). Before each stage the time left is estimated from the last run's stage times
 (tools/results[/quick]/bench_timings.json), or from built-in guesses on a first run.
@@ -128,6 +130,58 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
                 "10",
                 "--cache",
                 "runs/bench_criteria_quick",
+                "--out-dir",
+                "{results}",
+            ]
+        ],
+        (5400.0, 300.0),
+    ),
+    "icnn_cost": (  # the published numbers use the script's --quick budget (see its docstring)
+        [
+            ["&", "bench_icnn_cost.py", "--quick", "--part", "fashion", "--models", "vgg_small"],
+            ["&", "bench_icnn_cost.py", "--quick", "--part", "fashion", "--models", "resnet_cifar20"],
+            ["bench_icnn_cost.py", "--quick", "--part", "synthetic"],
+            ["bench_icnn_cost.py", "--quick", "--write-only", "--out-dir", "{results}"],
+        ],
+        [
+            [
+                "bench_icnn_cost.py",
+                "--quick",
+                "--models",
+                "resnet_cifar20",
+                "--variants",
+                "plain@e1,full@e1,top1@e1",
+                "--bases",
+                "1",
+                "--no-synthetic",
+                "--cache",
+                "runs/bench_icnn_cost_smoke",
+                "--out-dir",
+                "{results}",
+            ]
+        ],
+        (5400.0, 300.0),
+    ),
+    "route": (
+        [
+            ["&", "bench_route.py", "--quick", "--models", "vgg_small"],
+            ["&", "bench_route.py", "--quick", "--models", "resnet_cifar20"],
+            ["bench_route.py", "--quick", "--write-only", "--out-dir", "{results}"],
+        ],
+        [
+            [
+                "bench_route.py",
+                "--quick",
+                "--models",
+                "resnet_cifar20",
+                "--criteria",
+                "icnn-cluster@top1@e1,l2@plain@e1",
+                "--levels",
+                "2x",
+                "--bases",
+                "1",
+                "--cache",
+                "runs/bench_icnn_cost_smoke",
                 "--out-dir",
                 "{results}",
             ]

@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict] = {
     "top1-loss-only@e1": dict(icnn=True, mask=False, weight=0.5, layers=1, epochs=1),
     "mask-b1@e1": dict(icnn=True, mask=True, weight=0.5, layers=2, beta=1.0, epochs=1),
     "top1-b1@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, beta=1.0, epochs=1),
+    "top1-b2@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, beta=2.0, epochs=1),
     "centroid@e1": dict(icnn=True, mask=True, weight=0.5, layers=2, centre="centroid", epochs=1),
     "plain@e3": dict(icnn=False, epochs=3),
     "loss-only@e3": dict(icnn=True, mask=False, weight=0.5, layers=2, epochs=3),

@@ -91,7 +91,8 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0, le=1)
     clip_grad_norm: float | None = Field(None, gt=0, le=1e6)
     distill: DistillConfig = Field(
-        default_factory=DistillConfig, description="teacher: the model before the fine-tune"
+        default_factory=lambda: DistillConfig(enabled=False),
+        description="teacher: the model before the fine-tune (off: it cost accuracy with the masks)",
     )
 
 
