@@ -331,7 +331,7 @@ def main() -> None:
         help="bases of 4 epochs x 20000 images, fine-tune epochs of 5000 images, 5000 test images",
     )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", default="runs/bench_icnn_cost")
+    p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / "runs" / "bench_icnn_cost"))
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--write-only", action="store_true")
     p.add_argument(
@@ -367,6 +367,8 @@ def main() -> None:
                     model_name, a, own, cache, rows_path, [v for v in variants if VARIANTS[v]["icnn"]]
                 )
             rows.update(own)
+    if not rows:
+        raise SystemExit(f"no results in {cache}: nothing written (run without --write-only first)")
     write_results(rows, a, Path(a.out_dir))
 
 

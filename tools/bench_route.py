@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=10000)
     p.add_argument("--quick", action="store_true", help="the quick budget of bench_icnn_cost.py")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", default="runs/bench_icnn_cost")
+    p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / "runs" / "bench_icnn_cost"))
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--write-only", action="store_true")
     a = p.parse_args()
@@ -146,6 +146,8 @@ def main() -> None:
             own = {k: v for k, v in rows.items() if k.startswith(f"{model_name}/")}
             run_model(model_name, a, own, cache, rows_path)
             rows.update(own)
+    if not rows:
+        raise SystemExit(f"no results in {cache}: nothing written (run without --write-only first)")
     summary = summarise(rows, a)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
