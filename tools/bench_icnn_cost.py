@@ -12,7 +12,9 @@ order): a negative cost is a gain. Variants:
 * ``mask-only``: masks in the forward pass, loss weight 0; ``loss-only``: the loss without masks;
 * ``top1``: masks + loss on the top layer only (the paper's choice);
 * ``w0.1``: loss weight 0.1; ``+kd``: distillation from the base (weight 0.5, T=4);
-* ``@eN``: N fine-tune epochs of ``--ft-images`` images each.
+* ``@eN``: N fine-tune epochs of ``--ft-images`` images each;
+* ``top1+unmask``: ``top1`` for one epoch, then one epoch with the masks switched off (the loss
+  stays): the deployed model has no masks.
 
 The price in interpretability of each variant is measured on synthetic parts: the same variant
 fine-tunes a plain synthetic-parts base of the same architecture, and the location instability of
@@ -59,6 +61,8 @@ VARIANTS: dict[str, dict] = {
     "top1-b1@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, beta=1.0, epochs=1),
     "top1-b2@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, beta=2.0, epochs=1),
     "centroid@e1": dict(icnn=True, mask=True, weight=0.5, layers=2, centre="centroid", epochs=1),
+    "plain@e2": dict(icnn=False, epochs=2),
+    "top1+unmask@e2": dict(icnn=True, mask=True, weight=0.5, layers=1, epochs=1, unmask_epochs=1),
     "plain@e3": dict(icnn=False, epochs=3),
     "loss-only@e3": dict(icnn=True, mask=False, weight=0.5, layers=2, epochs=3),
     "full@e3": dict(icnn=True, mask=True, weight=0.5, layers=2, epochs=3),
@@ -131,6 +135,17 @@ def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
         distill=distill,
         progress=False,
     ).fit()
+    if handle is not None and spec.get("unmask_epochs"):  # then without the masks; the loss stays
+        handle.set_masks(False)
+        ic.Trainer(
+            model,
+            subset_loader(dataset, a.ft_images, 20_000 + seed),
+            epochs=spec["unmask_epochs"],
+            lr=a.ft_lr,
+            seed=seed,
+            extra_loss=handle.loss,
+            progress=False,
+        ).fit()
     if handle is not None:
         handle.freeze()
     return model.eval(), handle, layers
@@ -186,7 +201,7 @@ def run_synthetic(model_name: str, a, rows: dict, cache: Path, rows_path: Path, 
         if key in rows:
             continue
         spec = VARIANTS[v]
-        ref_spec = {**spec, "icnn": False}
+        ref_spec = VARIANTS[plain_of(v)]
         t0 = time.perf_counter()
         model, handle, layers = fine_tune(base, spec, train_ds, a.syn_classes, _SynArgs(a), 0)
         sigs = filter_signatures(

@@ -328,6 +328,13 @@ class ICNNHandle:
         self.step += 1
         return total
 
+    def set_masks(self, enabled: bool) -> None:
+        """Switch every mask of this handle on or off (before or after ``freeze``). Off, a mask is
+        an identity in the forward pass while the loss still sees the maps: e.g. train with the
+        masks, then continue without them so that the deployed model keeps all its activations."""
+        for site in self._sites.values():
+            site.mask.enabled = bool(enabled)
+
     @property
     def last_mi(self) -> dict[str, float]:
         """Layer name -> mean MI (nats) per filter at the last ``loss`` call (reading it syncs)."""
