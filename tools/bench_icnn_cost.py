@@ -14,7 +14,7 @@ order): a negative cost is a gain. Variants:
 * ``w0.1``: loss weight 0.1; ``+kd``: distillation from the base (weight 0.5, T=4);
 * ``@eN``: N fine-tune epochs of ``--ft-images`` images each;
 * ``top1+unmask``: ``top1`` for one epoch, then one epoch with the masks switched off (the loss
-  stays): the deployed model has no masks.
+  stays; ``-ce``: cross-entropy only): the deployed model has no masks.
 
 The price in interpretability of each variant is measured on synthetic parts: the same variant
 fine-tunes a plain synthetic-parts base of the same architecture, and the location instability of
@@ -63,6 +63,9 @@ VARIANTS: dict[str, dict] = {
     "centroid@e1": dict(icnn=True, mask=True, weight=0.5, layers=2, centre="centroid", epochs=1),
     "plain@e2": dict(icnn=False, epochs=2),
     "top1+unmask@e2": dict(icnn=True, mask=True, weight=0.5, layers=1, epochs=1, unmask_epochs=1),
+    "top1+unmask-ce@e2": dict(
+        icnn=True, mask=True, weight=0.5, layers=1, epochs=1, unmask_epochs=1, unmask_loss=False
+    ),
     "plain@e3": dict(icnn=False, epochs=3),
     "loss-only@e3": dict(icnn=True, mask=False, weight=0.5, layers=2, epochs=3),
     "full@e3": dict(icnn=True, mask=True, weight=0.5, layers=2, epochs=3),
@@ -143,7 +146,7 @@ def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
             epochs=spec["unmask_epochs"],
             lr=a.ft_lr,
             seed=seed,
-            extra_loss=handle.loss,
+            extra_loss=handle.loss if spec.get("unmask_loss", True) else None,
             progress=False,
         ).fit()
     if handle is not None:

@@ -121,6 +121,7 @@ class RunContext:
             "beta": c.beta,
             "centre": c.centre,
             "categories": c.categories,
+            "mask": c.unmask_epochs == 0,  # the saved model's masks: off when the last epochs ran without
         }
         return {"layers": layers, "num_classes": self.recipe.data.num_classes, "options": options}
 
@@ -171,6 +172,11 @@ class RunContext:
                 f"{str(exc).splitlines()[0] if str(exc) else ''})."
             ) from None
         self._check_layers(model)
+        if r.icnn.enabled and r.icnn.unmask_epochs > r.finetune.epochs:
+            raise ConfigError(
+                f"icnn.unmask_epochs ({r.icnn.unmask_epochs}) must be at most finetune.epochs "
+                f"({r.finetune.epochs})."
+            )
         train_dl, _ = self.loaders()
         if training and (r.finetune.epochs > 0 or r.recover.epochs > 0) and len(train_dl) == 0:
             raise ConfigError(

@@ -70,6 +70,13 @@ class ICNNConfig(_Strict):
     beta: float = Field(4.0, gt=0, le=1000)
     centre: Literal["argmax", "centroid"] = "argmax"
     categories: Literal["multi", "balanced", "single"] = "multi"
+    unmask_epochs: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="the last N fine-tune epochs run with the masks off and without the loss "
+        "(the deployed model has no masks); 0: masks throughout",
+    )
 
 
 class DistillConfig(_Strict):

@@ -33,14 +33,16 @@ __all__ = [
 Output = tuple[list[str], dict]
 
 
-def _train(ctx: RunContext, model: nn.Module, out: Path, key: str, stage: str, **kwargs) -> list[dict]:
-    """Fit ``model`` with the recipe's data, checkpointing into ``out/train`` (resumable under ``key``)."""
+def _train(
+    ctx: RunContext, model: nn.Module, out: Path, key: str, stage: str, subdir: str = "train", **kwargs
+) -> list[dict]:
+    """Fit ``model`` with the recipe's data, checkpointing into ``out/<subdir>`` (resumable under ``key``)."""
     train_dl, val_dl = ctx.loaders()
     trainer = ic.Trainer(
         model,
         train_dl,
         val_dl,
-        out_dir=out / "train",
+        out_dir=out / subdir,
         resume=True,
         run_key=key,
         device=ctx.device,
@@ -58,24 +60,37 @@ def finetune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     f = ctx.recipe.finetune
     teacher = ic.frozen_copy(model) if f.distill.enabled and f.epochs > 0 else None  # before the masks
     spec = ctx.icnn_spec(model)
-    handle = ic.attach_icnn(model, spec["layers"], spec["num_classes"], **spec["options"]) if spec else None
-    info: dict = {"icnn": spec, "distill": teacher is not None}
-    if f.epochs > 0:
-        info["history"] = _train(
+    handle = None
+    if spec:  # the masks are on while the loss trains; off for the last icnn.unmask_epochs epochs
+        handle = ic.attach_icnn(
+            model, spec["layers"], spec["num_classes"], **{**spec["options"], "mask": True}
+        )
+    info: dict = {"icnn": spec, "distill": teacher is not None, "history": []}
+    unmasked = ctx.recipe.icnn.unmask_epochs if handle is not None else 0
+    common = dict(
+        lr=f.lr,
+        optimizer=f.optimizer,
+        schedule=f.schedule,
+        lr_end=f.lr_end,
+        weight_decay=f.weight_decay,
+        clip_grad_norm=f.clip_grad_norm,
+        distill=_distill(teacher, f.distill),
+    )
+    if f.epochs - unmasked > 0:
+        info["history"] += _train(
             ctx,
             model,
             out,
             key,
             "finetune",
-            epochs=f.epochs,
-            lr=f.lr,
-            optimizer=f.optimizer,
-            schedule=f.schedule,
-            lr_end=f.lr_end,
-            weight_decay=f.weight_decay,
-            clip_grad_norm=f.clip_grad_norm,
+            epochs=f.epochs - unmasked,
             extra_loss=handle.loss if handle else None,
-            distill=_distill(teacher, f.distill),
+            **common,
+        )
+    if unmasked > 0:
+        handle.set_masks(False)
+        info["history"] += _train(
+            ctx, model, out, key, "finetune", subdir="train_unmasked", epochs=unmasked, **common
         )
     if handle is not None:
         info["filter_categories"] = {k: v.tolist() for k, v in handle.filter_categories.items()}

@@ -9,7 +9,7 @@ from filelock import FileLock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from icnn_compress import Trainer
+from icnn_compress import ConfigError, Trainer
 from icnn_compress.cli import main
 from icnn_compress.recipe import MARKER, load_recipe
 
@@ -174,3 +174,25 @@ def test_compare_prunes_the_same_finetuned_model_with_each_criterion(recipe, tmp
     assert "icnn-cluster" in capsys.readouterr().out
     code = main(["compare", str(recipe), "--criteria", "l1,nope", "--out", str(out)])
     assert code == 2 and "unknown criteria" in capsys.readouterr().err
+
+
+def test_unmask_epochs_train_the_last_epochs_without_masks(tmp_path):
+    from icnn_compress.icnn import ICNNMask
+    from icnn_compress.prune import load_pruned
+    from icnn_compress.recipe import Runner
+
+    data = json.loads(json.dumps(TINY))
+    data["icnn"]["unmask_epochs"] = 1
+    run = tmp_path / "u"
+    runner = Runner(load_recipe(data), run, stages=["finetune", "prune", "recover"], progress=False)
+    runner.run()
+    manifest = json.loads((run / "1_finetune" / "manifest.json").read_text())
+    assert len(manifest["info"]["history"]) == 2 and (run / "1_finetune" / "train_unmasked").is_dir()
+    model, _ = runner.finetuned_model()
+    masks = [m for m in model.modules() if isinstance(m, ICNNMask)]
+    assert masks and not any(m.enabled for m in masks)
+    pruned, _ = load_pruned(run / "4_recover" / "recovered.pt")
+    assert not any(m.enabled for m in pruned.modules() if isinstance(m, ICNNMask))
+    data["icnn"]["unmask_epochs"] = 3
+    with pytest.raises(ConfigError, match="unmask_epochs"):
+        Runner(load_recipe(data), tmp_path / "bad", progress=False).check()
