@@ -115,7 +115,8 @@ def main() -> None:
     p.add_argument("--models", default="vgg_small,resnet_cifar20")
     p.add_argument(
         "--criteria",
-        default="icnn-cluster@top1@e1,icnn-cluster@plain@e1,l2@plain@e1",
+        default="icnn-cluster@top1@e1,icnn-cluster@plain@e1,l2@plain@e1,icnn-cluster@top1+unmask-ce@e2,"
+        "icnn-cluster@plain@e2",
         help="criterion@variant entries (variants of bench_icnn_cost.py; top1@e1: attach_icnn defaults)",
     )
     p.add_argument("--levels", default="2x,3x,4x")
