@@ -202,7 +202,7 @@ def _cmd_export(a) -> int:
     import torch
 
     from icnn_compress.export import export_onnx
-    from icnn_compress.prune import load_pruned, read_pruned_record
+    from icnn_compress.prune import read_pruned_record, rebuild_pruned
 
     src, dst = Path(a.pruned), Path(a.onnx)
     if _same_file(src, dst):
@@ -211,8 +211,8 @@ def _cmd_export(a) -> int:
         raise _Usage(f"the output {a.onnx!r} must end in .onnx")
     if dst.is_dir():
         raise _Usage(f"the output {a.onnx!r} is a directory")
-    model, meta = load_pruned(src)
     record = read_pruned_record(src)
+    model, meta = rebuild_pruned(record), json.loads(record["metadata"])
     example = torch.rand(1, *record["input_shape"], generator=torch.Generator().manual_seed(0))
     res = export_onnx(model.eval(), dst, example, opset=a.opset, metadata={"source": str(src), **meta})
     print(

@@ -15,7 +15,7 @@ from icnn_compress.prune._criteria import (
 )
 from icnn_compress.prune._engine import PruneResult, Target, TargetError, prune_filters, prune_model
 from icnn_compress.prune._gradual import GradualPruning, gradual_schedule
-from icnn_compress.prune._io import load_pruned, read_pruned_record, save_pruned
+from icnn_compress.prune._io import load_pruned, read_pruned_record, rebuild_pruned, save_pruned
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "prune_filters",
     "prune_model",
     "read_pruned_record",
+    "rebuild_pruned",
     "reestimate_batchnorm",
     "register_criterion",
     "save_pruned",

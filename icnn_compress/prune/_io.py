@@ -12,7 +12,7 @@ from torch import nn
 from icnn_compress._artefact import load_artefact, save_artefact
 from icnn_compress.errors import DataError
 
-__all__ = ["FORMAT", "load_pruned", "read_pruned_record", "save_pruned"]
+__all__ = ["FORMAT", "load_pruned", "read_pruned_record", "rebuild_pruned", "save_pruned"]
 
 FORMAT = "icnn-compress-pruned/1"
 
@@ -57,8 +57,8 @@ def load_pruned(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Modu
     The file's checksum is verified first; a missing, corrupt, tampered or non-weights file raises
     ``DataError`` (one line) and nothing in it is executed (``weights_only=True``).
     """
-    model, record = _rebuild(read_pruned_record(path, map_location=map_location))
-    return model, json.loads(record["metadata"])
+    record = read_pruned_record(path, map_location=map_location)
+    return rebuild_pruned(record), json.loads(record["metadata"])
 
 
 def read_pruned_record(path: str | os.PathLike, *, map_location="cpu") -> dict:
@@ -71,7 +71,8 @@ def read_pruned_record(path: str | os.PathLike, *, map_location="cpu") -> dict:
     return record
 
 
-def _rebuild(record: dict) -> tuple[nn.Module, dict]:
+def rebuild_pruned(record: dict) -> nn.Module:
+    """The model of a verified ``read_pruned_record`` record (``load_pruned`` without reading twice)."""
     from icnn_compress import models
     from icnn_compress.icnn import attach_icnn
 
@@ -92,4 +93,4 @@ def _rebuild(record: dict) -> tuple[nn.Module, dict]:
         if leaf == "bias" and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None:
             m.bias = nn.Parameter(torch.zeros_like(state[key]))
     model.load_state_dict(state)
-    return model, record
+    return model

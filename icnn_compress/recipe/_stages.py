@@ -203,10 +203,10 @@ def prune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
 
 def recover(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     """Fine-tune the pruned model briefly -> ``recovered.pt`` (a copy of it with ``epochs: 0``)."""
-    from icnn_compress.prune import load_pruned, read_pruned_record
+    from icnn_compress.prune import read_pruned_record, rebuild_pruned
 
-    src = run.stage_dir("prune") / "pruned.pt"
-    model, meta = load_pruned(src)
+    record = read_pruned_record(run.stage_dir("prune") / "pruned.pt")
+    model, meta = rebuild_pruned(record), json.loads(record["metadata"])
     r = ctx.recipe.recover
     info: dict = {"distill": r.distill.enabled and r.epochs > 0}
     if r.epochs > 0:
@@ -214,7 +214,6 @@ def recover(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         info["history"] = _train(
             ctx, model, out, key, "recover", epochs=r.epochs, lr=r.lr, distill=_distill(teacher, r.distill)
         )
-    record = read_pruned_record(src)
     history = [tuple(h) for h in json.loads(record["history"])]
     spec = json.loads(record["icnn"]) if record["icnn"] else None
     _save_pruned(ctx, model, history, out / "recovered.pt", spec, meta)
