@@ -73,6 +73,18 @@ VARIANTS: dict[str, dict] = {
 CACHE_VERSION = 1
 
 
+QUICK_BUDGET = {"base_epochs": 4, "base_images": 20000, "ft_images": 5000, "eval_size": 5000}
+
+
+def apply_budget(a: argparse.Namespace) -> Path:
+    """Apply ``--quick`` (``QUICK_BUDGET``) and ``--threads``; returns the cache folder of the budget."""
+    if a.quick:
+        for k, v in QUICK_BUDGET.items():
+            setattr(a, k, v)
+    torch.set_num_threads(a.threads)
+    return Path(a.cache) / ("quick" if a.quick else "full")
+
+
 def plain_of(variant: str) -> str:
     """The plain fine-tune with the same epochs (the reference of a variant's cost)."""
     return "plain@" + variant.split("@")[1]
@@ -359,11 +371,9 @@ def main() -> None:
         help="run only one half (parallel runs)",
     )
     a = p.parse_args()
+    cache = apply_budget(a)
     if a.quick:
-        a.base_epochs, a.base_images, a.ft_images, a.eval_size = 4, 20000, 5000, 5000
         a.syn_train, a.syn_base_epochs, a.syn_ft_images = 4000, 3, 2000
-    torch.set_num_threads(a.threads)
-    cache = Path(a.cache) / ("quick" if a.quick else "full")
     cache.mkdir(parents=True, exist_ok=True)
     variants = a.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]

@@ -22,7 +22,16 @@ from pathlib import Path
 
 import torch
 from _common import command_line
-from bench_icnn_cost import VARIANTS, fine_tune, load_rows, save_rows, subset_loader, top1, train_base
+from bench_icnn_cost import (
+    VARIANTS,
+    apply_budget,
+    fine_tune,
+    load_rows,
+    save_rows,
+    subset_loader,
+    top1,
+    train_base,
+)
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 import icnn_compress as ic
@@ -133,10 +142,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--write-only", action="store_true")
     a = p.parse_args()
-    if a.quick:
-        a.base_epochs, a.base_images, a.ft_images, a.eval_size = 4, 20000, 5000, 5000
-    torch.set_num_threads(a.threads)
-    cache = Path(a.cache) / ("quick" if a.quick else "full")
+    cache = apply_budget(a)
     cache.mkdir(parents=True, exist_ok=True)
     rows: dict = {}
     for path in sorted(cache.glob("route_*.json")):
