@@ -18,6 +18,8 @@ from icnn_compress.icnn import attach_icnn
 from icnn_compress.measure import ort_accuracy
 from icnn_compress.prune import Target, prune_filters, prune_model
 
+from ..export.test_export_measure import Branchy  # data-dependent control flow
+
 
 def _data(n=32, size=16, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -60,18 +62,6 @@ def test_numpy_indices_are_accepted_by_prune_filters():
     assert res.model.features[0].out_channels == model.features[0].out_channels - 2
     res = prune_filters(model, x[:1], "features.0", [np.int32(1)], inplace=False)
     assert res.removed == {"features.0": [1]}
-
-
-class Branchy(nn.Module):
-    """Data-dependent control flow that a positive example never exercises."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-
-    def forward(self, x):
-        y = self.conv(x).mean(dim=(2, 3))
-        return y * 2 if float(x.sum()) > 0 else y * -3
 
 
 def test_export_parity_uses_negated_and_zero_inputs_and_forwards_tracer_warnings(tmp_path):
