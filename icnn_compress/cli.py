@@ -223,6 +223,7 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_bench(a) -> int:
+    from icnn_compress.errors import DataError, IcnnCompressError
     from icnn_compress.measure import ort_latency, ort_session
 
     batches = _int_list(a.batch_sizes, "--batch-sizes")
@@ -234,11 +235,9 @@ def _cmd_bench(a) -> int:
     for b in batches:
         try:
             s = ort_latency(a.onnx, b, input_shape=shape, session=sess, repeats=a.repeats, threads=a.threads)
+        except IcnnCompressError:
+            raise
         except Exception as exc:  # ONNX Runtime's own errors (a wrong input shape, ...)
-            from icnn_compress.errors import DataError
-
-            if isinstance(exc, (DataError, _Usage)) or type(exc).__module__.startswith("icnn_compress"):
-                raise
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise DataError(f"ONNX Runtime could not run {a.onnx!r} at batch {b}: {first}") from None
         print(f"{b:>5} {s.median_ms:>10.3f} {s.p90_ms:>8.3f}  {s.provider} ({a.threads} threads)")

@@ -257,12 +257,9 @@ class FilterLossState:
                 peak + torch.log(packed[:-1].view_as(peak).clamp_min(1e-38)) - torch.log(total.clamp_min(1.0))
             )
             m = self.z_momentum
-            if self.log_z is None or self.log_z.shape != batch.shape or m >= 1:
-                new = batch
-                old = batch if self.log_z is None or self.log_z.shape != batch.shape else self.log_z.to(batch)
-            else:
-                old = self.log_z.to(batch)
-                new = torch.logaddexp(old + math.log1p(-m), batch + math.log(m))
+            fresh = self.log_z is None or self.log_z.shape != batch.shape
+            old = batch if fresh else self.log_z.to(batch)
+            new = batch if fresh or m >= 1 else torch.logaddexp(old + math.log1p(-m), batch + math.log(m))
             self.log_z = torch.where(total > 0, new, old)
         return self.log_z
 

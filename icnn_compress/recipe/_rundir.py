@@ -94,9 +94,10 @@ class RunDirectory:
         for parent in p.absolute().parents:
             if parent.exists() and not parent.is_dir():
                 raise ConfigError(f"Run directory {str(p)!r} cannot be created: {parent} is a file.")
+        why = _protected(p) if force else None
+        if why:
+            raise ConfigError(f"--force refuses {str(p)!r}: {why}.")
         if not p.exists() or not any(p.iterdir()):
-            if force and _protected(p):
-                raise ConfigError(f"--force refuses {str(p)!r}: {_protected(p)}.")
             return
         if not self.is_run_directory:
             raise ConfigError(
@@ -104,9 +105,6 @@ class RunDirectory:
                 "marker): nothing in it is touched. Choose another --out."
             )
         if force:
-            why = _protected(p)
-            if why:
-                raise ConfigError(f"--force refuses {str(p)!r}: {why}.")
             foreign = sorted(e.name for e in p.iterdir() if not self._known(e.name))
             if foreign:
                 shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
