@@ -9,9 +9,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 
-def baseline_path(model: str, epochs: int, train_size: int | None = None) -> Path:
-    """Where tools/bench_fashion.py caches the weights of a Fashion-MNIST baseline."""
+def baseline_path(model: str, epochs: int, train_size: int | None = None, seed: int = 0) -> Path:
+    """Where tools/bench_fashion.py caches the weights of a Fashion-MNIST baseline (trained with
+    ``seed``; seed 0 keeps the name it always had)."""
     sub = f"_n{train_size}" if train_size else ""
+    sub += f"_s{seed}" if seed else ""
     return Path(f"runs/baselines/{model}_fashion_e{epochs}{sub}.pt")
 
 

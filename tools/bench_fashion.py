@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="train again even if the cached weights exist")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cache = Path(a.cache) if a.cache else baseline_path(a.model, a.epochs, a.train_size)
+    cache = Path(a.cache) if a.cache else baseline_path(a.model, a.epochs, a.train_size, a.seed)
     if cache.exists() and not a.force:
         print(f"{a.model}: cached weights in {cache} (--force trains again)")
         return
@@ -59,7 +59,8 @@ def main() -> None:
     result = {
         "benchmark": f"fashion_{a.model}",
         "command": f"python tools/bench_fashion.py --model {a.model} --epochs {a.epochs}"
-        + (f" --train-size {a.train_size}" if a.train_size else ""),
+        + (f" --train-size {a.train_size}" if a.train_size else "")
+        + (f" --seed {a.seed}" if a.seed else ""),
         "environment": environment_info(),
         "setup": {
             "model": a.model,
@@ -78,7 +79,8 @@ def main() -> None:
         "summary": {"test_acc": trainer.history[-1]["val_acc"], "wall_seconds": wall, "epochs": a.epochs},
     }
     if not a.train_size:  # quick runs on a subset do not replace the published result
-        atomic_write_json(result, Path(__file__).parent / "results" / f"fashion_{a.model}.json")
+        name = f"fashion_{a.model}" + (f"_s{a.seed}" if a.seed else "")
+        atomic_write_json(result, Path(__file__).parent / "results" / f"{name}.json")
     print(f"{a.model}: test acc {result['summary']['test_acc']:.4f} after {a.epochs} epochs, {wall:.0f} s")
 
 
