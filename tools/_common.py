@@ -37,3 +37,19 @@ def command_line(script: str, args: argparse.Namespace, skip: tuple[str, ...] = 
             continue
         parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
     return " ".join(parts)
+
+
+def parse_options(text: str, sep: str = ";") -> dict:
+    """``"key=value;key=value"`` -> a dict; ``true``/``false`` become booleans, numbers floats."""
+    options: dict = {}
+    for item in filter(None, text.split(sep)):
+        key, _, value = item.partition("=")
+        low = value.lower()
+        if low in ("true", "false"):
+            options[key] = low == "true"
+            continue
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return options

@@ -6,9 +6,10 @@ MACs level with compensation (probe: 20 batches of 64 un-augmented training imag
 BatchNorm re-estimated on them) and is evaluated in PyTorch on the first ``--eval-size`` test
 images: overall top-1 and the worst class's top-1. Mean and std over bases x seeds.
 
+    Q=runs/bench_icnn_cost/quick
     .venv/bin/python tools/compare_criterion_options.py --model resnet_cifar20 \\
-        --weights runs/bench_icnn_cost/quick/base_resnet_cifar20_s0.pt,runs/bench_icnn_cost/quick/base_resnet_cifar20_s1.pt \\
-        --entries new=icnn-cluster,old=icnn-cluster:keep_categories=false,l2=l2
+        --weights $Q/base_resnet_cifar20_s0.pt,$Q/base_resnet_cifar20_s1.pt \\
+        --entries used=icnn-cluster,own=icnn-cluster:cluster_maps=own,l2=l2 --out runs/opts.json
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line
+from _common import command_line, parse_options
 from bench_icnn_cost import VARIANTS, fine_tune
 from diagnose_groups import per_class_top1
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -33,18 +34,7 @@ def parse_entry(text: str) -> tuple[str, str, dict]:
     """``name=criterion:key=value;key=value`` -> ``(name, criterion, options)``."""
     name, _, spec = text.partition("=")
     criterion, _, opts = spec.partition(":")
-    options: dict = {}
-    for item in filter(None, opts.split(";")):
-        k, v = item.split("=", 1)
-        low = v.lower()
-        if low in ("true", "false"):
-            options[k] = low == "true"
-        else:
-            try:
-                options[k] = float(v)
-            except ValueError:
-                options[k] = v
-    return name, criterion or name, options
+    return name, criterion or name, parse_options(opts)
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ Top-1 in PyTorch (CPU) on the first ``--eval-size`` Fashion-MNIST test images; r
 ``tools/results/diagnose_<model>.json`` (``summary.groups.<group>.<criterion>`` = top-1 with only
 that group pruned; ``summary.per_class.<criterion>`` = per-class top-1 of the whole pruned model).
 
-    .venv/bin/python tools/diagnose_groups.py --model resnet_cifar20 --level 3 --weights runs/baselines/resnet_cifar20_fashion_e6.pt
+    .venv/bin/python tools/diagnose_groups.py --model resnet_cifar20 --level 3 \\
+        --weights runs/baselines/resnet_cifar20_fashion_e6.pt
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch_pruning as tp
-from _common import command_line
+from _common import command_line, parse_options
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
@@ -76,15 +77,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default tools/results/diagnose_<model>.json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    options = {}
-    for item in filter(None, a.criterion_options.split(",")):
-        k, v = item.split("=", 1)
-        options[k] = {"true": True, "false": False}.get(v.lower(), v)
-        if isinstance(options[k], str):
-            try:
-                options[k] = float(v)
-            except ValueError:
-                pass
+    options = parse_options(a.criterion_options, sep=",")
     model = ic.models.create(a.model, num_classes=10, in_channels=1, weights=a.weights).eval()
     _, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
     plain_train = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
