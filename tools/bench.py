@@ -28,7 +28,18 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 
-CRITERIA_FULL = ["--seeds", "3", "--step-ratio", "0.1", "--recover-steps", "150", "--threads", "1"]
+CRITERIA_FULL = [
+    "--bases",
+    "2",
+    "--seeds",
+    "2",
+    "--step-ratio",
+    "0.1",
+    "--recover-steps",
+    "150",
+    "--threads",
+    "1",
+]
 CRITERIA_FULL += ["--out-dir", "{results}"]
 
 # stage -> (commands of the full run, of --quick, guessed seconds full / quick); a command that

@@ -1,24 +1,31 @@
 """The headline benchmark: every pruning criterion, with and without compensation, on Fashion-MNIST.
 
-For each model: the baseline (tools/bench_fashion.py, cached) is fine-tuned for the same budget
-without and with the interpretable filter loss (cached). The baselines prune the model fine-tuned
-without the loss; ``icnn-cluster`` is reported from both (``icnn-cluster`` = from the model
-fine-tuned with the loss, ``icnn-cluster@plain`` = from the plain one). Each row is pruned to 2x,
-3x and 4x fewer MACs and measured:
+For each model and each of ``--bases`` independently trained baselines (tools/bench_fashion.py,
+training seeds 0, 1, ..., cached), the baseline is fine-tuned for the same budget without and with
+the interpretable filter loss (cached), the loss as the recipes apply it by default: on the top
+layer (``layers="auto"``), masks and loss for the first half of the epochs, the second half with
+the masks off and cross-entropy only. The baselines prune the model fine-tuned without the loss;
+``icnn-cluster`` is reported from both (``icnn-cluster`` = from the model fine-tuned with the loss,
+``icnn-cluster@plain`` = from the plain one). Each row is pruned to 2x, 3x and 4x fewer MACs and
+measured:
 
 * one-shot: pruned (compensated where ``+comp``), BatchNorm re-estimated on 20 batches, no
   training; over several seeds (probe subsets and the random criterion), mean and spread;
   also recorded before the BatchNorm re-estimation (seed 0), to show what it adds;
 * recovered: each seed's one-shot model fine-tuned for the same short budget for everyone
-  (``--recover-steps`` SGD steps, data order from the seed); mean and spread over the seeds.
+  (``--recover-steps`` SGD steps, data order from the seed), distilled from the unpruned model it
+  was pruned from unless ``--no-kd`` (as the recipes' recovery does by default).
+
+Means and spreads are over bases x seeds: a margin between two criteria that one base model gives
+can flip on another, so rows carry every base's values.
 
 Accuracy is top-1 of the exported ONNX model in ONNX Runtime (CPU) on the first ``--eval-size``
 test images; the latency of the seed-0 one-shot model is measured in the same session (batch 1
 and 32, median of ``--latency-repeats`` after 5 warm-up calls, ``--threads`` intra-op threads).
-Results are cached per row in ``runs/bench_criteria/rows_<model>.json`` (re-runs resume) and
-written to tools/results/criteria.json and criteria.md.
+Results are cached per row in ``runs/bench_criteria/rows_<model>.json`` (re-runs resume, across
+sessions) and written to tools/results/criteria.json and criteria.md.
 
-    .venv/bin/python tools/bench_criteria.py [--models vgg_small,resnet_cifar20] [--seeds 3]
+    .venv/bin/python tools/bench_criteria.py [--models vgg_small,resnet_cifar20] [--bases 2] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from pathlib import Path
 import torch
 from _common import baseline_path, command_line, first_n_loader
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, RandomSampler, Subset
 
 import icnn_compress as ic
 from icnn_compress._io import atomic_save, atomic_write_json, environment_info
@@ -45,7 +52,7 @@ from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
 
 CRITERIA = ["icnn-cluster", "icnn-cluster@plain", "l1", "l2", "fpgm", "taylor", "bn-scale", "lamp", "random"]
 LEVELS = {"2x": 2.0, "3x": 3.0, "4x": 4.0}
-CACHE_VERSION = 2  # cached rows written by another version of this script are ignored
+CACHE_VERSION = 3  # cached rows written by another version of this script are ignored
 
 
 def onnx_eval(model: nn.Module, loader: DataLoader, threads: int, latency_repeats: int = 0) -> dict:
@@ -68,29 +75,123 @@ def onnx_acc(model: nn.Module, loader: DataLoader, threads: int) -> float:
 
 
 def finetune(
-    model: nn.Module, train_dl, *, steps: int | None, epochs: int, lr: float, handle=None, seed: int = 0
+    model: nn.Module,
+    train_dl,
+    *,
+    steps: int | None,
+    epochs: int,
+    lr: float,
+    handle=None,
+    seed: int = 0,
+    distill=None,
 ) -> None:
-    """The same short fine-tune for everyone (SGD, cosine), optionally with the filter loss."""
+    """The same short fine-tune for everyone (SGD, cosine). With an ICNN ``handle``: masks and loss
+    for the first half of the epochs, then the masks off and cross-entropy only (the recipes'
+    ``icnn.unmask_epochs``); ``distill``: an ``ic.Distillation`` (recovery)."""
     if steps is not None:
         train_dl = first_n_loader(train_dl, steps * train_dl.batch_size, train_dl.batch_size, seed)
-    ic.Trainer(
-        model,
-        train_dl,
-        epochs=epochs,
-        lr=lr,
-        extra_loss=handle.loss if handle else None,
-        seed=seed,
-        progress=False,
-    ).fit()
+    unmask = epochs // 2 if handle is not None and epochs >= 2 else 0
+    if epochs - unmask:
+        ic.Trainer(
+            model,
+            train_dl,
+            epochs=epochs - unmask,
+            lr=lr,
+            extra_loss=handle.loss if handle else None,
+            seed=seed,
+            distill=distill,
+            progress=False,
+        ).fit()
+    if unmask:
+        handle.set_masks(False)
+        ic.Trainer(model, train_dl, epochs=unmask, lr=lr, seed=seed + 1, progress=False).fit()
 
 
-def top_layers(model: nn.Module, k: int = 2) -> list[str]:
-    """Where the loss goes: the top ``k`` conv layers, or for a ResNet the outputs of its last ``k``
-    residual blocks (post-ReLU; a block's last conv feeds the residual add, not a ReLU)."""
-    stages = [n for n, m in model.named_children() if n.startswith("layer") and isinstance(m, nn.Sequential)]
-    if stages:
-        return [f"{s}.{i}" for s in stages for i in range(len(getattr(model, s)))][-k:]
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-k:]
+def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn.Module]:
+    """Base ``b`` (training seed ``b``, trained by bench_fashion.py if missing) fine-tuned without
+    (``plain``) and with (``icnn``) the filter loss, both cached."""
+    base_path = baseline_path(model_name, a.baseline_epochs, a.train_size, b)
+    if not base_path.exists():
+        cmd = [sys.executable, "tools/bench_fashion.py", "--model", model_name, "--seed", str(b)]
+        cmd += ["--epochs", str(a.baseline_epochs), "--threads", str(a.threads)]
+        cmd += ["--train-size", str(a.train_size)] if a.train_size else []
+        subprocess.run(cmd, check=True)
+    variants = {}
+    for variant in ("plain", "icnn"):
+        path = cache / f"{model_name}_base{b}_{variant}.pt"
+        model = ic.models.create(model_name, num_classes=10, in_channels=1, weights=str(base_path))
+        handle = ic.attach_icnn(model, "auto", num_classes=10) if variant == "icnn" else None
+        if path.exists():
+            if handle is not None:
+                handle.set_masks(False)
+                handle.freeze()
+            model.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            finetune(
+                model,
+                train_dl,
+                steps=a.finetune_steps,
+                epochs=a.finetune_epochs,
+                lr=0.01,
+                handle=handle,
+                seed=b,
+            )
+            if handle is not None:
+                handle.set_masks(False)
+                handle.freeze()
+            atomic_save(model.state_dict(), path)
+        variants[variant] = model.eval()
+    return variants
+
+
+def run_row(
+    variants: dict, crit: str, level: str, comp: bool, b: int, plain_train, train_dl, eval_dl, a
+) -> dict:
+    """One criterion at one level on one base: ``--seeds`` probe seeds, one-shot and recovered."""
+    source = variants["icnn" if crit == "icnn-cluster" else "plain"]
+    oneshot, recovered, pre_bn, stats, lat = [], [], None, None, {}
+    for seed in range(a.seeds):
+        g = torch.Generator().manual_seed(1000 + 100 * b + seed)
+        probe = DataLoader(
+            plain_train, batch_size=64, sampler=RandomSampler(plain_train, num_samples=64 * 20, generator=g)
+        )
+        res = prune_model(
+            source,
+            torch.rand(1, 1, 28, 28),
+            criterion=crit.split("@")[0],
+            target=Target(macs_reduction=LEVELS[level]),
+            data=probe,
+            compensate=comp,
+            bn_batches=0,
+            probe_batches=a.probe_batches,
+            criterion_options={"seed": seed},
+            step_ratio=a.step_ratio,
+            progress=False,
+        )
+        if seed == 0:
+            pre_bn = onnx_acc(res.model, eval_dl, a.threads)
+            stats = res.summary()
+        reestimate_batchnorm(res.model, probe, max_batches=20)
+        ev = onnx_eval(res.model, eval_dl, a.threads, a.latency_repeats if seed == 0 else 0)
+        oneshot.append(ev.pop("acc"))
+        lat = lat or ev
+        distill = None if a.no_kd else ic.Distillation(ic.frozen_copy(source))
+        finetune(
+            res.model.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01, seed=seed, distill=distill
+        )
+        recovered.append(onnx_acc(res.model, eval_dl, a.threads))
+    return {
+        "oneshot": oneshot,
+        "oneshot_mean": statistics.fmean(oneshot),
+        "oneshot_std": statistics.pstdev(oneshot),
+        "oneshot_before_bn": pre_bn,
+        "recovered": recovered,
+        "recovered_mean": statistics.fmean(recovered),
+        "recovered_std": statistics.pstdev(recovered),
+        "recovery": "plain" if a.no_kd else "kd",
+        **lat,
+        **stats,
+    }
 
 
 def main() -> None:
@@ -98,17 +199,21 @@ def main() -> None:
     p.add_argument("--models", default="vgg_small,resnet_cifar20")
     p.add_argument("--criteria", default=",".join(CRITERIA))
     p.add_argument("--levels", default="2x,3x,4x")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--bases", type=int, default=2, help="independently trained baselines (seeds 0..)")
+    p.add_argument("--seeds", type=int, default=2, help="probe seeds per base")
     p.add_argument("--baseline-epochs", type=int, default=6)
-    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--finetune-steps", type=int, default=None, help="cap the fine-tune (quick runs)")
-    p.add_argument("--recover-steps", type=int, default=200)
+    p.add_argument("--recover-steps", type=int, default=150)
+    p.add_argument(
+        "--no-kd", action="store_true", help="recover without distillation from the unpruned model"
+    )
     p.add_argument("--latency-repeats", type=int, default=30)
     p.add_argument("--train-size", type=int, default=None, help="baseline trained on a subset (quick runs)")
     p.add_argument("--eval-size", type=int, default=5000)
     p.add_argument("--probe-batches", type=int, default=8)
-    p.add_argument("--step-ratio", type=float, default=0.05, help="channel ratio pruned per step")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--step-ratio", type=float, default=0.1, help="channel ratio pruned per step")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="runs/bench_criteria")
     p.add_argument("--write-only", action="store_true", help="only write the results of the cached rows")
     p.add_argument("--out-dir", default=None, help="where criteria.json/.md go (default tools/results)")
@@ -123,113 +228,39 @@ def main() -> None:
     train_dl, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
     eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
     # probe batches come from the training set, without augmentation-free guarantees: same as users
-    plain_train = ic.data.FashionMNIST("train", transform=ic.data._fashion.fashion_transforms(False))
-    example = torch.rand(1, 1, 28, 28)
+    plain_train = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
     t_start = time.perf_counter()
     for model_name in a.models.split(","):
-        base_path = baseline_path(model_name, a.baseline_epochs, a.train_size)
-        if not base_path.exists():
-            subprocess.run(
-                [
-                    sys.executable,
-                    "tools/bench_fashion.py",
-                    "--model",
-                    model_name,
-                    "--epochs",
-                    str(a.baseline_epochs),
-                    *(["--train-size", str(a.train_size)] if a.train_size else []),
-                ],
-                check=True,
-            )
-        variants = {}
-        for variant in ("plain", "icnn"):
-            path = cache / f"{model_name}_{variant}.pt"
-            model = ic.models.create(model_name, num_classes=10, in_channels=1, weights=str(base_path))
-            layers = top_layers(model)
-            handle = ic.attach_icnn(model, layers, num_classes=10) if variant == "icnn" else None
-            if path.exists():
-                if handle is not None:
-                    handle.freeze()
-                model.load_state_dict(torch.load(path, weights_only=True))
-            else:
-                finetune(
-                    model, train_dl, steps=a.finetune_steps, epochs=a.finetune_epochs, lr=0.01, handle=handle
-                )
-                if handle is not None:
-                    handle.freeze()
-                atomic_save(model.state_dict(), path)
-            variants[variant] = model.eval()
-        key = f"{model_name}/unpruned"
-        if key not in rows:
-            evals = {v: onnx_eval(m, eval_dl, a.threads, a.latency_repeats) for v, m in variants.items()}
-            rows[key] = {v: e["acc"] for v, e in evals.items()}
-            rows[key].update({k: v for k, v in evals["plain"].items() if k.startswith("latency")})
-            save_rows(cache, model_name, rows)
-        print(model_name, "unpruned", rows[key], flush=True)
-        for level in a.levels.split(","):
-            for crit in a.criteria.split(","):
-                source = "icnn" if crit == "icnn-cluster" else "plain"
-                criterion = crit.split("@")[0]
-                for comp in (False, True):
+        bases = [load_base(model_name, b, cache, train_dl, a) for b in range(a.bases)]
+        for b, variants in enumerate(bases):
+            key = f"{model_name}/base{b}/unpruned"
+            if key not in rows:
+                evals = {v: onnx_eval(m, eval_dl, a.threads, a.latency_repeats) for v, m in variants.items()}
+                rows[key] = {v: e["acc"] for v, e in evals.items()}
+                rows[key].update({k: v for k, v in evals["plain"].items() if k.startswith("latency")})
+                save_rows(cache, model_name, rows)
+            print(model_name, f"base{b}", "unpruned", rows[key], flush=True)
+        # the compensated rows first (the ones the recipes use), all bases of a row together
+        for comp in (True, False):
+            for level in a.levels.split(","):
+                for crit in a.criteria.split(","):
                     name = crit + ("+comp" if comp else "")
-                    key = f"{model_name}/{level}/{name}"
-                    if key in rows:
-                        continue
-                    t0 = time.perf_counter()
-                    oneshot, recovered, pre_bn, stats, lat = [], [], None, None, {}
-                    for seed in range(a.seeds):
-                        g = torch.Generator().manual_seed(1000 + seed)
-                        probe = DataLoader(
-                            plain_train,
-                            batch_size=64,
-                            sampler=torch.utils.data.RandomSampler(
-                                plain_train, num_samples=64 * 20, generator=g
-                            ),
+                    for b, variants in enumerate(bases):
+                        key = f"{model_name}/base{b}/{level}/{name}"
+                        if key in rows:
+                            continue
+                        t0 = time.perf_counter()
+                        rows[key] = run_row(variants, crit, level, comp, b, plain_train, train_dl, eval_dl, a)
+                        rows[key]["seconds"] = time.perf_counter() - t0
+                        save_rows(cache, model_name, rows)
+                        r = rows[key]
+                        print(
+                            f"{key}: oneshot {r['oneshot_mean']:.4f}±{r['oneshot_std']:.4f} "
+                            f"(before BN {r['oneshot_before_bn']:.4f}) recovered {r['recovered_mean']:.4f} "
+                            f"[{r['macs_reduction']:.2f}x, {time.perf_counter() - t0:.0f}s, "
+                            f"total {time.perf_counter() - t_start:.0f}s]",
+                            flush=True,
                         )
-                        res = prune_model(
-                            variants[source],
-                            example,
-                            criterion=criterion,
-                            target=Target(macs_reduction=LEVELS[level]),
-                            data=probe,
-                            compensate=comp,
-                            bn_batches=0,
-                            probe_batches=a.probe_batches,
-                            criterion_options={"seed": seed},
-                            step_ratio=a.step_ratio,
-                            progress=False,
-                        )
-                        if seed == 0:
-                            pre_bn = onnx_acc(res.model, eval_dl, a.threads)
-                            stats = res.summary()
-                        reestimate_batchnorm(res.model, probe, max_batches=20)
-                        ev = onnx_eval(res.model, eval_dl, a.threads, a.latency_repeats if seed == 0 else 0)
-                        oneshot.append(ev.pop("acc"))
-                        lat = lat or ev
-                        finetune(
-                            res.model.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01, seed=seed
-                        )
-                        recovered.append(onnx_acc(res.model, eval_dl, a.threads))
-                    rows[key] = {
-                        "oneshot": oneshot,
-                        "oneshot_mean": statistics.fmean(oneshot),
-                        "oneshot_std": statistics.pstdev(oneshot),
-                        "oneshot_before_bn": pre_bn,
-                        "recovered": recovered,
-                        "recovered_mean": statistics.fmean(recovered),
-                        "recovered_std": statistics.pstdev(recovered),
-                        **lat,
-                        "seconds": time.perf_counter() - t0,
-                        **stats,
-                    }
-                    save_rows(cache, model_name, rows)
-                    print(
-                        f"{key}: oneshot {statistics.fmean(oneshot):.4f}±{statistics.pstdev(oneshot):.4f} "
-                        f"(before BN {pre_bn:.4f}) recovered {rows[key]['recovered_mean']:.4f} "
-                        f"[{rows[key]['macs_reduction']:.2f}x, {time.perf_counter() - t0:.0f}s, "
-                        f"total {time.perf_counter() - t_start:.0f}s]",
-                        flush=True,
-                    )
     write_results(load_rows(cache), a, Path(a.out_dir) if a.out_dir else None)
 
 
@@ -251,29 +282,53 @@ def save_rows(cache: Path, model_name: str, rows: dict) -> None:
     atomic_write_json({"_version": CACHE_VERSION, **mine}, cache / f"rows_{model_name}.json")
 
 
+def summarise(rows: dict, bases: int) -> dict:
+    """``summary.<model>.<level>.<regime>.<criterion>``: mean over bases x seeds, ``<regime>_std``
+    the spread over them, ``<regime>_base_means`` one mean per base, ``bases`` how many bases a row
+    has (a row short of ``bases`` is marked ``partial``); ``unpruned``/``unpruned_icnn`` mean over
+    the bases."""
+    summary: dict = {}
+    pooled: dict = {}
+    for key, row in rows.items():
+        model, _base, *rest = key.split("/")
+        if rest == ["unpruned"]:
+            pooled.setdefault((model, "unpruned"), []).append(row)
+            continue
+        pooled.setdefault((model, *rest), []).append(row)
+    for key, group in pooled.items():
+        model = key[0]
+        if key[1] == "unpruned":
+            top = summary.setdefault(model, {})
+            top["unpruned"] = statistics.fmean(r["plain"] for r in group)
+            top["unpruned_icnn"] = statistics.fmean(r["icnn"] for r in group)
+            top["unpruned_bases"] = [{"plain": r["plain"], "icnn": r["icnn"]} for r in group]
+            for k in ("latency_b1_ms", "latency_b32_ms"):
+                if all(k in r for r in group):
+                    top[f"unpruned_{k}"] = statistics.median(r[k] for r in group)
+            continue
+        level, name = key[1], key[2]
+        lv = summary.setdefault(model, {}).setdefault(level, {})
+        for field in ("oneshot", "recovered"):
+            values = [v for r in group for v in r[field]]
+            lv.setdefault(field, {})[name] = statistics.fmean(values)
+            lv.setdefault(f"{field}_std", {})[name] = statistics.pstdev(values)
+            lv.setdefault(f"{field}_base_means", {})[name] = [r[f"{field}_mean"] for r in group]
+        lv.setdefault("bases", {})[name] = len(group)
+        if len(group) < bases:
+            lv.setdefault("partial", []).append(name)
+        lv.setdefault("recovery", {})[name] = group[0].get("recovery", "plain")
+        for k in ("latency_b1_ms", "latency_b32_ms", "macs_reduction"):
+            if all(k in r for r in group):
+                lv.setdefault(k, {})[name] = statistics.median(r[k] for r in group)
+    return summary
+
+
 def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
     """Write criteria.json (``summary.<model>.<level>.<regime>.<criterion>`` = mean top-1, with
     ``<regime>_std`` beside it) and criteria.md into ``out_dir`` (default tools/results)."""
     out_dir = out_dir or Path(__file__).parent / "results"
     rows = {k: v for k, v in rows.items() if not k.startswith("_")}
-    summary: dict = {}
-    for key, row in rows.items():
-        parts = key.split("/")
-        if parts[1] == "unpruned":
-            summary.setdefault(parts[0], {})["unpruned"] = row["plain"]
-            summary[parts[0]]["unpruned_icnn"] = row["icnn"]
-            for k in ("latency_b1_ms", "latency_b32_ms"):
-                if k in row:
-                    summary[parts[0]][f"unpruned_{k}"] = row[k]
-            continue
-        model, level, name = parts
-        lv = summary.setdefault(model, {}).setdefault(level, {})
-        for field in ("oneshot", "recovered"):
-            lv.setdefault(field, {})[name] = row[f"{field}_mean"]
-            lv.setdefault(f"{field}_std", {})[name] = row[f"{field}_std"]
-        for k in ("latency_b1_ms", "latency_b32_ms", "macs_reduction"):
-            if k in row:
-                lv.setdefault(k, {})[name] = row[k]
+    summary = summarise(rows, a.bases)
     result = {
         "benchmark": "criteria",
         "command": command_line("bench_criteria.py", a, skip=("write_only", "out_dir")),
@@ -284,8 +339,12 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
             "eval": f"first {a.eval_size} test images, ONNX Runtime CPU provider, {a.threads} threads",
             "bn_reestimation_batches": 20,
             "probe": "20 batches of 64 training images per seed",
-            "recovery": f"{a.recover_steps} SGD steps (batch 64, lr 0.01, cosine) per seed",
+            "recovery": f"{a.recover_steps} SGD steps (batch 64, lr 0.01, cosine) per seed"
+            + ("" if a.no_kd else ", distilled from the unpruned model (KL, T=4, weight 0.5)"),
+            "finetune": f"{a.finetune_epochs} epochs; with the loss: layers='auto', masks and loss for "
+            f"{a.finetune_epochs - a.finetune_epochs // 2}, then masks off and cross-entropy only",
         },
+        "bases": list(range(a.bases)),
         "seeds": list(range(a.seeds)),
         "rows": rows,
         "summary": summary,
@@ -304,16 +363,14 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
         for n in names:
             cells = []
             for lv in LEVELS:
-                r = rows.get(f"{model}/{lv}/{n}")
-                cells += (
-                    [
-                        f"{r['oneshot_mean']:.4f} ± {r['oneshot_std']:.4f}",
-                        f"{r['recovered_mean']:.4f} ± {r['recovered_std']:.4f}",
-                    ]
-                    if r
-                    else ["", ""]
-                )
+                s = levels.get(lv, {})
+                if n not in s.get("oneshot", {}):
+                    cells += ["", ""]
+                    continue
+                mark = "*" if n in s.get("partial", []) else ""
+                cells += [f"{s[r][n]:.4f} ± {s[r + '_std'][n]:.4f}{mark}" for r in ("oneshot", "recovered")]
             md.append(f"| {n} | " + " | ".join(cells) + " |")
+        md.append("\nMean ± std over bases x probe seeds; * = not every base measured yet.")
     (out_dir / "criteria.md").write_text("\n".join(md) + "\n")
     return result
 

@@ -67,11 +67,17 @@ def _cell(mean: float | None, std: float | None, best: bool) -> str:
 
 def criteria_md(c: dict) -> list[str]:
     s, setup = c["summary"], c["setup"]
+    over = (
+        f"independently trained base models {c['bases']} x probe seeds {c['seeds']}"
+        if "bases" in c
+        else f"seeds {c['seeds']}"
+    )
+    kd = "" if setup.get("no_kd", True) else ", distilled from the unpruned model"
     md = [
         f"Top-1 of the exported ONNX model (ONNX Runtime, CPU provider, {setup['threads']} thread(s), first "
-        f"{setup['eval_size']} test images), mean ± std over seeds {c['seeds']} (probe sets, recovery data "
+        f"{setup['eval_size']} test images), mean ± std over {over} (probe sets, recovery data "
         "order, the random criterion). One-shot: pruned, compensated where `+comp`, BatchNorm "
-        f"re-estimated on 20 batches, no training. Recovered: then {setup['recover_steps']} SGD steps. "
+        f"re-estimated on 20 batches, no training. Recovered: then {setup['recover_steps']} SGD steps{kd}. "
         "Bold: the best of the column. `icnn-cluster` prunes the model fine-tuned with the loss, "
         "`icnn-cluster@plain` and every baseline the model fine-tuned without it. "
         f"Reproduce: `{c['command']}`. Every criterion prunes each layer by the same ratio, so at one "

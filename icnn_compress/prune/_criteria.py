@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from icnn_compress._registry import Registry
+from icnn_compress.errors import ConfigError
 from icnn_compress.prune._probe import collect_layer_inputs
 
 __all__ = [
@@ -72,6 +73,65 @@ def consumer_deps(group) -> list[tuple[nn.Module, list[int], list[int]]]:
     return out
 
 
+def following_bn_scales(model: nn.Module) -> dict[nn.Module, Tensor]:
+    """For each conv/linear whose output goes straight into a BatchNorm: ``gamma^2 / (var + eps)``
+    per output channel, the factor by which that BatchNorm scales the energy of the output."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # untraceable model: no rescaling
+        return {}
+    out: dict[nn.Module, Tensor] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_module":
+            continue
+        layer, bn = model.get_submodule(node.target), model.get_submodule(user.target)
+        if (
+            isinstance(layer, (nn.Conv2d, nn.Linear))
+            and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and bn.running_var is not None
+        ):
+            gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+            out[layer] = (gamma.pow(2) / (bn.running_var + bn.eps)).cpu()
+    return out
+
+
+def map_points(model: nn.Module, convs: list[str]) -> dict[str, str]:
+    """Conv name -> the module whose output holds its filters' maps as they are used: the ReLU
+    after it (through BatchNorm), or for a conv that feeds a residual addition, the ReLU after
+    the addition; the conv itself when neither is found (maps clamped at 0 by the signatures)."""
+    from icnn_compress.analysis import layer_maps_point
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # untraceable model: the conv's own ReLU where it has one
+        return {n: layer_maps_point(model, n) for n in convs}
+    calls: dict[str, int] = {}
+    nodes = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+            nodes.setdefault(node.target, node)
+    out = {}
+    for name in convs:
+        point, node = name, nodes.get(name)
+        while node is not None and len(node.users) == 1:
+            node = next(iter(node.users))
+            if node.op == "call_module":
+                mod = model.get_submodule(node.target)
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    continue
+                if isinstance(mod, (nn.ReLU, nn.ReLU6)) and calls[node.target] == 1:
+                    point = str(node.target)
+                break
+            if not (node.op == "call_function" and getattr(node.target, "__name__", "") in ("add", "iadd")):
+                break
+        out[name] = point
+    return out
+
+
 @register_criterion("icnn-cluster")
 class ClusterRedundancyImportance(tp.importance.Importance):
     """Cluster redundancy: a filter matters by what the other filters cannot reconstruct of it.
@@ -88,8 +148,18 @@ class ClusterRedundancyImportance(tp.importance.Importance):
     one is left.
     Maps are read where they are consumed: at the input of the layers that take the channel, so
     the coupled channels of a residual group are scored on the coupled feature map (the mean over
-    its consumers). ``balance_categories=True`` ranks each filter against the filters of its own
-    category instead (off by default: it cost 1-2 points of one-shot accuracy on Fashion-MNIST).
+    its consumers), and the group's clusters come from the stream map nearest the output (after
+    the ReLU that follows the last residual addition: where a loss on the block shapes them).
+
+    Options (all measured on Fashion-MNIST, see docs):
+        keep_categories: the best filter of each category ranks above all others, so that no
+            category loses its last detector while other filters remain (off by default).
+        balance_categories: rank each filter against the filters of its own category (off by
+            default: it cost 1-2 points of one-shot accuracy).
+        consumer_units: ``"output"`` (consumer output energy, default) or ``"normalised"``
+            (the energy after the consumer's BatchNorm, ``gamma^2 / var`` per output channel).
+        cluster_maps: ``"used"`` (default: clusters of a residual group from the stream map
+            nearest the output) or ``"own"`` (the maps of the group's root conv).
 
     Call ``refresh(model, loader)`` before scoring (``prune_model`` does, at every step).
     """
@@ -100,51 +170,106 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         distance_threshold: float = 0.25,
         probe_batches: int = 8,
         balance_categories: bool = False,
+        keep_categories: bool = False,
+        consumer_units: str = "output",
+        cluster_maps: str = "used",
         ridge: float = 1e-5,
         handle=None,
         **_,
     ) -> None:
+        if cluster_maps not in ("used", "own"):
+            raise ConfigError(f"cluster_maps must be 'used' or 'own'. Got {cluster_maps!r} instead.")
+        if consumer_units not in ("output", "normalised"):
+            raise ConfigError(
+                f"consumer_units must be 'output' or 'normalised'. Got {consumer_units!r} instead."
+            )
         self.distance_threshold = distance_threshold
         self.balance_categories = balance_categories
+        self.keep_categories = keep_categories
+        self.consumer_units = consumer_units
+        self.cluster_maps = cluster_maps
         self.ridge = ridge
         self.probe_batches = probe_batches
         self.handle = handle
         self.labels: dict[nn.Module, Tensor] = {}
         self.categories: dict[nn.Module, Tensor] = {}
+        self.depth: dict[nn.Module, int] = {}
         self.inputs: dict[nn.Module, Tensor] = {}
+        self.out_scale: dict[nn.Module, Tensor] = {}
 
     def refresh(self, model: nn.Module, loader: DataLoader) -> None:
-        """Recompute signatures, clusters and consumer inputs from the current model."""
-        from icnn_compress.analysis import cluster_filters, filter_signatures
+        """Recompute signatures, clusters and consumer inputs from the current model.
+
+        A conv's filters are described where their maps are used: after its ReLU, or, for a conv
+        that feeds a residual addition, after the ReLU that follows the addition."""
+        from icnn_compress.analysis import cluster_filters, filter_signatures, layer_maps_point
 
         convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.inputs = collect_layer_inputs(model, loader, consumers, max_batches=self.probe_batches)
+        self.out_scale = following_bn_scales(model) if self.consumer_units == "normalised" else {}
+        if self.cluster_maps == "used":
+            points = map_points(model, list(convs))
+        else:
+            points = {n: layer_maps_point(model, n) for n in convs}
         sigs = filter_signatures(
             model,
             loader,
-            list(convs),
-            handle=self.handle,
+            sorted(set(points.values())),
             progress=False,
             max_images=self.probe_batches * (getattr(loader, "batch_size", None) or 64),
         )
-        self.labels = {}
-        for name, sig in sigs.items():
-            cl = cluster_filters(sig, distance_threshold=self.distance_threshold, ari=False)
-            labels = cl.labels.clone()
+        clustered: dict[str, Tensor] = {}
+        for point, sig in sigs.items():
+            found = cluster_filters(sig, distance_threshold=self.distance_threshold, ari=False)
+            labels = found.labels.clone()
             # dead filters (-1) each form their own cluster: they add nothing, their energy is ~0
             dead = torch.nonzero(labels < 0).flatten()
             labels[dead] = labels.max() + 1 + torch.arange(dead.numel())
-            self.labels[convs[name]] = labels
-            self.categories[convs[name]] = sig.category.clone()
+            clustered[point] = labels
+        handle_cats = self.handle.filter_categories if self.handle is not None else {}
+        self.labels, self.categories, self.depth = {}, {}, {}
+        for depth, (name, conv) in enumerate(convs.items()):
+            sig = sigs[points[name]]
+            if sig.num_filters != conv.out_channels:
+                continue
+            cats = handle_cats.get(name)
+            ok = cats is not None and cats.numel() == conv.out_channels and bool((cats >= 0).all())
+            self.labels[conv] = clustered[points[name]]
+            self.categories[conv] = cats.cpu().clone() if ok else sig.category.clone()
+            self.depth[conv] = depth
+
+    def _group_labels(self, group, n: int) -> tuple[Tensor | None, Tensor | None]:
+        """Cluster labels and categories ``(n,)`` in the root's channel numbering, from the deepest
+        conv whose outputs the group cuts (for a residual stream: the map nearest the output)."""
+        best = None
+        for k, (dep, idxs) in enumerate(group):
+            module = dep.target.module
+            if dep.pruning_fn != tp.prune_conv_out_channels or module not in self.labels:
+                continue
+            if self.cluster_maps == "own" and k > 0:
+                continue  # the root's own maps only
+            if best is None or self.depth[module] > self.depth[best[0]]:
+                best = (module, list(idxs), list(group[k].root_idxs))
+        if best is None:
+            return None, None
+        module, idxs, root_idxs = best
+        labels = torch.full((n,), -1, dtype=torch.long)
+        cats = torch.full((n,), -1, dtype=torch.long)
+        for i, r in zip(idxs, root_idxs):
+            if 0 <= r < n and i < self.labels[module].numel():
+                labels[r] = self.labels[module][i]
+                cats[r] = self.categories[module][i]
+        if bool((labels < 0).any()):
+            return None, None
+        return labels, cats
 
     @torch.no_grad()
     def __call__(self, group, **kwargs) -> Tensor:
-        root = group[0].dep.target.module
         n = len(group[0].idxs)
         scores = torch.zeros(n, dtype=torch.float64)
         used = 0
-        labels = self.labels.get(root)
+        labels, cats = self._group_labels(group, n)
         for module, idxs, root_idxs in consumer_deps(group):
             acts = self.inputs.get(module)
             if acts is None or (isinstance(module, nn.Conv2d) and module.groups > 1):
@@ -155,22 +280,31 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             a = torch.zeros(acts.shape[0], n, dtype=torch.float64)
             a[:, order] = acts[:, idxs].double()
             w = module.weight.detach().double()
+            scale = self.out_scale.get(module)
+            if scale is not None and scale.numel() == w.shape[0]:
+                # in the units the network sees: what the consumer's BatchNorm makes of its output
+                w = w * scale.double().sqrt().view(-1, *([1] * (w.dim() - 1)))
             w2 = torch.zeros(n, dtype=torch.float64)
             w2[order] = w.transpose(0, 1)[idxs].flatten(1).pow(2).sum(1)
-            scores += self._score(
-                a, w2, labels if labels is not None and labels.numel() == n else None, self.ridge
-            )
+            scores += self._score(a, w2, labels, self.ridge)
             used += 1
         if used == 0:  # no probe for this group: fall back to the L2 magnitude
             return tp.importance.GroupMagnitudeImportance(p=2)(group)
         scores /= used
-        cats = self.categories.get(root)
-        if self.balance_categories and cats is not None and cats.numel() == n:
+        if self.balance_categories and cats is not None:
             # rank each filter against the filters of its own category, so that removal is spread
             # over the categories instead of wiping out the features of the weakest one
             for c in cats.unique():
                 sel = cats == c
                 scores[sel] = scores[sel] / scores[sel].mean().clamp_min(1e-12)
+        if self.keep_categories and cats is not None:
+            # the best filter of each category goes last: no category is left without a detector
+            # while any other filter of the layer remains
+            guard = torch.zeros(n, dtype=torch.bool)
+            for c in cats.unique():
+                members = torch.nonzero(cats == c).flatten()
+                guard[members[scores[members].argmax()]] = True
+            scores[guard] += 2 * scores.max()
         return (scores / scores.mean().clamp_min(1e-12)).float()
 
     @staticmethod
