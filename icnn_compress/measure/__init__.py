@@ -1,6 +1,6 @@
 """Measure deployed models: ONNX Runtime latency and accuracy, eager latency, MACs and params."""
 
-from icnn_compress.measure._accuracy import model_stats, ort_accuracy
+from icnn_compress.measure._accuracy import class_accuracy, model_stats, ort_accuracy, ort_confusion
 from icnn_compress.measure._latency import (
     LatencyStats,
     ort_latency,
@@ -13,10 +13,12 @@ from icnn_compress.measure._report_data import latency_guard, measure
 
 __all__ = [
     "LatencyStats",
+    "class_accuracy",
     "latency_guard",
     "measure",
     "model_stats",
     "ort_accuracy",
+    "ort_confusion",
     "ort_latency",
     "ort_session",
     "pick_providers",

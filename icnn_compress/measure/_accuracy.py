@@ -13,7 +13,44 @@ from tqdm.auto import tqdm
 
 from icnn_compress.errors import DataError
 
-__all__ = ["meta_copy", "model_stats", "ort_accuracy"]
+__all__ = ["class_accuracy", "meta_copy", "model_stats", "ort_accuracy", "ort_confusion"]
+
+
+def ort_confusion(
+    path_or_session,
+    loader: DataLoader,
+    *,
+    provider: str = "auto",
+    threads: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Confusion matrix ``(K, K)`` of the ONNX model on every batch of ``loader``: row = true class,
+    column = predicted class, counts of images (K = the model's number of outputs)."""
+    from icnn_compress.measure._latency import ort_session
+
+    sess = path_or_session
+    if isinstance(path_or_session, (str, os.PathLike)):
+        sess = ort_session(path_or_session, provider=provider, threads=threads)
+    name = sess.get_inputs()[0].name
+    counts: np.ndarray | None = None
+    for batch in tqdm(loader, desc="onnx eval", disable=not progress, leave=False):
+        x, y = batch[0], batch[1].numpy()
+        logits = sess.run(None, {name: x.numpy().astype(np.float32, copy=False)})[0]
+        k = logits.shape[1]
+        if counts is None:
+            counts = np.zeros((k, k), dtype=np.int64)
+        if y.size and (y.min() < 0 or y.max() >= k):
+            raise DataError(f"labels must be in 0..{k - 1} for a model with {k} outputs; got {int(y.max())}.")
+        np.add.at(counts, (y, logits.argmax(1)), 1)
+    if counts is None or counts.sum() == 0:
+        raise DataError("ort_accuracy got an empty loader (no images): accuracy is undefined.")
+    return counts
+
+
+def class_accuracy(confusion: np.ndarray) -> list[float | None]:
+    """Top-1 of each true class from a confusion matrix (``None`` for a class with no image)."""
+    rows = confusion.sum(1)
+    return [float(confusion[i, i] / rows[i]) if rows[i] else None for i in range(len(rows))]
 
 
 def ort_accuracy(
@@ -25,21 +62,8 @@ def ort_accuracy(
     progress: bool = False,
 ) -> float:
     """Top-1 accuracy (0..1) of the ONNX model on every batch of ``loader``."""
-    from icnn_compress.measure._latency import ort_session
-
-    sess = path_or_session
-    if isinstance(path_or_session, (str, os.PathLike)):
-        sess = ort_session(path_or_session, provider=provider, threads=threads)
-    name = sess.get_inputs()[0].name
-    correct = seen = 0
-    for batch in tqdm(loader, desc="onnx eval", disable=not progress, leave=False):
-        x, y = batch[0], batch[1]
-        logits = sess.run(None, {name: x.numpy().astype(np.float32, copy=False)})[0]
-        correct += int((logits.argmax(1) == y.numpy()).sum())
-        seen += len(y)
-    if seen == 0:
-        raise DataError("ort_accuracy got an empty loader (no images): accuracy is undefined.")
-    return correct / seen
+    counts = ort_confusion(path_or_session, loader, provider=provider, threads=threads, progress=progress)
+    return float(np.trace(counts) / counts.sum())
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from icnn_compress.measure._accuracy import model_stats, ort_accuracy
+from icnn_compress.measure._accuracy import class_accuracy, model_stats, ort_confusion
 from icnn_compress.measure._latency import ort_latency, ort_session, torch_latency
 
 __all__ = ["latency_guard", "measure"]
@@ -38,9 +39,11 @@ def measure(
     example: torch.Tensor | None = None,
     warmup: int = 10,
     repeats: int = 50,
+    class_names: list[str] | None = None,
 ) -> dict:
-    """Accuracy (on every batch of ``loader``), ONNX Runtime latency per batch size, and, with
-    ``torch_model`` and ``example``, eager latency, MACs and params. Returns a report entry."""
+    """Accuracy and per-class accuracy (on every batch of ``loader``; ``class_names`` label the
+    classes), ONNX Runtime latency per batch size, and, with ``torch_model`` and ``example``, eager
+    latency, MACs and params. Returns a report entry."""
     path = Path(onnx_path)
     sess = ort_session(path, provider=provider, threads=threads)
     entry: dict = {
@@ -58,7 +61,11 @@ def measure(
             path, b, session=sess, input_shape=shape, threads=threads, warmup=warmup, repeats=repeats
         ).to_dict()
     if loader is not None:
-        entry["accuracy"] = ort_accuracy(sess, loader)
+        counts = ort_confusion(sess, loader)
+        entry["accuracy"] = float(np.trace(counts) / counts.sum())
+        entry["per_class_accuracy"] = class_accuracy(counts)
+        names = list(class_names or [])
+        entry["class_names"] = names if len(names) == len(counts) else [str(i) for i in range(len(counts))]
     if torch_model is not None and example is not None:
         entry.update(model_stats(torch_model, example[:1]))
         for b in batch_sizes:

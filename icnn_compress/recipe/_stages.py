@@ -249,6 +249,7 @@ def measure(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     m = ctx.recipe.measure
     example = ctx.example().cpu()
     val_dl = ctx.loaders()[1]
+    class_names = getattr(val_dl.dataset, "classes", None)
     models = {
         "unpruned": _finetuned(ctx, run)[0],
         "pruned": load_pruned(run.stage_dir("recover") / "recovered.pt")[0].eval(),
@@ -266,6 +267,7 @@ def measure(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
             torch_model=model,
             example=example,
             repeats=m.repeats,
+            class_names=class_names,
         )
         entry["widths"] = {n: c.out_channels for n, c in model.named_modules() if isinstance(c, nn.Conv2d)}
         entries.append(entry)

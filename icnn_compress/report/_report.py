@@ -12,9 +12,11 @@ JSON schema (``schema_version`` 1):
       "models": [                           # one entry per measured model (``measure.measure``)
         {"name", "onnx", "file_bytes", "provider", "threads",
          "accuracy"?, "macs"?, "params"?,
+         "per_class_accuracy"?: [float | null], "class_names"?: [str],   # top-1 per true class
          "latency": {"<batch>": LatencyStats}, "eager_latency": {"<batch>": LatencyStats},
          "widths"?: {"<conv>": int},        # output channels per conv layer
-         "macs_reduction"?, "speedup_b<batch>"?, "warning"?}
+         "macs_reduction"?, "speedup_b<batch>"?, "warning"?,
+         "class_drops"?: [{"class", "baseline", "accuracy", "drop"}]}  # classes that lost the most
       ],
       "figures": {"<name>": "<file name>"}, # PNGs written next to the report
       "analysis_pictures": ["<file name>"]  # copied from the analysis stage when given
@@ -26,6 +28,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import itertools
 import os
 import shutil
 from pathlib import Path
@@ -37,6 +40,7 @@ from icnn_compress.measure import latency_guard
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report"]
 
 SCHEMA_VERSION = 1
+CLASS_DROP_WARN = 0.10  # a class that loses this much more top-1 than the model as a whole is named
 
 
 def build_report(
@@ -60,6 +64,13 @@ def build_report(
         if m.get("macs") and base.get("macs"):
             m["macs_reduction"] = base["macs"] / m["macs"]
         warning = latency_guard(m.get("macs_reduction"), m.get(f"speedup_b{b}"))
+        if m is not base:
+            drops = class_drops(base, m)
+            if drops:
+                m["class_drops"] = drops
+                names = ", ".join(f"{d['class']} ({d['baseline']:.2f} -> {d['accuracy']:.2f})" for d in drops)
+                line = f"Some classes lost much more accuracy than the model as a whole: {names}."
+                warning = f"{warning} {line}" if warning else line
         if warning:
             m["warning"] = warning
         out.append(m)
@@ -74,6 +85,61 @@ def build_report(
         "figures": {},
         "analysis_pictures": [],
     }
+
+
+def class_drops(base: dict, model: dict, threshold: float = CLASS_DROP_WARN) -> list[dict]:
+    """The classes whose top-1 fell by more than ``threshold`` beyond the model's overall drop
+    (worst first), comparing per-class accuracies of ``base`` and ``model`` entries."""
+    a, b = base.get("per_class_accuracy"), model.get("per_class_accuracy")
+    if not a or not b or len(a) != len(b) or "accuracy" not in base or "accuracy" not in model:
+        return []
+    names = model.get("class_names") or [str(i) for i in range(len(b))]
+    overall = base["accuracy"] - model["accuracy"]
+    out = [
+        {"class": names[i], "baseline": x, "accuracy": y, "drop": x - y}
+        for i, (x, y) in enumerate(zip(a, b))
+        if x is not None and y is not None and x - y > overall + threshold
+    ]
+    return sorted(out, key=lambda d: -d["drop"])
+
+
+def _class_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-class accuracy table (one column per model with per-class data)."""
+    models = [m for m in report["models"] if m.get("per_class_accuracy")]
+    if not models:
+        return [], []
+    names = models[0].get("class_names") or [str(i) for i in range(len(models[0]["per_class_accuracy"]))]
+    head = ["class", *(m["name"] for m in models)]
+    if len(models) >= 2:
+        head.append(f"change ({models[-1]['name']} - {models[0]['name']})")
+    rows = []
+    for i, name in enumerate(names):
+        vals = [m["per_class_accuracy"][i] if i < len(m["per_class_accuracy"]) else None for m in models]
+        row = [name, *("" if v is None else f"{v:.4f}" for v in vals)]
+        if len(models) >= 2:
+            first, last = vals[0], vals[-1]
+            row.append("" if first is None or last is None else f"{100 * (last - first):+.1f} pt")
+        rows.append(row)
+    return head, rows
+
+
+def _grouped_bars(
+    plt, path: Path, labels: list[str], series: dict, ylabel: str, title: str, ylim=None
+) -> None:
+    """One bar per (label, series), the series side by side; saved as a PNG at ``path``."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(labels)), 3.5))
+    step = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar([i + k * step for i in range(len(labels))], values, width=step, label=name)
+    ax.set_xticks([i + 0.4 - step / 2 for i in range(len(labels))], labels, rotation=60, fontsize=6)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _figures(report: dict, out: Path, batch: int) -> dict[str, str]:
@@ -101,25 +167,19 @@ def _figures(report: dict, out: Path, batch: int) -> dict[str, str]:
         plt.close(fig)
         figs["accuracy_vs_latency"] = "accuracy_vs_latency.png"
     widths = [m for m in report["models"] if m.get("widths")]
-    if len(widths) >= 1:
+    if widths:
         layers = list(widths[0]["widths"])
-        fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(layers)), 3.5))
-        step = 0.8 / len(widths)
-        for k, m in enumerate(widths):
-            ax.bar(
-                [i + k * step for i in range(len(layers))],
-                [m["widths"].get(n, 0) for n in layers],
-                width=step,
-                label=m["name"],
-            )
-        ax.set_xticks([i + 0.4 - step / 2 for i in range(len(layers))], layers, rotation=60, fontsize=6)
-        ax.set_ylabel("output channels")
-        ax.legend(fontsize=7)
-        ax.set_title("layer widths", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "layer_widths.png", dpi=90)
-        plt.close(fig)
+        series = {m["name"]: [m["widths"].get(n, 0) for n in layers] for m in widths}
+        _grouped_bars(plt, out / "layer_widths.png", layers, series, "output channels", "layer widths")
         figs["layer_widths"] = "layer_widths.png"
+    per_class = [m for m in report["models"] if m.get("per_class_accuracy")]
+    if per_class:
+        k = len(per_class[0]["per_class_accuracy"])
+        names = per_class[0].get("class_names") or [str(i) for i in range(k)]
+        series = {m["name"]: [v or 0.0 for v in m["per_class_accuracy"][:k]] for m in per_class}
+        path = out / "per_class_accuracy.png"
+        _grouped_bars(plt, path, names, series, "top-1 of the class", "accuracy per class", ylim=(0, 1))
+        figs["per_class_accuracy"] = "per_class_accuracy.png"
     return figs
 
 
@@ -142,6 +202,10 @@ def _markdown(report: dict, batch: int) -> str:
     warnings = [f"- **{m['name']}**: {m['warning']}" for m in report["models"] if m.get("warning")]
     if warnings:
         lines += ["", "## Warnings", "", *warnings]
+    head, rows = _class_table(report)
+    if rows:
+        lines += ["", "## Accuracy per class", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     for name, file in {**report["figures"], **{p: p for p in report["analysis_pictures"]}}.items():
         lines += ["", f"![{name}]({file})"]
     return "\n".join(lines) + "\n"
@@ -154,8 +218,7 @@ def _html(report: dict, md_table: str, out: Path) -> str:
 
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
-        for line in md_table.splitlines()[6:]
-        if line.startswith("| ")
+        for line in itertools.takewhile(lambda t: t.startswith("| "), md_table.splitlines()[6:])
     )
     head = "".join(
         f"<th>{html.escape(c.strip())}</th>" for c in md_table.splitlines()[4].strip("|").split("|")
@@ -168,6 +231,16 @@ def _html(report: dict, md_table: str, out: Path) -> str:
     figures = "".join(
         f"<figure>{img(f)}<figcaption>{html.escape(n)}</figcaption></figure>"
         for n, f in report["figures"].items()
+    )
+    head_c, rows_c = _class_table(report)
+    class_table = (
+        "<h2>Accuracy per class</h2><table><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head_c)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows_c)
+        + "</table>"
+        if rows_c
+        else ""
     )
     pictures = "".join(
         f"<figure>{img(p)}<figcaption>{html.escape(p)}</figcaption></figure>"
@@ -182,6 +255,7 @@ def _html(report: dict, md_table: str, out: Path) -> str:
         f"<code>{html.escape(report['baseline'])}</code>; schema version {report['schema_version']}.</p>"
         f"<table><tr>{head}</tr>{rows}</table>"
         + (f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
+        + class_table
         + figures
         + (f"<h2>Filter analysis</h2>{pictures}" if pictures else "")
         + "</body></html>\n"

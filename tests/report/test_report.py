@@ -56,7 +56,8 @@ def test_report_json_html_markdown(tmp_path):
     assert report["models"][1]["macs_reduction"] >= 2.0
     paths = write_report(report, tmp_path / "report", analysis_pictures=[picture], batch=8)
     doc = json.loads(paths["json"].read_text())
-    assert set(doc["figures"]) == {"accuracy_vs_latency", "layer_widths"}
+    assert set(doc["figures"]) == {"accuracy_vs_latency", "layer_widths", "per_class_accuracy"}
+    assert all(len(m["per_class_accuracy"]) == 3 == len(m["class_names"]) for m in doc["models"])
     for f in [*doc["figures"].values(), *doc["analysis_pictures"]]:
         assert (tmp_path / "report" / f).is_file()
     parser = _Collect()
@@ -66,3 +67,35 @@ def test_report_json_html_markdown(tmp_path):
         assert src.startswith("data:image/png;base64,") or (tmp_path / "report" / src).is_file()
     md = paths["md"].read_text()
     assert "| l1-2x |" in md and "accuracy_vs_latency.png" in md
+
+
+def _entry(name, per_class, latency_ms=10.0):
+    acc = sum(per_class) / len(per_class)
+    return {
+        "name": name,
+        "onnx": f"{name}.onnx",
+        "provider": "CPUExecutionProvider",
+        "accuracy": acc,
+        "per_class_accuracy": per_class,
+        "class_names": ["shirt", "coat", "bag"],
+        "latency": {"32": {"median_ms": latency_ms}},
+    }
+
+
+def test_a_class_that_collapses_is_named_in_the_warnings_and_the_table(tmp_path):
+    base = _entry("unpruned", [0.90, 0.90, 0.90])
+    wiped = _entry("pruned", [0.88, 0.20, 0.89], latency_ms=5.0)
+    even = _entry("even", [0.80, 0.80, 0.80], latency_ms=5.0)  # uniform loss: no class singled out
+    report = build_report([base, wiped, even])
+    pruned, uniform = report["models"][1], report["models"][2]
+    assert [d["class"] for d in pruned["class_drops"]] == ["coat"]
+    assert "coat (0.90 -> 0.20)" in pruned["warning"]
+    assert "class_drops" not in uniform and "warning" not in uniform
+    paths = write_report(report, tmp_path, batch=32)
+    md = paths["md"].read_text()
+    assert "## Accuracy per class" in md and "| coat | 0.9000 | 0.2000 | 0.8000 | -10.0 pt |" in md
+    page = paths["html"].read_text()
+    # the main table keeps one row per model; the per-class table follows with one row per class
+    main = page.split("<table>")[1]
+    assert main.count("<tr>") == 1 + 3 and "Accuracy per class" in page
+    assert page.split("<table>")[2].count("<tr>") == 1 + 3
