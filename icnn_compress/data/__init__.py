@@ -5,6 +5,7 @@ Example:
     >>> train_dl, val_dl = data.loaders("fashion-mnist", batch_size=128)
 """
 
+from icnn_compress.data._classes import ClassSubset
 from icnn_compress.data._fashion import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, FashionMNIST, write_idx
 from icnn_compress.data._folder import CUB200, image_transforms
 from icnn_compress.data._loaders import build_datasets, list_datasets, loaders, register_dataset
@@ -15,6 +16,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
     "PART_NAMES",
+    "ClassSubset",
     "FashionMNIST",
     "SyntheticParts",
     "build_datasets",

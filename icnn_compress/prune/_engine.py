@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from icnn_compress.errors import ConfigError, IcnnCompressError
+from icnn_compress.prune._classes import KeepClassesImportance, check_keep_classes, class_categories
 from icnn_compress.prune._compensation import compensate_group
-from icnn_compress.prune._criteria import NEEDS_DATA, ClusterRedundancyImportance, make_importance
+from icnn_compress.prune._criteria import NEEDS_DATA, make_importance
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
 
 __all__ = [
@@ -90,6 +91,7 @@ class PruneResult:
     steps: int = 0
     latency_speedup: float | None = None
     compensated_layers: int = 0
+    keep_classes: list[int] | None = None  # output i of the pruned model = class keep_classes[i]
 
     @property
     def macs_reduction(self) -> float:
@@ -110,6 +112,7 @@ class PruneResult:
             "params_reduction": self.params_reduction,
             "steps": self.steps,
             "latency_speedup": self.latency_speedup,
+            "keep_classes": self.keep_classes,
             "removed_per_layer": {k: len(v) for k, v in self.removed.items()},
         }
 
@@ -320,6 +323,7 @@ def prune_model(
     bn_batches: int = 20,
     ridge: float = 1e-5,
     criterion_options: dict | None = None,
+    keep_classes=None,
     inplace: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -346,6 +350,11 @@ def prune_model(
             after pruning (0: none).
         ridge: regularisation of compensation and cluster residuals.
         criterion_options: passed to the criterion (e.g. ``{"distance_threshold": 0.3}``).
+        keep_classes: specialise the model to these class indices: the classifier keeps only
+            their outputs (output ``i`` = class ``keep_classes[i]``), and in every layer the
+            filters whose category (the class they respond to most on ``data``) is outside the
+            kept set are removed first, in the criterion's order, then the others. The MACs
+            target counts from the unrestricted model. Needs ``data``.
 
     Returns:
         ``PruneResult``. Raises ``TargetError`` when the target cannot be met within
@@ -361,9 +370,15 @@ def prune_model(
         raise ConfigError(f"max_layer_ratio must be in (0, 1). Got {max_layer_ratio!r} instead.")
     if not 0 < step_ratio <= max_layer_ratio:
         raise ConfigError(f"step_ratio must be in (0, max_layer_ratio]. Got {step_ratio!r} instead.")
-    needs_data = criterion in NEEDS_DATA or compensate
+    needs_data = criterion in NEEDS_DATA or compensate or keep_classes is not None
     if needs_data and data is None:
-        what = f"criterion {criterion!r}" if criterion in NEEDS_DATA else "compensate=True"
+        what = (
+            f"criterion {criterion!r}"
+            if criterion in NEEDS_DATA
+            else "compensate=True"
+            if compensate
+            else "keep_classes"
+        )
         raise ConfigError(f"{what} needs data= (a DataLoader of probe batches).")
     importance = make_importance(criterion, **{"probe_batches": probe_batches, **(criterion_options or {})})
     # modules of the caller's model are matched by name before the copy, so they keep meaning
@@ -376,6 +391,10 @@ def prune_model(
     clf = _classifier(model)
     if keep_classifier and clf is not None and clf not in ignored:
         ignored.append(clf)
+    if keep_classes is not None:
+        keep_classes = check_keep_classes(keep_classes, clf)
+        categories = class_categories(model, data, probe_batches)
+        importance = KeepClassesImportance(importance, categories, keep_classes)
     macs0, params0 = _stats(model, example_inputs)
     base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
@@ -394,6 +413,11 @@ def prune_model(
     )
     names = {m: n for n, m in model.named_modules()}
     alive = {n: list(range(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    if keep_classes is not None:
+        importance.bind(names, alive)
+        dropped = [i for i in range(clf.out_features) if i not in set(keep_classes)]
+        if dropped:  # recorded in the pruner's history, so load_pruned rebuilds the smaller head
+            pruner.DG.get_pruning_group(clf, tp.prune_linear_out_channels, idxs=dropped).prune()
     removed: dict[str, list[int]] = {}
     reached, macs, params, step, compensated, speedup = False, macs0, params0, 0, 0, None
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
@@ -404,7 +428,7 @@ def prune_model(
             break
         ratio, approach = planned
         pruner.per_step_pruning_ratio[step] = ratio
-        if isinstance(importance, ClusterRedundancyImportance):
+        if hasattr(importance, "refresh"):
             importance.refresh(model, data)
         if criterion == "taylor":
             _taylor_gradients(model, data, probe_batches)
@@ -464,6 +488,7 @@ def prune_model(
         step,
         speedup,
         compensated,
+        keep_classes,
     )
 
 

@@ -1,0 +1,95 @@
+"""Category-aware pruning: specialise a model to the classes a deployment needs.
+
+Every filter has a category, the class it responds to most on the probe data (with the
+interpretable loss, the class it was trained to detect). To keep a subset of the classes, the
+classifier keeps only their outputs and, in every layer, the filters of the other categories go
+first (in the order of the chosen criterion), then the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from icnn_compress.errors import ConfigError
+
+__all__ = ["KeepClassesImportance", "check_keep_classes", "class_categories"]
+
+
+def check_keep_classes(keep_classes, classifier: nn.Module | None) -> list[int]:
+    """``keep_classes`` as a sorted list of distinct class indices of ``classifier`` (a Linear).
+    Raises ``ConfigError`` for anything else."""
+    if not isinstance(classifier, nn.Linear):
+        raise ConfigError("keep_classes needs a model whose last layer is an nn.Linear classifier.")
+    if torch.is_tensor(keep_classes):
+        keep_classes = keep_classes.tolist()
+    if isinstance(keep_classes, (str, bytes)) or not hasattr(keep_classes, "__iter__"):
+        raise ConfigError(f"keep_classes must be a list of class indices. Got {keep_classes!r}.")
+    items = list(keep_classes)
+    k = classifier.out_features
+    bad = [c for c in items if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < k]
+    if bad:
+        raise ConfigError(f"keep_classes holds {bad}: class indices must be integers in 0..{k - 1}.")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"keep_classes has duplicates: {sorted({c for c in items if items.count(c) > 1})}.")
+    if len(items) < 2:
+        raise ConfigError(
+            f"keep_classes needs at least 2 classes (a classifier of one class says nothing). Got {items}."
+        )
+    return sorted(items)
+
+
+@torch.no_grad()
+def class_categories(model: nn.Module, data: DataLoader, batches: int = 8) -> dict[str, Tensor]:
+    """Conv name -> ``(C,)`` category of each output channel: the class with the largest mean
+    response of its (post-ReLU, or after a residual addition) map on at most ``batches`` batches."""
+    from icnn_compress.analysis import filter_signatures
+    from icnn_compress.prune._criteria import map_points
+
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    points = map_points(model, convs)
+    size = getattr(data, "batch_size", None) or 64
+    sigs = filter_signatures(
+        model, data, sorted(set(points.values())), progress=False, max_images=batches * size
+    )
+    return {n: sigs[points[n]].category.clone() for n in convs}
+
+
+class KeepClassesImportance(tp.importance.Importance):
+    """Wraps a criterion: channels whose category is outside ``keep`` rank below all the others
+    (each side in the criterion's own order). ``bind`` gives it the engine's bookkeeping of which
+    original channels each conv still has, so categories measured once stay aligned."""
+
+    def __init__(
+        self, inner: tp.importance.Importance, categories: dict[str, Tensor], keep: list[int]
+    ) -> None:
+        self.inner = inner
+        self.categories = categories
+        self.keep = torch.as_tensor(keep)
+        self.names: dict[nn.Module, str] = {}
+        self.alive: dict[str, list[int]] = {}
+
+    def bind(self, names: dict[nn.Module, str], alive: dict[str, list[int]]) -> None:
+        self.names, self.alive = names, alive
+
+    def refresh(self, model: nn.Module, loader: DataLoader) -> None:
+        if hasattr(self.inner, "refresh"):
+            self.inner.refresh(model, loader)
+
+    @torch.no_grad()
+    def __call__(self, group, **kwargs) -> Tensor:
+        scores = self.inner(group, **kwargs)
+        name = self.names.get(group[0].dep.target.module)
+        if name not in self.categories or name not in self.alive or scores is None:
+            return scores
+        original = torch.as_tensor(self.alive[name])
+        idxs = torch.as_tensor(list(group[0].idxs))
+        if idxs.numel() != scores.numel() or int(idxs.max()) >= original.numel():
+            return scores
+        cats = self.categories[name][original[idxs]]
+        outside = ~torch.isin(cats, self.keep)
+        s = scores.float()
+        s = (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
+        return torch.where(outside, 0.5 * s, 1.0 + s)

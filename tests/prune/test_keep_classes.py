@@ -1,0 +1,143 @@
+"""Category-aware compression: prune_model(..., keep_classes=) keeps the kept classes' outputs,
+removes the filters of the other categories first, and the result reloads and exports."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from icnn_compress import ConfigError, models
+from icnn_compress.data import ClassSubset
+from icnn_compress.export import export_onnx
+from icnn_compress.prune import load_pruned, prune_model, save_pruned
+
+
+def class_coded_model_and_data():
+    """A conv net whose 16 filters of the last conv each answer one of 4 classes (4 per class): class
+    c's images are bright in channel c of the input, and filter f reads input channel f % 4."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+        for f in range(16):
+            model[0].weight[f, f % 4, 1, 1] = 1.0 + 0.01 * f
+        model[4].weight.zero_()
+        for f in range(16):
+            model[4].weight[f % 4, f] = 1.0
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 4
+    x = 0.1 * torch.rand(64, 4, 8, 8, generator=g)
+    x[torch.arange(64), y] += 1.0
+    return model.eval(), DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def test_filters_of_other_categories_go_first_and_the_head_keeps_the_kept_classes():
+    model, data = class_coded_model_and_data()
+    res = prune_model(
+        model,
+        torch.rand(1, 4, 8, 8),
+        criterion="l2",
+        target=1.9,
+        data=data,
+        keep_classes=[1, 3],
+        step_ratio=0.25,
+        progress=False,
+        bn_batches=0,
+    )
+    removed = set(res.removed["0"])
+    assert removed and all(f % 4 in (0, 2) for f in removed), sorted(removed)  # only other categories
+    head = res.model[4]
+    assert head.out_features == 2 and res.keep_classes == [1, 3]
+    x, y = next(iter(data))
+    kept = (y == 1) | (y == 3)
+    pred = res.model(x[kept]).argmax(1)
+    assert torch.equal(pred, (y[kept] == 3).long())  # output i = class keep_classes[i]
+
+
+def test_a_specialised_registry_model_saves_reloads_and_exports(tmp_path):
+    model = models.create("resnet_cifar8", num_classes=4, in_channels=1).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(16, 1, 16, 16, generator=g), torch.arange(16) % 4) for _ in range(2)]
+    example = torch.rand(1, 1, 16, 16)
+    res = prune_model(
+        model,
+        example,
+        criterion="icnn-cluster",
+        target=2.0,
+        data=data,
+        compensate=True,
+        keep_classes=[0, 2],
+        progress=False,
+    )
+    assert res.model.fc.out_features == 2 and res.macs_reduction >= 2.0
+    path = tmp_path / "p.pt"
+    save_pruned(
+        res.model,
+        path,
+        arch="resnet_cifar8",
+        arch_kwargs={"num_classes": 4, "in_channels": 1},
+        history=res.history,
+        input_shape=(1, 16, 16),
+    )
+    again, _ = load_pruned(path)
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.allclose(again.eval()(x), res.model.eval()(x), atol=1e-5)
+    export_onnx(again, tmp_path / "p.onnx", example)
+
+
+def test_without_keep_classes_the_same_call_removes_across_categories():
+    model, data = class_coded_model_and_data()
+    res = prune_model(
+        model,
+        torch.rand(1, 4, 8, 8),
+        criterion="l2",
+        target=1.9,
+        data=data,
+        step_ratio=0.25,
+        progress=False,
+        bn_batches=0,
+    )
+    assert {f % 4 for f in res.removed["0"]} != {0, 2}  # l2 alone prefers the small-norm filters
+
+
+def test_class_subset_renumbers_labels():
+    ds = TensorDataset(torch.zeros(10, 1, 2, 2), torch.arange(10) % 5)
+    sub = ClassSubset(ds, [4, 1])
+    assert len(sub) == 4 and sorted(int(sub[i][1]) for i in range(4)) == [0, 0, 1, 1]
+    assert all(int(ds[sub.indices[i]][1]) == [4, 1][int(sub[i][1])] for i in range(4))
+
+
+@pytest.mark.parametrize(
+    "keep, match",
+    [
+        ([1], "at least 2"),
+        ([1, 1], "duplicates"),
+        ([0, 9], r"0\.\.3"),
+        ("ab", "list of class"),
+        ([0.5, 1], "integers"),
+    ],
+)
+def test_bad_keep_classes_are_one_line_errors(keep, match):
+    model, data = class_coded_model_and_data()
+    with pytest.raises(ConfigError, match=match):
+        prune_model(model, torch.rand(1, 4, 8, 8), target=1.5, data=data, keep_classes=keep, progress=False)
+
+
+def test_keep_classes_needs_data_and_a_linear_classifier():
+    model, _ = class_coded_model_and_data()
+    with pytest.raises(ConfigError, match="keep_classes needs data"):
+        prune_model(model, torch.rand(1, 4, 8, 8), target=1.5, keep_classes=[0, 1], progress=False)
+    conv_head = models.create("resnet_cifar8", num_classes=3, in_channels=1)
+    conv_head.fc = nn.Identity()
+    data = DataLoader(TensorDataset(torch.rand(8, 1, 16, 16), torch.arange(8) % 3), batch_size=8)
+    with pytest.raises(ConfigError, match=r"nn\.Linear classifier"):
+        prune_model(
+            conv_head, torch.rand(1, 1, 16, 16), target=1.5, data=data, keep_classes=[0, 1], progress=False
+        )
