@@ -17,6 +17,17 @@ def baseline_path(model: str, epochs: int, train_size: int | None = None, seed: 
     return Path(f"runs/baselines/{model}_fashion_e{epochs}{sub}.pt")
 
 
+@torch.no_grad()
+def top1(model: torch.nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy (0..1) of ``model`` in eval mode on every batch of ``loader`` (PyTorch)."""
+    model.eval()
+    correct = seen = 0
+    for x, y, *_ in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        seen += len(y)
+    return correct / seen
+
+
 def first_n_loader(loader: DataLoader, n: int, batch_size: int, seed: int) -> DataLoader:
     """A shuffled (seeded), drop-last loader over the first ``n`` items of ``loader``'s dataset."""
     return DataLoader(

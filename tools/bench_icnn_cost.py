@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line
+from _common import command_line, top1
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
@@ -95,16 +95,6 @@ def subset_loader(dataset, n: int, seed: int, batch_size: int = 64) -> DataLoade
     g = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(dataset, replacement=False, num_samples=min(n, len(dataset)), generator=g)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
-
-
-@torch.no_grad()
-def top1(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = seen = 0
-    for x, y, *_ in loader:
-        correct += int((model(x).argmax(1) == y).sum())
-        seen += len(y)
-    return correct / seen
 
 
 def train_base(

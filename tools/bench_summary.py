@@ -211,13 +211,19 @@ def interpretability_md(it: dict) -> list[str]:
 
 
 def overhead_md(sections: dict) -> list[str]:
-    md = ["| where | step with / without the loss | threads / device | reproduce |", "|---|---|---|---|"]
+    md = [
+        "| where | step with / without the loss (top layer, the default) | on the top two | threads / device "
+        "| reproduce |",
+        "|---|---|---|---|---|",
+    ]
     for key in ("overhead", "overhead_cuda"):
         o = sections.get(key)
         if o:
             st = o.get("setup", {})
+            top2 = o["summary"].get("step_ratio_top2")
             md.append(
                 f"| {_machine(o['environment'])} | **{o['summary']['step_ratio']:.2f}x** | "
+                f"{'' if top2 is None else f'{top2:.2f}x'} | "
                 f"{st.get('threads', '?')} / {st.get('device', '?')} | `{o.get('command', '')}` |"
             )
     g = sections.get("gpu_check")
