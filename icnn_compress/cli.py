@@ -157,7 +157,7 @@ def _cmd_compare(a) -> int:
     ctx = runner.ctx
     base, _ = runner.finetuned_model()
     example = ctx.example().cpu()
-    val_dl = ctx.loaders()[1]
+    val_dl = ctx.kept_loaders()[1]  # a specialising recipe is compared on its kept classes
     rows = []
     for crit in criteria:
         ctx.start_stage("prune")  # every criterion sees the same probe batches

@@ -11,15 +11,16 @@ __all__ = ["ClassSubset"]
 
 
 class ClassSubset(Dataset):
-    """The items of ``dataset`` whose label is in ``classes``, label ``classes[i]`` -> ``i`` (the
-    numbering of a model specialised with ``prune_model(..., keep_classes=classes)``).
+    """The items of ``dataset`` whose label is in ``classes``, relabelled by rank: the smallest kept
+    class -> 0, the next -> 1, ... (the outputs of a model specialised with
+    ``prune_model(..., keep_classes=classes)``).
 
     Labels are read from ``dataset.targets`` when it has them (Fashion-MNIST, torchvision
     folders), else from each item. Other fields of an item (landmarks, masks) pass through.
     """
 
     def __init__(self, dataset: Dataset, classes) -> None:
-        items = [int(c) for c in classes]
+        items = sorted(int(c) for c in classes)
         if len(set(items)) != len(items) or not items:
             raise ConfigError(f"classes must be distinct class indices. Got {list(classes)!r}.")
         self.dataset, self.classes_kept = dataset, items

@@ -6,6 +6,7 @@ Example:
     ...                   target=Target(macs_reduction=2.0), data=probe_loader, compensate=True)
 """
 
+from icnn_compress.prune._classes import restrict_classifier
 from icnn_compress.prune._compensation import compensate_group, fit_reconstruction
 from icnn_compress.prune._criteria import (
     ClusterRedundancyImportance,
@@ -37,5 +38,6 @@ __all__ = [
     "rebuild_pruned",
     "reestimate_batchnorm",
     "register_criterion",
+    "restrict_classifier",
     "save_pruned",
 ]

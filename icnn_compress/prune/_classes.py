@@ -15,7 +15,30 @@ from torch.utils.data import DataLoader
 
 from icnn_compress.errors import ConfigError
 
-__all__ = ["KeepClassesImportance", "check_keep_classes", "class_categories"]
+__all__ = ["KeepClassesImportance", "check_keep_classes", "class_categories", "restrict_classifier"]
+
+
+def restrict_classifier(model: nn.Module, classes) -> nn.Module:
+    """A copy of ``model`` whose last ``nn.Linear`` keeps only the outputs of ``classes`` (output
+    ``i`` = the ``i``-th smallest kept class, as after ``prune_model(..., keep_classes=)``): the
+    unpruned reference, or a distillation teacher, of a specialised model."""
+    import copy
+
+    model = copy.deepcopy(model)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError("restrict_classifier needs a model whose last layer is an nn.Linear.")
+    name, head = linears[-1]
+    kept = check_keep_classes(classes, head)
+    new = nn.Linear(head.in_features, len(kept), bias=head.bias is not None).to(head.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(head.weight[kept])
+        if head.bias is not None:
+            new.bias.copy_(head.bias[kept])
+    new.requires_grad_(head.weight.requires_grad)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
 
 
 def check_keep_classes(keep_classes, classifier: nn.Module | None) -> list[int]:

@@ -91,7 +91,7 @@ class PruneResult:
     steps: int = 0
     latency_speedup: float | None = None
     compensated_layers: int = 0
-    keep_classes: list[int] | None = None  # output i of the pruned model = class keep_classes[i]
+    keep_classes: list[int] | None = None  # sorted; output i of the pruned model = keep_classes[i]
 
     @property
     def macs_reduction(self) -> float:
@@ -351,7 +351,7 @@ def prune_model(
         ridge: regularisation of compensation and cluster residuals.
         criterion_options: passed to the criterion (e.g. ``{"distance_threshold": 0.3}``).
         keep_classes: specialise the model to these class indices: the classifier keeps only
-            their outputs (output ``i`` = class ``keep_classes[i]``), and in every layer the
+            their outputs (output ``i`` = the ``i``-th smallest kept class), and in every layer the
             filters whose category (the class they respond to most on ``data``) is outside the
             kept set are removed first, in the criterion's order, then the others. The MACs
             target counts from the unrestricted model. Needs ``data``.

@@ -49,6 +49,7 @@ class RunContext:
         self.device = resolve_device(device)
         self.progress = progress
         self._loaders = None
+        self._kept_loaders = None
 
     # ----- seeds -----
     def stage_seed(self, stage: str) -> int:
@@ -62,8 +63,8 @@ class RunContext:
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        if self._loaders is not None:
-            gen = getattr(self._loaders[0], "generator", None)
+        for pair in (self._loaders, self._kept_loaders):
+            gen = getattr(pair[0], "generator", None) if pair is not None else None
             if gen is not None:
                 gen.manual_seed(seed)
         return seed
@@ -86,6 +87,35 @@ class RunContext:
                 d.name, batch_size=d.batch_size, num_workers=d.num_workers, seed=d.seed, **opts
             )
         return self._loaders
+
+    def kept_loaders(self):
+        """``(train_loader, val_loader)`` restricted to ``prune.keep_classes`` (labels renumbered
+        0..k-1 in that order), or the recipe's loaders when it keeps every class."""
+        kept = self.recipe.prune.keep_classes
+        if kept is None:
+            return self.loaders()
+        if self._kept_loaders is None:
+            from torch.utils.data import DataLoader
+
+            train_dl, val_dl = self.loaders()
+            d = self.recipe.data
+            gen = torch.Generator().manual_seed(d.seed)
+            self._kept_loaders = (
+                DataLoader(
+                    ic.data.ClassSubset(train_dl.dataset, kept),
+                    batch_size=d.batch_size,
+                    shuffle=True,
+                    drop_last=True,
+                    generator=gen,
+                    num_workers=d.num_workers,
+                ),
+                DataLoader(
+                    ic.data.ClassSubset(val_dl.dataset, kept),
+                    batch_size=val_dl.batch_size,
+                    num_workers=d.num_workers,
+                ),
+            )
+        return self._kept_loaders
 
     def example(self) -> torch.Tensor:
         """One validation image ``(1, C, H, W)``."""
@@ -199,6 +229,14 @@ class RunContext:
         for layer in r.prune.ignored_layers:
             if layer not in names:
                 raise ConfigError(_unknown("prune.ignored_layers", layer, names))
+        kept = r.prune.keep_classes
+        if kept is not None:
+            k = r.data.num_classes
+            if len(set(kept)) != len(kept) or max(kept) >= k:
+                raise ConfigError(
+                    f"prune.keep_classes: {kept} must be distinct class indices in 0..{k - 1} "
+                    f"(data.num_classes is {k})."
+                )
 
 
 def _unknown(key: str, name: str, names: dict) -> str:

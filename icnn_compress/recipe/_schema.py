@@ -125,6 +125,12 @@ class PruneConfig(_Strict):
     )
     step_ratio: float = Field(0.05, gt=0, lt=1)
     bn_batches: int = Field(20, ge=0, le=100_000)
+    keep_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=2,
+        description="specialise to these classes: the head keeps them, filters of other categories "
+        "go first; recovery, export and measurement then use these classes only",
+    )
 
 
 class RecoverConfig(_Strict):

@@ -34,10 +34,18 @@ Output = tuple[list[str], dict]
 
 
 def _train(
-    ctx: RunContext, model: nn.Module, out: Path, key: str, stage: str, subdir: str = "train", **kwargs
+    ctx: RunContext,
+    model: nn.Module,
+    out: Path,
+    key: str,
+    stage: str,
+    subdir: str = "train",
+    kept: bool = False,
+    **kwargs,
 ) -> list[dict]:
-    """Fit ``model`` with the recipe's data, checkpointing into ``out/<subdir>`` (resumable under ``key``)."""
-    train_dl, val_dl = ctx.loaders()
+    """Fit ``model`` with the recipe's data (``kept``: the kept classes only), checkpointing into
+    ``out/<subdir>`` (resumable under ``key``)."""
+    train_dl, val_dl = ctx.kept_loaders() if kept else ctx.loaders()
     trainer = ic.Trainer(
         model,
         train_dl,
@@ -167,8 +175,19 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
         ignored_layers=p.ignored_layers,
         step_ratio=p.step_ratio,
         bn_batches=p.bn_batches,
+        keep_classes=p.keep_classes,
         progress=ctx.progress,
     )
+
+
+def _unpruned(ctx: RunContext, run: RunDirectory) -> nn.Module:
+    """The fine-tuned model, its classifier restricted to ``prune.keep_classes`` when the recipe
+    specialises: the reference that the pruned model is measured against and distilled from."""
+    from icnn_compress.prune import restrict_classifier
+
+    model = _finetuned(ctx, run)[0]
+    kept = ctx.recipe.prune.keep_classes
+    return restrict_classifier(model, kept) if kept is not None else model
 
 
 def _save_pruned(ctx: RunContext, model: nn.Module, history: list, path: Path, spec, meta: dict) -> None:
@@ -210,9 +229,17 @@ def recover(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     r = ctx.recipe.recover
     info: dict = {"distill": r.distill.enabled and r.epochs > 0}
     if r.epochs > 0:
-        teacher = ic.frozen_copy(_finetuned(ctx, run)[0]) if r.distill.enabled else None
+        teacher = _unpruned(ctx, run) if r.distill.enabled else None
         info["history"] = _train(
-            ctx, model, out, key, "recover", epochs=r.epochs, lr=r.lr, distill=_distill(teacher, r.distill)
+            ctx,
+            model,
+            out,
+            key,
+            "recover",
+            kept=True,
+            epochs=r.epochs,
+            lr=r.lr,
+            distill=_distill(ic.frozen_copy(teacher) if teacher is not None else None, r.distill),
         )
     history = [tuple(h) for h in json.loads(record["history"])]
     spec = json.loads(record["icnn"]) if record["icnn"] else None
@@ -226,10 +253,10 @@ def export(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     from icnn_compress.prune import load_pruned
 
     example = ctx.example().cpu()
-    model, _ = _finetuned(ctx, run)
+    model = _unpruned(ctx, run)
     d = ctx.recipe.data
     meta = {
-        "classes": list(range(d.num_classes)),
+        "classes": ctx.recipe.prune.keep_classes or list(range(d.num_classes)),
         "preprocessing": {"dataset": d.name, "image_size": d.image_size},
         "recipe": ctx.recipe.name,
         "stage_key": key,
@@ -248,10 +275,10 @@ def measure(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
 
     m = ctx.recipe.measure
     example = ctx.example().cpu()
-    val_dl = ctx.loaders()[1]
+    val_dl = ctx.kept_loaders()[1]
     class_names = getattr(val_dl.dataset, "classes", None)
     models = {
-        "unpruned": _finetuned(ctx, run)[0],
+        "unpruned": _unpruned(ctx, run),
         "pruned": load_pruned(run.stage_dir("recover") / "recovered.pt")[0].eval(),
     }
     entries = []

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from icnn_compress import ConfigError, models
 from icnn_compress.data import ClassSubset
 from icnn_compress.export import export_onnx
-from icnn_compress.prune import load_pruned, prune_model, save_pruned
+from icnn_compress.prune import load_pruned, prune_model, restrict_classifier, save_pruned
 
 
 def class_coded_model_and_data():
@@ -111,7 +111,18 @@ def test_class_subset_renumbers_labels():
     ds = TensorDataset(torch.zeros(10, 1, 2, 2), torch.arange(10) % 5)
     sub = ClassSubset(ds, [4, 1])
     assert len(sub) == 4 and sorted(int(sub[i][1]) for i in range(4)) == [0, 0, 1, 1]
-    assert all(int(ds[sub.indices[i]][1]) == [4, 1][int(sub[i][1])] for i in range(4))
+    assert all(int(ds[sub.indices[i]][1]) == [1, 4][int(sub[i][1])] for i in range(4))  # by rank
+
+
+def test_restrict_classifier_matches_the_specialised_head():
+    model, data = class_coded_model_and_data()
+    res = prune_model(
+        model, torch.rand(1, 4, 8, 8), target=1.5, data=data, keep_classes=[3, 1], progress=False
+    )
+    ref = restrict_classifier(model, [3, 1])
+    x = next(iter(data))[0]
+    assert ref[4].out_features == 2 and torch.allclose(ref(x), model(x)[:, [1, 3]])
+    assert res.keep_classes == [1, 3] and res.model(x).shape == (len(x), 2)
 
 
 @pytest.mark.parametrize(

@@ -196,3 +196,26 @@ def test_unmask_epochs_train_the_last_epochs_without_masks(tmp_path):
     data["icnn"]["unmask_epochs"] = 3
     with pytest.raises(ConfigError, match="unmask_epochs"):
         Runner(load_recipe(data), tmp_path / "bad", progress=False).check()
+
+
+def test_keep_classes_specialises_the_run(tmp_path):
+    from icnn_compress.prune import load_pruned
+    from icnn_compress.recipe import Runner
+
+    data = json.loads(json.dumps(TINY))
+    data["prune"]["keep_classes"] = [2, 0]
+    run = tmp_path / "k"
+    Runner(load_recipe(data), run, progress=False).run()
+    pruned, _ = load_pruned(run / "4_recover" / "recovered.pt")
+    assert pruned.fc.out_features == 2
+    measured = json.loads((run / "6_measure" / "measurements.json").read_text())
+    # both models are measured on the kept classes only, the unpruned one through its kept outputs
+    assert [len(m["per_class_accuracy"]) for m in measured] == [2, 2]
+    assert json.loads((run / "3_prune" / "prune.json").read_text())["keep_classes"] == [0, 2]
+    assert "Accuracy per class" in (run / "7_report" / "report.html").read_text()
+    data["prune"]["keep_classes"] = [0, 3]
+    with pytest.raises(ConfigError, match=r"prune\.keep_classes"):
+        Runner(load_recipe(data), tmp_path / "bad", progress=False).check()
+    data["prune"]["keep_classes"] = [1]
+    with pytest.raises(ConfigError, match="keep_classes"):
+        load_recipe(data)
