@@ -19,7 +19,12 @@ from icnn_compress.analysis._pictures import (
     plot_instability_histogram,
 )
 from icnn_compress.analysis._receptive_field import RF, receptive_field, receptive_fields
-from icnn_compress.analysis._signatures import LayerSignature, filter_signatures, layer_maps_point
+from icnn_compress.analysis._signatures import (
+    LayerSignature,
+    filter_parts,
+    filter_signatures,
+    layer_maps_point,
+)
 
 __all__ = [
     "RF",
@@ -27,6 +32,7 @@ __all__ = [
     "LayerSignature",
     "cluster_filters",
     "filter_distances",
+    "filter_parts",
     "filter_signatures",
     "ground_truth_parts",
     "layer_maps_point",

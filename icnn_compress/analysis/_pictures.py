@@ -42,6 +42,17 @@ def _to_rgb(img: torch.Tensor) -> np.ndarray:
     return img[:3].permute(1, 2, 0).numpy()
 
 
+def _rf_window(sig: LayerSignature, image: int, f: int, hw) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Rows and columns ``((y0, y1), (x0, x1))`` of filter ``f``'s receptive field around its peak
+    on probe image ``image``, clipped to the image (at least 4 px wide)."""
+    h, w = int(hw[0]), int(hw[1])
+    x, y = (float(v) for v in sig.peak_xy[image, f])
+    half = max(2.0, min(sig.rf.size, max(h, w)) / 2)
+    y0, y1 = int(max(0, round(y - half))), int(min(h, round(y + half)))
+    x0, x1 = int(max(0, round(x - half))), int(min(w, round(x + half)))
+    return (y0, max(y1, min(h, y0 + 4))), (x0, max(x1, min(w, x0 + 4)))
+
+
 @torch.no_grad()
 def plot_filter_gallery(
     model: nn.Module,
@@ -53,12 +64,22 @@ def plot_filter_gallery(
     images_per_filter: int = 4,
     max_clusters: int = 8,
     filters_per_cluster: int = 3,
+    crop: bool = True,
+    class_names: list[str] | None = None,
+    part_names: list[str] | None = None,
 ) -> Path:
     """Each filter's top images with its map upsampled over them (the paper's figure style),
-    one row per filter, rows grouped by cluster (medoid first).
+    one row per filter, rows grouped by cluster (medoid first). Each row is titled with the
+    filter, its cluster, its category and, when the probe set has landmarks, the part its peaks
+    fall nearest to (``filter_parts``).
 
     ``dataset`` must be the probe set in the order it was probed (``sig.topk_index`` indexes it).
+    ``crop``: show the patch the filter sees, the receptive field around the peak of its map
+    (clipped at the image border), instead of the whole image.
     """
+    from icnn_compress.analysis._signatures import filter_parts
+
+    parts = filter_parts(sig)
     plt = _plt()
     device = next(model.parameters()).device
     if clusters is not None:
@@ -96,10 +117,19 @@ def plot_filter_gallery(
                     .cpu()
                     .numpy()
                 )
-                ax.imshow(_to_rgb(img.cpu()))
+                picture = _to_rgb(img.cpu())
+                if crop:
+                    (y0, y1), (x0, x1) = _rf_window(sig, idx, f, img.shape[-2:])
+                    picture, heat = picture[y0:y1, x0:x1], heat[y0:y1, x0:x1]
+                ax.imshow(picture)
                 ax.imshow(heat, cmap="jet", alpha=0.45)
                 if k == 0:
-                    label = f"f{f}" + (f" c{c}" if c is not None else "") + f" cat{int(sig.category[f])}"
+                    cat = int(sig.category[f])
+                    label = f"f{f}" + (f" c{c}" if c is not None else "")
+                    label += f" {class_names[cat] if class_names and cat < len(class_names) else f'cat{cat}'}"
+                    if parts is not None and int(parts[f]) >= 0:
+                        p = int(parts[f])
+                        label += f" / {part_names[p] if part_names and p < len(part_names) else f'part{p}'}"
                     ax.set_title(label, fontsize=7, loc="left")
     finally:
         hook.remove()

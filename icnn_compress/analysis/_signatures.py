@@ -13,7 +13,7 @@ from icnn_compress.analysis._receptive_field import RF, receptive_fields
 from icnn_compress.errors import ConfigError, ICNNError
 from icnn_compress.icnn import ICNNHandle, find_activation
 
-__all__ = ["LayerSignature", "filter_signatures", "layer_maps_point"]
+__all__ = ["LayerSignature", "filter_parts", "filter_signatures", "layer_maps_point"]
 
 
 @dataclass
@@ -202,3 +202,28 @@ def _accumulate(st: dict, maps: Tensor, labels: Tensor, offset: int, top_k: int)
     inds = torch.cat([st["topk_index"], (torch.arange(n) + offset).expand(c, n)], 1)
     keep = vals.topk(min(top_k, vals.shape[1]), dim=1)
     st["topk_value"], st["topk_index"] = keep.values, inds.gather(1, keep.indices)
+
+
+def filter_parts(sig: LayerSignature, top: int | None = None) -> Tensor | None:
+    """``(C,)`` the part each filter's peaks fall nearest to, on average over its top images where
+    the part is visible (landmark index; -1 for a filter that never fires), or ``None`` when the
+    probe set has no landmarks. ``top``: how many of each filter's top images (default: all kept)."""
+    if sig.landmarks is None:
+        return None
+    idx = sig.topk_index if top is None else sig.topk_index[:, :top]
+    out = torch.full((sig.num_filters,), -1, dtype=torch.long)
+    for f in range(sig.num_filters):
+        images = idx[f]
+        fired = sig.peak_value[images, f] > 0
+        if not bool(fired.any()):
+            continue
+        images = images[fired]
+        peaks = sig.peak_xy[images, f]  # (n, 2) x, y
+        marks = sig.landmarks[images]  # (n, P, 3) x, y, visible
+        dist = (marks[..., :2] - peaks[:, None, :]).norm(dim=-1)  # (n, P)
+        visible = marks[..., 2] > 0
+        mean = (dist * visible).sum(0) / visible.sum(0).clamp_min(1)
+        mean[visible.sum(0) == 0] = float("inf")
+        if bool(torch.isfinite(mean).any()):
+            out[f] = int(mean.argmin())
+    return out

@@ -31,10 +31,16 @@ def fit_reconstruction(
 
 
 @torch.no_grad()
-def compensate_group(group, inputs: dict[nn.Module, Tensor], *, ridge: float = 1e-5) -> int:
+def compensate_group(
+    group, inputs: dict[nn.Module, Tensor], *, ridge: float = 1e-5, absorbed: dict | None = None
+) -> int:
     """Before ``group.prune()``: for each layer that consumes the channels being removed, fit how
     the kept input channels reconstruct the removed ones and add that to the kept weights (and the
     intercept to the bias). Depthwise/grouped convs cannot mix channels and are left alone.
+
+    ``absorbed``, when given, receives the first compensated fit of the group: ``{removed root
+    channel: [(kept root channel, coefficient), ...]}`` with the three largest coefficients by
+    magnitude, in the group root's current channel numbering.
 
     Returns:
         The number of consumer layers compensated.
@@ -54,6 +60,8 @@ def compensate_group(group, inputs: dict[nn.Module, Tensor], *, ridge: float = 1
         if not kept:
             continue
         w_fit, b_fit = fit_reconstruction(acts, removed, kept, ridge=ridge)
+        if absorbed is not None and not done:
+            _record_absorption(absorbed, group, module, removed, kept, w_fit)
         weight = module.weight.data
         wd = weight.double()
         w_removed = wd[:, removed]  # (O, R, ...)
@@ -70,3 +78,22 @@ def compensate_group(group, inputs: dict[nn.Module, Tensor], *, ridge: float = 1
         module.bias.data += bias_delta.to(module.bias.dtype)
         done += 1
     return done
+
+
+def _record_absorption(
+    absorbed: dict, group, module: nn.Module, removed: list, kept: list, w_fit: Tensor
+) -> None:
+    """Map the consumer's input channels back to the group root's and keep the top-3 coefficients."""
+    to_root: dict[int, int] = {}
+    for consumer, idxs, root_idxs in consumer_deps(group):
+        if consumer is module:
+            to_root.update({int(i): int(r) for i, r in zip(idxs, root_idxs)})
+    if any(to_root.get(r, r) != r for r in removed):
+        return  # the consumer numbers its inputs differently from the root (e.g. a concatenation)
+    top = min(3, len(kept))
+    for j, r in enumerate(removed):
+        if r not in to_root:
+            continue
+        coef = w_fit[:, j]
+        order = coef.abs().argsort(descending=True)[:top]
+        absorbed[to_root[r]] = [(kept[int(k)], float(coef[int(k)])) for k in order]

@@ -92,6 +92,9 @@ class PruneResult:
     latency_speedup: float | None = None
     compensated_layers: int = 0
     keep_classes: list[int] | None = None  # sorted; output i of the pruned model = keep_classes[i]
+    # conv name -> removed channel -> [(kept channel, coefficient)]: the kept filters whose
+    # compensation coefficients for it are largest (original numbering; compensate=True only)
+    absorbed: dict[str, dict[int, list]] = field(default_factory=dict)
 
     @property
     def macs_reduction(self) -> float:
@@ -113,6 +116,10 @@ class PruneResult:
             "steps": self.steps,
             "latency_speedup": self.latency_speedup,
             "keep_classes": self.keep_classes,
+            "absorbed": {
+                layer: {str(r): [[k, round(w, 4)] for k, w in ks] for r, ks in sorted(d.items())}
+                for layer, d in self.absorbed.items()
+            },
             "removed_per_layer": {k: len(v) for k, v in self.removed.items()},
         }
 
@@ -262,6 +269,25 @@ def _track_removed(
             drop = set(int(i) for i in idxs)
             removed.setdefault(name, []).extend(alive[name][i] for i in sorted(drop))
             alive[name] = [a for i, a in enumerate(alive[name]) if i not in drop]
+
+
+def _track_absorbed(
+    group, model_names: dict[nn.Module, str], alive: dict[str, list[int]], fits: dict, out: dict
+) -> None:
+    """Record a group's compensation fits (root's current numbering) under every conv whose
+    outputs the group cuts, in that conv's original numbering."""
+    for k, (dep, idxs) in enumerate(group):
+        if not fits or dep.pruning_fn != tp.prune_conv_out_channels:
+            continue
+        name = model_names.get(dep.target.module)
+        if name is None or name not in alive:
+            continue
+        local = {int(r): int(i) for i, r in zip(idxs, group[k].root_idxs)}
+        orig = alive[name]
+        for r, ks in fits.items():
+            chans = [local.get(r, r), *(local.get(c, c) for c, _ in ks)]
+            if all(c < len(orig) for c in chans):
+                out.setdefault(name, {})[orig[chans[0]]] = [(orig[c], w) for c, (_, w) in zip(chans[1:], ks)]
 
 
 def _reduction(target: Target, before: tuple[int, int], after: tuple[int, int]) -> float:
@@ -419,6 +445,7 @@ def prune_model(
         if dropped:  # recorded in the pruner's history, so load_pruned rebuilds the smaller head
             pruner.DG.get_pruning_group(clf, tp.prune_linear_out_channels, idxs=dropped).prune()
     removed: dict[str, list[int]] = {}
+    absorbed: dict[str, dict[int, list]] = {}
     reached, macs, params, step, compensated, speedup = False, macs0, params0, 0, 0, None
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
     bar = tqdm(total=steps_max, desc=f"prune {criterion}", disable=not progress, leave=False)
@@ -439,9 +466,11 @@ def prune_model(
         # on the approach to the target, check it after every group and stop there, since all
         # layers' widths move in whole channels at once and would overshoot together
         for group in pruner.step(interactive=True):
-            _track_removed(group, names, alive, removed)
             if compensate:
-                compensated += compensate_group(group, inputs, ridge=ridge)
+                fits: dict = {}
+                compensated += compensate_group(group, inputs, ridge=ridge, absorbed=fits)
+                _track_absorbed(group, names, alive, fits, absorbed)
+            _track_removed(group, names, alive, removed)
             group.prune()
             if (
                 approach
@@ -489,6 +518,7 @@ def prune_model(
         speedup,
         compensated,
         keep_classes,
+        absorbed,
     )
 
 

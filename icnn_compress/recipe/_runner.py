@@ -43,6 +43,9 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "measure": ("finetune", "recover", "export"),
     "report": ("measure",),
 }
+# stages whose outputs a stage reads when they exist (the report shows the analysis when it ran):
+# part of the key, not required by the plan
+OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"report": ("analyse", "prune")}
 SECTIONS: dict[str, tuple[str, ...]] = {
     "finetune": ("seed", "data", "model", "icnn", "finetune"),
     "analyse": ("seed", "data", "analysis"),
@@ -109,7 +112,7 @@ class Runner:
         """The key of ``stage``: its recipe sections and its inputs' keys and checksums."""
         data = self.recipe.model_dump(mode="json")
         inputs = {}
-        for dep in DEPENDS[stage]:
+        for dep in (*DEPENDS[stage], *OPTIONAL_INPUTS.get(stage, ())):
             manifest = self.dir.manifest(dep) or {}
             inputs[dep] = {"key": manifest.get("key"), "checksums": manifest.get("checksums")}
         payload = {"stage": stage, "sections": {s: data[s] for s in SECTIONS[stage]}, "inputs": inputs}

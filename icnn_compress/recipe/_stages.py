@@ -125,13 +125,19 @@ def _finetuned(ctx: RunContext, run: RunDirectory):
 
 def analyse(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     """Signatures and clusters of the ICNN layers' filters -> ``analysis.json`` (+ pictures)."""
-    from icnn_compress.analysis import cluster_filters, filter_signatures, plot_cluster_overview
+    from icnn_compress.analysis import (
+        cluster_filters,
+        filter_signatures,
+        plot_cluster_overview,
+        plot_filter_gallery,
+    )
 
     model, spec = _finetuned(ctx, run)
     layers = spec["layers"] if spec else ic.icnn.top_layers(model, 1)
+    probe = ctx.loaders()[1]
     sigs = filter_signatures(
         model,
-        ctx.loaders()[1],
+        probe,
         layers,
         num_classes=ctx.recipe.data.num_classes,
         max_images=ctx.recipe.analysis.probe_images,
@@ -151,7 +157,17 @@ def analyse(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         if ctx.recipe.analysis.pictures:
             png = f"clusters_{name.replace('.', '_')}.png"
             plot_cluster_overview(sig, cl, out / png)
-            files.append(png)
+            gallery = f"gallery_{name.replace('.', '_')}.png"
+            plot_filter_gallery(
+                model,
+                probe.dataset,
+                sig,
+                cl,
+                out / gallery,
+                class_names=getattr(probe.dataset, "classes", None),
+                part_names=list(ic.data.PART_NAMES) if ctx.recipe.data.name == "synthetic-parts" else None,
+            )
+            files += [png, gallery]
     atomic_write_json(summary, out / "analysis.json")
     return files, summary
 
@@ -308,11 +324,52 @@ def report(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
 
     entries = json.loads((run.stage_dir("measure") / "measurements.json").read_text())
     batch = max(ctx.recipe.measure.batch_sizes)
-    rep = build_report(entries, title=f"icnn-compress: {ctx.recipe.name}", speedup_batch=batch)
+    rep = build_report(
+        entries,
+        title=f"icnn-compress: {ctx.recipe.name}",
+        speedup_batch=batch,
+        removed_filters=_removed_filters(run),
+    )
     analysed = run.stage_dir("analyse")
     pictures = sorted(analysed.glob("*.png")) if run.finished("analyse")[0] else []
     paths = write_report(rep, out, analysis_pictures=pictures, batch=batch)
     return [p.name for p in paths.values()], {"report": str(paths["html"])}
+
+
+def _removed_filters(run: RunDirectory) -> list[dict]:
+    """The analysed layers' removed filters with their cluster and category and the kept filters
+    that absorbed them (from ``analysis.json`` and ``prune.json``; empty when either is missing).
+    A layer that is a block (ResNet) is matched to its last conv, whose outputs are the block's."""
+    analysis_file = run.stage_dir("analyse") / "analysis.json"
+    prune_file = run.stage_dir("prune") / "prune.json"
+    if not (analysis_file.is_file() and prune_file.is_file()):
+        return []
+    analysis, pruned = json.loads(analysis_file.read_text()), json.loads(prune_file.read_text())
+    absorbed = pruned.get("absorbed", {})
+    rows = []
+    for layer, info in analysis.items():
+        conv = (
+            layer
+            if layer in absorbed
+            else next((n for n in reversed(list(absorbed)) if n.startswith(layer + ".")), None)
+        )
+        if conv is None:
+            continue
+        labels, cats = info.get("labels", []), info.get("categories", [])
+        for r, ks in sorted(absorbed[conv].items(), key=lambda kv: int(kv[0])):
+            f = int(r)
+            rows.append(
+                {
+                    "layer": layer,
+                    "filter": f,
+                    "cluster": labels[f] if f < len(labels) else None,
+                    "category": cats[f] if f < len(cats) else None,
+                    "absorbed_by": [
+                        [int(k), float(w), labels[k] if k < len(labels) else None] for k, w in ks
+                    ],
+                }
+            )
+    return rows
 
 
 STAGE_FUNCTIONS = {

@@ -18,6 +18,10 @@ JSON schema (``schema_version`` 1):
          "macs_reduction"?, "speedup_b<batch>"?, "warning"?,
          "class_drops"?: [{"class", "baseline", "accuracy", "drop"}]}  # classes that lost the most
       ],
+      "removed_filters": [                  # filters of the analysed layers that pruning removed
+        {"layer", "filter", "cluster"?, "category"?,
+         "absorbed_by": [[kept filter, compensation coefficient, its cluster or null], ...]}
+      ],
       "figures": {"<name>": "<file name>"}, # PNGs written next to the report
       "analysis_pictures": ["<file name>"]  # copied from the analysis stage when given
     }
@@ -40,6 +44,7 @@ from icnn_compress.measure import latency_guard
 __all__ = ["SCHEMA_VERSION", "build_report", "write_report"]
 
 SCHEMA_VERSION = 1
+REMOVED_TITLE = "Removed filters and the kept filters that absorbed them"
 CLASS_DROP_WARN = 0.10  # a class that loses this much more top-1 than the model as a whole is named
 
 
@@ -49,9 +54,10 @@ def build_report(
     title: str = "icnn-compress report",
     baseline: str | None = None,
     speedup_batch: int = 32,
+    removed_filters: list[dict] | None = None,
 ) -> dict:
     """Assemble the JSON document; adds MACs reduction, speedup and the latency guard per model
-    relative to ``baseline`` (default: the first model)."""
+    relative to ``baseline`` (default: the first model). ``removed_filters``: see the schema."""
     if not models:
         raise ValueError("build_report needs at least one measured model.")
     base = next((m for m in models if m["name"] == baseline), models[0])
@@ -82,6 +88,7 @@ def build_report(
         "environment": environment_info(),
         "baseline": base["name"],
         "models": out,
+        "removed_filters": list(removed_filters or []),
         "figures": {},
         "analysis_pictures": [],
     }
@@ -140,6 +147,32 @@ def _grouped_bars(
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _removed_table(report: dict, limit: int = 64) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the removed-filters table (at most ``limit`` rows)."""
+    rows = []
+    for r in report.get("removed_filters", [])[:limit]:
+        absorbed = ", ".join(
+            f"f{k} ({w:+.2f}" + (f", c{c}" if c is not None else "") + ")"
+            for k, w, c in r.get("absorbed_by", [])
+        )
+        rows.append(
+            [
+                r["layer"],
+                f"f{r['filter']}",
+                "" if r.get("cluster") is None else f"c{r['cluster']}",
+                "" if r.get("category") is None else str(r["category"]),
+                absorbed or "(not compensated)",
+            ]
+        )
+    return [
+        "layer",
+        "removed filter",
+        "its cluster",
+        "its category",
+        "absorbed by (coefficient, cluster)",
+    ], rows
 
 
 def _figures(report: dict, out: Path, batch: int) -> dict[str, str]:
@@ -202,13 +235,24 @@ def _markdown(report: dict, batch: int) -> str:
     warnings = [f"- **{m['name']}**: {m['warning']}" for m in report["models"] if m.get("warning")]
     if warnings:
         lines += ["", "## Warnings", "", *warnings]
-    head, rows = _class_table(report)
-    if rows:
-        lines += ["", "## Accuracy per class", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    for title, (head, rows) in (
+        ("Accuracy per class", _class_table(report)),
+        (REMOVED_TITLE, _removed_table(report)),
+    ):
+        if rows:
+            lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
     for name, file in {**report["figures"], **{p: p for p in report["analysis_pictures"]}}.items():
         lines += ["", f"![{name}]({file})"]
     return "\n".join(lines) + "\n"
+
+
+def _html_table(title: str, head: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"<h2>{html.escape(title)}</h2><table><tr>{header}</tr>{cells}</table>"
 
 
 def _html(report: dict, md_table: str, out: Path) -> str:
@@ -232,15 +276,9 @@ def _html(report: dict, md_table: str, out: Path) -> str:
         f"<figure>{img(f)}<figcaption>{html.escape(n)}</figcaption></figure>"
         for n, f in report["figures"].items()
     )
-    head_c, rows_c = _class_table(report)
-    class_table = (
-        "<h2>Accuracy per class</h2><table><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in head_c)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows_c)
-        + "</table>"
-        if rows_c
-        else ""
+    class_table = _html_table("Accuracy per class", *_class_table(report))
+    removed_table = _html_table(
+        "Removed filters and the kept filters that absorbed them", *_removed_table(report)
     )
     pictures = "".join(
         f"<figure>{img(p)}<figcaption>{html.escape(p)}</figcaption></figure>"
@@ -257,6 +295,7 @@ def _html(report: dict, md_table: str, out: Path) -> str:
         + (f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
         + class_table
         + figures
+        + removed_table
         + (f"<h2>Filter analysis</h2>{pictures}" if pictures else "")
         + "</body></html>\n"
     )

@@ -265,3 +265,23 @@ def test_save_load_with_frozen_icnn_masks(tmp_path):
     loaded, _ = load_pruned(path)
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(loaded.eval()(x), res.model.eval()(x))
+
+
+def test_a_removed_copy_is_absorbed_by_its_original():
+    model, data = planted_model(), probe()
+    res = prune_model(
+        model,
+        torch.rand(1, 3, 16, 16),
+        criterion="icnn-cluster",
+        target=1.3,
+        data=data,
+        compensate=True,
+        step_ratio=0.25,
+        progress=False,
+    )
+    absorbed = res.absorbed["3"]
+    twins = {**TWINS, **{o: c for c, o in TWINS.items()}}
+    for r in res.removed["3"]:
+        (kept, coef), *_ = absorbed[r]  # the largest coefficient first
+        assert kept == twins[r] and abs(coef - 1.0) < 0.01, (r, absorbed[r])
+    assert res.summary()["absorbed"]["3"][str(res.removed["3"][0])][0][0] == twins[res.removed["3"][0]]
