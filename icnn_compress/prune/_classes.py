@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader
 
 from icnn_compress.errors import ConfigError
 
-__all__ = ["KeepClassesImportance", "check_keep_classes", "class_categories", "restrict_classifier"]
+__all__ = [
+    "KEEP_MODES",
+    "KeepClassesImportance",
+    "check_keep_classes",
+    "class_responses",
+    "restrict_classifier",
+]
+KEEP_MODES = ("category", "relevance")
 
 
 def restrict_classifier(model: nn.Module, classes) -> nn.Module:
@@ -65,9 +72,10 @@ def check_keep_classes(keep_classes, classifier: nn.Module | None) -> list[int]:
 
 
 @torch.no_grad()
-def class_categories(model: nn.Module, data: DataLoader, batches: int = 8) -> dict[str, Tensor]:
-    """Conv name -> ``(C,)`` category of each output channel: the class with the largest mean
-    response of its (post-ReLU, or after a residual addition) map on at most ``batches`` batches."""
+def class_responses(model: nn.Module, data: DataLoader, batches: int = 8) -> dict[str, Tensor]:
+    """Conv name -> ``(C, K)`` mean response (``sum_ij`` of the post-ReLU map, or after a residual
+    addition) of each output channel to each class's images, on at most ``batches`` batches. The
+    category of a channel is its argmax over classes."""
     from icnn_compress.analysis import filter_signatures
     from icnn_compress.prune._criteria import map_points
 
@@ -77,20 +85,34 @@ def class_categories(model: nn.Module, data: DataLoader, batches: int = 8) -> di
     sigs = filter_signatures(
         model, data, sorted(set(points.values())), progress=False, max_images=batches * size
     )
-    return {n: sigs[points[n]].category.clone() for n in convs}
+    return {n: sigs[points[n]].class_mean.clone() for n in convs}
 
 
 class KeepClassesImportance(tp.importance.Importance):
-    """Wraps a criterion: channels whose category is outside ``keep`` rank below all the others
-    (each side in the criterion's own order). ``bind`` gives it the engine's bookkeeping of which
-    original channels each conv still has, so categories measured once stay aligned."""
+    """Wraps a criterion for ``keep_classes``; ``mode``:
+
+    * ``"category"``: channels whose category (argmax class response) is outside ``keep`` rank
+      below all the others, each side in the criterion's own order;
+    * ``"relevance"``: the criterion's score (scaled to [0, 1]) times the channel's relevance to
+      the kept classes, its mean response to them over its mean response to all classes: generic
+      filters keep their rank, those selective for dropped classes fall, those for kept ones rise.
+
+    ``bind`` gives it the engine's bookkeeping of which original channels each conv still has,
+    so responses measured once stay aligned."""
 
     def __init__(
-        self, inner: tp.importance.Importance, categories: dict[str, Tensor], keep: list[int]
+        self,
+        inner: tp.importance.Importance,
+        responses: dict[str, Tensor],
+        keep: list[int],
+        mode: str = "category",
     ) -> None:
-        self.inner = inner
-        self.categories = categories
-        self.keep = torch.as_tensor(keep)
+        if mode not in KEEP_MODES:
+            raise ConfigError(f"keep_classes_mode must be one of {', '.join(KEEP_MODES)}. Got {mode!r}.")
+        self.inner, self.mode = inner, mode
+        kept = torch.as_tensor(keep)
+        self.outside = {n: ~torch.isin(r.argmax(1), kept) for n, r in responses.items()}
+        self.relevance = {n: r[:, kept].mean(1) / r.mean(1).clamp_min(1e-12) for n, r in responses.items()}
         self.names: dict[nn.Module, str] = {}
         self.alive: dict[str, list[int]] = {}
 
@@ -105,14 +127,15 @@ class KeepClassesImportance(tp.importance.Importance):
     def __call__(self, group, **kwargs) -> Tensor:
         scores = self.inner(group, **kwargs)
         name = self.names.get(group[0].dep.target.module)
-        if name not in self.categories or name not in self.alive or scores is None:
+        if name not in self.outside or name not in self.alive or scores is None:
             return scores
         original = torch.as_tensor(self.alive[name])
         idxs = torch.as_tensor(list(group[0].idxs))
         if idxs.numel() != scores.numel() or int(idxs.max()) >= original.numel():
             return scores
-        cats = self.categories[name][original[idxs]]
-        outside = ~torch.isin(cats, self.keep)
         s = scores.float()
         s = (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
-        return torch.where(outside, 0.5 * s, 1.0 + s)
+        here = original[idxs]
+        if self.mode == "relevance":
+            return (s + 1e-3) * self.relevance[name][here].float()
+        return torch.where(self.outside[name][here], 0.5 * s, 1.0 + s)

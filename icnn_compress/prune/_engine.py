@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from icnn_compress.errors import ConfigError, IcnnCompressError
-from icnn_compress.prune._classes import KeepClassesImportance, check_keep_classes, class_categories
+from icnn_compress.prune._classes import KeepClassesImportance, check_keep_classes, class_responses
 from icnn_compress.prune._compensation import compensate_group
 from icnn_compress.prune._criteria import NEEDS_DATA, make_importance
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
@@ -350,6 +350,7 @@ def prune_model(
     ridge: float = 1e-5,
     criterion_options: dict | None = None,
     keep_classes=None,
+    keep_classes_mode: str = "category",
     inplace: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -379,8 +380,10 @@ def prune_model(
         keep_classes: specialise the model to these class indices: the classifier keeps only
             their outputs (output ``i`` = the ``i``-th smallest kept class), and in every layer the
             filters whose category (the class they respond to most on ``data``) is outside the
-            kept set are removed first, in the criterion's order, then the others. The MACs
-            target counts from the unrestricted model. Needs ``data``.
+            kept set are removed first, in the criterion's order, then the others
+            (``keep_classes_mode="category"``; ``"relevance"`` weighs each filter's score by its
+            response to the kept classes over its response to all). The MACs target counts from
+            the unrestricted model. Needs ``data`` of every class.
 
     Returns:
         ``PruneResult``. Raises ``TargetError`` when the target cannot be met within
@@ -419,8 +422,8 @@ def prune_model(
         ignored.append(clf)
     if keep_classes is not None:
         keep_classes = check_keep_classes(keep_classes, clf)
-        categories = class_categories(model, data, probe_batches)
-        importance = KeepClassesImportance(importance, categories, keep_classes)
+        responses = class_responses(model, data, probe_batches)
+        importance = KeepClassesImportance(importance, responses, keep_classes, keep_classes_mode)
     macs0, params0 = _stats(model, example_inputs)
     base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))

@@ -38,7 +38,8 @@ def class_coded_model_and_data():
     return model.eval(), DataLoader(TensorDataset(x, y), batch_size=16)
 
 
-def test_filters_of_other_categories_go_first_and_the_head_keeps_the_kept_classes():
+@pytest.mark.parametrize("mode", ["category", "relevance"])
+def test_filters_of_other_categories_go_first_and_the_head_keeps_the_kept_classes(mode):
     model, data = class_coded_model_and_data()
     res = prune_model(
         model,
@@ -47,6 +48,7 @@ def test_filters_of_other_categories_go_first_and_the_head_keeps_the_kept_classe
         target=1.9,
         data=data,
         keep_classes=[1, 3],
+        keep_classes_mode=mode,
         step_ratio=0.25,
         progress=False,
         bn_batches=0,
@@ -123,6 +125,20 @@ def test_restrict_classifier_matches_the_specialised_head():
     x = next(iter(data))[0]
     assert ref[4].out_features == 2 and torch.allclose(ref(x), model(x)[:, [1, 3]])
     assert res.keep_classes == [1, 3] and res.model(x).shape == (len(x), 2)
+
+
+def test_unknown_keep_classes_mode_is_a_one_line_error():
+    model, data = class_coded_model_and_data()
+    with pytest.raises(ConfigError, match="keep_classes_mode"):
+        prune_model(
+            model,
+            torch.rand(1, 4, 8, 8),
+            target=1.5,
+            data=data,
+            keep_classes=[0, 1],
+            keep_classes_mode="nope",
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,178 @@
+"""Category-aware compression on Fashion-MNIST: specialise a model to the classes a deployment needs.
+
+For each base model and each kept set of classes (``--kept``), at each MACs level, two ways to
+reach the same MACs with compensation:
+
+* ``category``: ``prune_model(..., keep_classes=kept)``: the head keeps the kept classes and the
+  filters whose category is outside the kept set go first, in the criterion's order;
+* ``relevance``: the same with ``keep_classes_mode="relevance"`` (each filter's score weighed by
+  its response to the kept classes over its response to all);
+* ``head+<criterion>``: the head restricted to the same classes, then ``<criterion>`` alone.
+
+Both prune and compensate from the same probe of all classes (the categories need every class),
+and are measured one-shot (BatchNorm re-estimated on the kept classes' probe images) and after
+``--recover-steps`` SGD steps (lr 0.01, cosine) on kept-class training images. Top-1 in PyTorch on
+every kept-class test image. ``summary.<model>.<k>.<level>.<method>`` = {oneshot, recovered} mean
+and std over bases x sets; ``tools/results/specialise.json``.
+
+    .venv/bin/python tools/bench_specialise.py --weights runs/bench_icnn_cost/quick/base_vgg_small_s0.pt,...
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _common import command_line, top1
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+import icnn_compress as ic
+from icnn_compress.data import ClassSubset
+from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
+
+
+def restrict_head(model: nn.Module, kept: list[int]) -> nn.Module:
+    """A copy whose last Linear keeps only the rows of ``kept`` (output i = class kept[i])."""
+    model = copy.deepcopy(model)
+    name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    new = nn.Linear(head.in_features, len(kept), bias=head.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(head.weight[kept])
+        if head.bias is not None:
+            new.bias.copy_(head.bias[kept])
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vgg_small")
+    p.add_argument("--weights", required=True, help="comma-separated state dicts, one per base model")
+    p.add_argument(
+        "--kept",
+        default="0,6;2,4;0,2,3,4,6;1,3,5,7,9",
+        help="kept class sets, ';'-separated (default: the hardest pairs, T-shirt/shirt and "
+        "pullover/coat, the five upper-body garments, and five easy classes)",
+    )
+    p.add_argument("--levels", default="2,4,8")
+    p.add_argument("--criterion", default="l2")
+    p.add_argument("--modes", default="category,relevance", help="keep_classes_mode values to compare")
+    p.add_argument("--recover-steps", type=int, default=100)
+    p.add_argument("--step-ratio", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "specialise.json"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    train_aug = ic.data.loaders("fashion-mnist", batch_size=64)[0].dataset
+    train_plain, test = (d.dataset for d in ic.data.loaders("fashion-mnist", batch_size=64, augment=False))
+    sets: dict[int, list[list[int]]] = {}
+    for text in a.kept.split(";"):
+        kept = sorted(int(c) for c in text.split(","))
+        sets.setdefault(len(kept), []).append(kept)
+    rows: dict = {}
+    example = torch.rand(1, 1, 28, 28)
+    # pruning and compensation read a probe of every class (the categories need them all); BatchNorm
+    # re-estimation and recovery the kept classes only
+    everything = list(
+        DataLoader(
+            train_plain,
+            batch_size=64,
+            sampler=RandomSampler(
+                train_plain, num_samples=64 * 20, generator=torch.Generator().manual_seed(7)
+            ),
+        )
+    )
+    for b, weights in enumerate(a.weights.split(",")):
+        base = ic.models.create(a.model, num_classes=10, in_channels=1, weights=weights).eval()
+        for k, kept_sets in sets.items():
+            for kept in kept_sets:
+                probe_ds, test_ds = ClassSubset(train_plain, kept), ClassSubset(test, kept)
+                probe = list(
+                    DataLoader(
+                        probe_ds,
+                        batch_size=64,
+                        sampler=RandomSampler(
+                            probe_ds, num_samples=64 * 20, generator=torch.Generator().manual_seed(b)
+                        ),
+                    )
+                )
+                test_dl = DataLoader(test_ds, batch_size=500)
+                for level in a.levels.split(","):
+                    for method in ("category", f"head+{a.criterion}"):
+                        t0 = time.perf_counter()
+                        if method == "category":
+                            res = prune_model(
+                                base,
+                                example,
+                                criterion=a.criterion,
+                                target=Target(macs_reduction=float(level)),
+                                data=everything,
+                                compensate=True,
+                                keep_classes=kept,
+                                bn_batches=0,
+                                step_ratio=a.step_ratio,
+                                progress=False,
+                            )
+                        else:
+                            res = prune_model(
+                                restrict_head(base, kept),
+                                example,
+                                criterion=a.criterion,
+                                target=Target(macs_reduction=float(level)),
+                                data=everything,
+                                compensate=True,
+                                bn_batches=0,
+                                step_ratio=a.step_ratio,
+                                progress=False,
+                            )
+                        reestimate_batchnorm(res.model, probe, max_batches=20)
+                        oneshot = top1(res.model, test_dl)
+                        train = DataLoader(
+                            ClassSubset(train_aug, kept),
+                            batch_size=64,
+                            sampler=RandomSampler(
+                                ClassSubset(train_aug, kept),
+                                num_samples=64 * a.recover_steps,
+                                generator=torch.Generator().manual_seed(100 + b),
+                            ),
+                        )
+                        ic.Trainer(res.model.train(), train, epochs=1, lr=0.01, seed=b, progress=False).fit()
+                        recovered = top1(res.model, test_dl)
+                        row = rows.setdefault(f"{k}/{level}x/{method}", {"oneshot": [], "recovered": []})
+                        row["oneshot"].append(oneshot)
+                        row["recovered"].append(recovered)
+                        print(
+                            f"base{b} keep {kept} {level}x {method}: one-shot {oneshot:.4f} recovered "
+                            f"{recovered:.4f} [{res.macs_reduction:.2f}x, {time.perf_counter() - t0:.0f} s]",
+                            flush=True,
+                        )
+    summary: dict = {}
+    for key, row in rows.items():
+        k, level, method = key.split("/")
+        summary.setdefault(k, {}).setdefault(level, {})[method] = {
+            f"{r}_{f}": fn(row[r])
+            for r in ("oneshot", "recovered")
+            for f, fn in (("mean", statistics.fmean), ("std", statistics.pstdev))
+        }
+    for k, levels in summary.items():
+        for level, methods in levels.items():
+            print(k, level, {m: round(v["recovered_mean"], 4) for m, v in methods.items()})
+    result = {
+        "benchmark": "specialise",
+        "command": command_line("bench_specialise.py", a, skip=("out",)),
+        "setup": {**vars(a), "kept_sets": sets, "eval": "every kept-class test image, PyTorch CPU"},
+        "rows": rows,
+        "summary": {a.model: summary},
+    }
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
