@@ -82,20 +82,21 @@ def main() -> None:
     p.add_argument("--categories", default="multi")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", default="easy", choices=["easy", "hard"], help="the synthetic setting")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bench_interpretability")
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
-    kw = dict(num_classes=a.classes, image_size=a.image_size, seed=a.seed)
+    kw = dict(num_classes=a.classes, image_size=a.image_size, seed=a.seed, difficulty=a.difficulty)
     train_dl, val_dl = ic.data.loaders(
         "synthetic-parts",
         batch_size=64,
         train_size=a.train_size,
         val_size=a.probe_size,
         seed=a.seed,
-        **{k: kw[k] for k in ("num_classes", "image_size")},
+        **{k: kw[k] for k in ("num_classes", "image_size", "difficulty")},
     )
     probe = ic.data.SyntheticParts("test", a.probe_size, annotations=True, **kw)
     probe_dl = DataLoader(probe, batch_size=128)
@@ -139,6 +140,8 @@ def main() -> None:
         "accuracy_drop_points": 100 * (plain["test_acc"] - icnn["test_acc"]),
         "ari": icnn["ari"],
         "ari_plain": plain["ari"],
+        "plain_accuracy": plain["test_acc"],
+        "icnn_accuracy": icnn["test_acc"],
         "targets": {
             "location_instability_ratio": "<= 0.6",
             "part_interpretability_ratio": ">= 1.5",

@@ -35,11 +35,12 @@ def _synthetic(
     image_size: int = 64,
     seed: int = 0,
     annotations: bool = False,
+    difficulty: str = "easy",
     **_,
 ):
     from icnn_compress.data._synthetic import SyntheticParts
 
-    kw = dict(num_classes=num_classes, image_size=image_size, seed=seed)
+    kw = dict(num_classes=num_classes, image_size=image_size, seed=seed, difficulty=difficulty)
     return (
         SyntheticParts("train", train_size, **kw),
         SyntheticParts("val", val_size, annotations=annotations, **kw),

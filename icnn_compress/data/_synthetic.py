@@ -57,21 +57,38 @@ def _texture(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.ones_like(u)
 
 
-def _class_layouts(num_classes: int, parts_per_class: int = 3) -> list[list[tuple[int, float, float]]]:
-    """Fixed layouts (independent of the dataset seed): [(part, x, y) in [-1, 1]] per class."""
+def _class_layouts(
+    num_classes: int, parts_per_class: int = 3, share: int = 2
+) -> list[list[tuple[int, float, float]]]:
+    """Fixed layouts (independent of the dataset seed): [(part, x, y) in [-1, 1]] per class; every
+    ``share`` consecutive classes use the same parts in different places."""
     rng = np.random.default_rng(12345)
     anchors = [(-0.55, -0.5), (0.55, -0.5), (0.0, 0.55), (-0.55, 0.5), (0.55, 0.5), (0.0, -0.55)]
     layouts = []
     for k in range(num_classes):
-        if k % 2 == 0:  # a new set of parts for every pair of classes
+        if k % share == 0:  # a new set of parts for every group of classes
             parts = rng.choice(len(PART_NAMES), size=parts_per_class, replace=False).tolist()
         order = rng.permutation(len(anchors))[:parts_per_class]
         layouts.append([(p, *anchors[a]) for p, a in zip(parts, order)])
-    # a pair's two layouts must differ
-    for k in range(1, num_classes, 2):
-        if [(x, y) for _, x, y in layouts[k]] == [(x, y) for _, x, y in layouts[k - 1]]:
-            layouts[k] = [(p, -x, y) for p, x, y in layouts[k]]
+    # the classes of a group must differ in where their parts are
+    if share == 2:  # the original rule (the easy setting's layouts never change)
+        for k in range(1, num_classes, 2):
+            if [(x, y) for _, x, y in layouts[k]] == [(x, y) for _, x, y in layouts[k - 1]]:
+                layouts[k] = [(p, -x, y) for p, x, y in layouts[k]]
+        return layouts
+    for k in range(num_classes):
+        for j in range(k - k % share, k):
+            if sorted(layouts[k]) == sorted(layouts[j]):
+                layouts[k] = [(p, -x, -y) for p, x, y in layouts[k]]
     return layouts
+
+
+# what changes with ``difficulty``: classes per shared part set, distractors, object scale range,
+# rotation (radians), centre jitter (fraction of the side), chance that a part is missing, occluders
+_DIFFICULTY = {
+    "easy": dict(share=2, clutter=3, scale=(0.8, 1.15), rot=0.25, shift=0.12, drop=0.0, occluders=0),
+    "hard": dict(share=4, clutter=6, scale=(0.6, 1.25), rot=0.8, shift=0.18, drop=0.15, occluders=2),
+}
 
 
 class SyntheticParts(Dataset):
@@ -84,8 +101,14 @@ class SyntheticParts(Dataset):
         image_size: side in pixels (default 64).
         seed: dataset seed; items are a pure function of ``(seed, split, index)``.
         annotations: return ``(image, label, landmarks, masks)`` instead of ``(image, label)``.
-        clutter: maximum number of distractor parts drawn behind the object.
+        clutter: maximum number of distractor parts drawn behind the object (default: 3 easy,
+            6 hard).
         noise: standard deviation of the pixel noise.
+        difficulty: ``"easy"`` (pairs of classes share their parts; small pose changes) or
+            ``"hard"``: four classes share each set of parts in different layouts, larger scale
+            (0.6-1.25x) and rotation (+-0.8 rad) changes, up to 6 distractors, each part missing
+            with probability 0.15, and up to 2 occluders drawn in front of the object (they
+            cut the part masks; a landmark they cover is invisible).
 
     Items:
         image ``float32 (3, S, S)`` in [0, 1]; label ``int``; landmarks ``float32 (P, 3)`` with
@@ -104,8 +127,9 @@ class SyntheticParts(Dataset):
         image_size: int = 64,
         seed: int = 0,
         annotations: bool = False,
-        clutter: int = 3,
+        clutter: int | None = None,
         noise: float = 0.05,
+        difficulty: str = "easy",
     ) -> None:
         if split not in _SPLITS:
             raise DataError(
@@ -117,10 +141,16 @@ class SyntheticParts(Dataset):
             raise DataError(f"image_size of SyntheticParts must be >= 16. Got {image_size!r} instead.")
         if length < 1:
             raise DataError(f"length of SyntheticParts must be >= 1. Got {length!r} instead.")
+        if difficulty not in _DIFFICULTY:
+            raise DataError(
+                f"difficulty of SyntheticParts must be one of {', '.join(_DIFFICULTY)}. Got {difficulty!r}."
+            )
+        self.difficulty, self._d = difficulty, _DIFFICULTY[difficulty]
+        clutter = self._d["clutter"] if clutter is None else clutter
         self.split, self.length, self.num_classes = split, length, num_classes
         self.image_size, self.seed, self.annotations = image_size, seed, annotations
         self.clutter, self.noise = clutter, noise
-        self.layouts = _class_layouts(num_classes)
+        self.layouts = _class_layouts(num_classes, share=self._d["share"])
         self.classes = [f"class{k}" for k in range(num_classes)]
         yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
         self._grid = (xx, yy)
@@ -161,21 +191,32 @@ class SyntheticParts(Dataset):
                 rng.uniform(0, np.pi),
                 colour,
             )
-        scale = rng.uniform(0.8, 1.15) * s * 0.3  # object half-extent
-        cx, cy = s / 2 + rng.uniform(-0.12, 0.12, 2) * s
-        rot = rng.uniform(-0.25, 0.25)  # radians
+        d = self._d
+        scale = rng.uniform(*d["scale"]) * s * 0.3  # object half-extent
+        cx, cy = s / 2 + rng.uniform(-d["shift"], d["shift"], 2) * s
+        rot = rng.uniform(-d["rot"], d["rot"])  # radians
         c, sn = np.cos(rot), np.sin(rot)
         landmarks = np.zeros((self.num_parts, 3), dtype=np.float32)
         masks = np.zeros((self.num_parts, s, s), dtype=bool)
+        drawn = []
         for part, px, py in self.layouts[label]:
             x = cx + scale * (c * px - sn * py)
             y = cy + scale * (sn * px + c * py)
             colour = np.clip(_PART_COLOURS[part] * rng.uniform(0.8, 1.2, 3), 0, 1)
-            region = self._draw(img, rng, part, x, y, scale * 0.42, rot + rng.uniform(-0.2, 0.2), colour)
+            angle = rot + rng.uniform(-0.2, 0.2)
+            if d["drop"] and rng.uniform() < d["drop"]:
+                continue  # this part is missing from this object
+            region = self._draw(img, rng, part, x, y, scale * 0.42, angle, colour)
             masks[:, region] = False  # later parts occlude earlier ones
             masks[part] = region
             landmarks[part, :2] = (x, y)
-        for part, _, _ in self.layouts[label]:
+            drawn.append(part)
+        for _ in range(int(rng.integers(0, d["occluders"] + 1)) if d["occluders"] else 0):  # in front
+            ox, oy = np.array([cx, cy]) + rng.uniform(-1, 1, 2) * scale
+            grey = np.full(3, rng.uniform(0.2, 0.6))
+            region = self._draw(img, rng, 0, ox, oy, rng.uniform(0.15, 0.3) * scale * 2, 0.0, grey)
+            masks[:, region] = False
+        for part in drawn:
             col, row = int(round(landmarks[part, 0])), int(round(landmarks[part, 1]))
             inside = 0 <= row < s and 0 <= col < s and masks[part, row, col]
             landmarks[part, 2] = 1.0 if inside else 0.0

@@ -80,6 +80,7 @@ class RunContext:
                 "train_size": d.train_size,
                 "val_size": d.val_size,
                 "limit": d.limit,
+                "difficulty": d.difficulty,
             }
             if d.root:
                 opts["root"] = d.root

@@ -41,6 +41,9 @@ class DataConfig(_Strict):
     )
     train_size: int = Field(2000, ge=1, le=10_000_000, description="synthetic-parts: training items")
     val_size: int = Field(400, ge=1, le=10_000_000, description="synthetic-parts: validation items")
+    difficulty: Literal["easy", "hard"] = Field(
+        "easy", description="synthetic-parts: 'hard' = shared parts, occluders, clutter, pose changes"
+    )
     limit: int | None = Field(
         None, ge=1, description="fashion-mnist: keep only the first N items (quick runs)"
     )
