@@ -21,7 +21,6 @@ and std over bases x sets; ``tools/results/specialise.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -29,26 +28,11 @@ from pathlib import Path
 
 import torch
 from _common import command_line, top1
-from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 import icnn_compress as ic
 from icnn_compress.data import ClassSubset
-from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
-
-
-def restrict_head(model: nn.Module, kept: list[int]) -> nn.Module:
-    """A copy whose last Linear keeps only the rows of ``kept`` (output i = class kept[i])."""
-    model = copy.deepcopy(model)
-    name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    new = nn.Linear(head.in_features, len(kept), bias=head.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(head.weight[kept])
-        if head.bias is not None:
-            new.bias.copy_(head.bias[kept])
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-    return model
+from icnn_compress.prune import Target, prune_model, reestimate_batchnorm, restrict_classifier
 
 
 def main() -> None:
@@ -105,9 +89,9 @@ def main() -> None:
                 )
                 test_dl = DataLoader(test_ds, batch_size=500)
                 for level in a.levels.split(","):
-                    for method in ("category", f"head+{a.criterion}"):
+                    for method in (*a.modes.split(","), f"head+{a.criterion}"):
                         t0 = time.perf_counter()
-                        if method == "category":
+                        if not method.startswith("head+"):
                             res = prune_model(
                                 base,
                                 example,
@@ -116,13 +100,14 @@ def main() -> None:
                                 data=everything,
                                 compensate=True,
                                 keep_classes=kept,
+                                keep_classes_mode=method,
                                 bn_batches=0,
                                 step_ratio=a.step_ratio,
                                 progress=False,
                             )
                         else:
                             res = prune_model(
-                                restrict_head(base, kept),
+                                restrict_classifier(base, kept),
                                 example,
                                 criterion=a.criterion,
                                 target=Target(macs_reduction=float(level)),
