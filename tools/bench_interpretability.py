@@ -1,4 +1,4 @@
-"""Interpretability with and without the loss, on synthetic parts (ICNN_SPEC.md sections 7, 8).
+"""Interpretability with and without the loss, on synthetic parts (docs/method.md sections 7, 8).
 
 The same vgg_small (same seed, data, schedule) is trained from scratch twice, once plain and once
 with masks + the filter loss on its top two conv layers. On those layers of both models we measure

@@ -187,7 +187,7 @@ def interpretability_md(it: dict) -> list[str]:
         "Synthetic parts, vgg_small trained twice from the same seed (with and without masks + loss on the "
         f"top two conv layers). Reproduce: `{it['command']}`. Machine: {_machine(it['environment'])}.",
         "",
-        "| | plain | with the loss | ratio | paper's ratios (ICNN_SPEC.md section 8) |",
+        "| | plain | with the loss | ratio | paper's ratios (docs/method.md section 8) |",
         "|---|---|---|---|---|",
     ]
     names = list(rows)

@@ -1,4 +1,4 @@
-"""Interpretability metrics of ICNN_SPEC.md section 7: location instability and part interpretability."""
+"""Interpretability metrics (docs/method.md section 7): location instability and part interpretability."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ __all__ = ["location_instability", "part_interpretability"]
 def location_instability(
     sig: LayerSignature, *, top: int = 100, per: str = "best", min_images: int = 5
 ) -> dict:
-    """Location instability (lower is better), exactly as ICNN_SPEC.md section 7.
+    """Location instability (lower is better), as docs/method.md section 7 defines it.
 
     For filter f and landmark k, over the images that contain k (visible) take the top ``top``
     images by the filter's peak response; on each, ``d_I = ||p_k - p(mu_hat)|| / image diagonal``

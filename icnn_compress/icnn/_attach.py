@@ -273,7 +273,7 @@ class ICNNHandle:
 
         Returns:
             A scalar to add to the task loss. Its backward is the paper's label-driven approximate
-            gradient (ICNN_SPEC.md section 4) times lambda; its value is ``-lambda * sum_f MI_f``.
+            gradient (docs/method.md section 4) times lambda; its value is ``-lambda * sum_f MI_f``.
         """
         if self.removed:
             raise ICNNError("This ICNN handle was removed; attach_icnn again to use the loss.")

@@ -1,4 +1,4 @@
-"""The filter loss with the paper's label-driven approximate gradient (ICNN_SPEC.md sections 4, 5).
+"""The filter loss with the paper's label-driven approximate gradient (docs/method.md sections 4, 5).
 
 ``FilterLossState`` holds what persists across steps for one layer: the running log-space
 estimates of ``Z_T`` (per filter, per template), the per-class statistics that assign each filter

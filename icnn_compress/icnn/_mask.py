@@ -1,4 +1,4 @@
-"""The mask layer of the interpretable CNN (ICNN_SPEC.md section 3)."""
+"""The mask layer of the interpretable CNN (docs/method.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Templates, priors and the exact mutual information of the interpretable filter loss.
 
-Notation follows ``ICNN_SPEC.md``: a filter's map ``x`` is ``h x w`` (``n x n`` in the paper), there
+Notation follows ``docs/method.md``: a filter's map ``x`` is ``h x w`` (``n x n`` in the paper), there
 are ``h*w`` positive templates ``T_mu`` (one per position) and one negative template ``T-``, all
 equally likely a priori.
 
