@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Fine-tune with interpretable filters, prune, export and measure, from a YAML recipe.",
         epilog="Exit codes: 0 ok, 1 run failed, 2 bad usage/recipe, 3 run directory locked, 130 interrupted.",
     )
+    from icnn_compress._version import __version__
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

@@ -18,11 +18,12 @@ from icnn_compress.recipe._schema import Recipe
 
 __all__ = ["RECIPES_DIR", "apply_overrides", "bundled_recipes", "load_recipe", "recipe_hash"]
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # package data (recipes/ links here)
 
 
 def bundled_recipes() -> dict[str, Path]:
-    """Name -> path of the recipes shipped in ``recipes/``."""
+    """Name -> path of the recipes shipped with the package (``icnn_compress/recipes``; the
+    repository's top-level ``recipes/`` is a link to it)."""
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))} if RECIPES_DIR.is_dir() else {}
 
 

@@ -219,3 +219,28 @@ def test_keep_classes_specialises_the_run(tmp_path):
     data["prune"]["keep_classes"] = [1]
     with pytest.raises(ConfigError, match="keep_classes"):
         load_recipe(data)
+
+
+def test_version_and_fast_help():
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "prune-recipe"
+    done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    from icnn_compress import __version__
+
+    assert done.returncode == 0 and done.stdout.strip() == f"prune-recipe {__version__}"
+    best = float("inf")
+    for _ in range(3):  # --help must not import torch: well under a second on an idle machine
+        t0 = time.perf_counter()
+        done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+        best = min(best, time.perf_counter() - t0)
+        assert done.returncode == 0 and "run" in done.stdout
+    assert best < 2.0, f"prune-recipe --help took {best:.2f} s"
+    probe = "import sys, icnn_compress, icnn_compress.cli; print('torch' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        == "False"
+    )
