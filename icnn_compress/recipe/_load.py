@@ -102,8 +102,9 @@ def _format(err: ValidationError, lines: dict[tuple, int], source: str, overridd
     loc = tuple(str(p) for p in e["loc"])
     key = ".".join(loc)
     line = lines.get(loc) or lines.get(loc[:-1])
-    if any(loc[: len(o)] == o for o in overridden):
-        where = "--set: "  # the bad value came from the command line, not from the file
+    culprits = [o for o in overridden if loc[: len(o)] == o or o[: len(loc)] == loc]
+    if culprits:  # the bad value, or a section that a --set changed, came from the command line
+        where = f"--set {', '.join('.'.join(o) for o in sorted(culprits))}: "
     else:
         where = f"{source}:{line}: " if line else f"{source}: "
     if e["type"] == "extra_forbidden":
@@ -112,6 +113,8 @@ def _format(err: ValidationError, lines: dict[tuple, int], source: str, overridd
         hint = f" Did you mean {'.'.join((*loc[:-1], close[0]))!r}?" if close else ""
         return f"{where}unknown key {key!r}.{hint} Allowed here: {', '.join(allowed)}."
     got = e.get("input")
+    if isinstance(got, dict):  # a whole section: its message says what is wrong
+        return f"{where}{key}: {e['msg'].removeprefix('Value error, ')}."
     got_s = (
         json.dumps(got) if isinstance(got, (str, int, float, bool, type(None), list)) else type(got).__name__
     )

@@ -49,7 +49,7 @@ OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"report": ("analyse", "prune")}
 SECTIONS: dict[str, tuple[str, ...]] = {
     "finetune": ("seed", "data", "model", "icnn", "finetune"),
     "analyse": ("seed", "data", "analysis"),
-    "prune": ("seed", "data", "prune"),
+    "prune": ("seed", "data", "analysis", "prune"),  # analysis.distance_threshold: icnn-cluster's clusters
     "recover": ("seed", "data", "recover"),
     "export": ("name", "data", "export"),
     "measure": ("seed", "data", "measure"),

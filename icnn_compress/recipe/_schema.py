@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "AnalysisConfig",
@@ -97,6 +97,10 @@ class FinetuneConfig(_Strict):
     lr: float = Field(0.05, gt=0, le=10)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     schedule: Literal["cosine", "step", "loglinear", "constant"] = "cosine"
+    step_epochs: int = Field(
+        30, ge=1, le=10_000, description="schedule 'step': multiply lr by gamma every N epochs"
+    )
+    gamma: float = Field(0.1, gt=0, le=1, description="schedule 'step': the factor")
     lr_end: float = Field(0.0, ge=0, le=10)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     clip_grad_norm: float | None = Field(None, gt=0, le=1e6)
@@ -114,11 +118,23 @@ class AnalysisConfig(_Strict):
     pictures: bool = Field(True, description="write the gallery/overview PNGs")
 
 
+TARGET_KEYS = ("macs_reduction", "params_reduction", "latency_speedup")
+
+
 class PruneConfig(_Strict):
     """Structural pruning."""
 
     criterion: str = Field("icnn-cluster", description="icnn_compress.prune.list_criteria()")
-    macs_reduction: float = Field(2.0, gt=1, le=1000, description="target: this many times fewer MACs")
+    macs_reduction: float | None = Field(
+        None, gt=1, le=1000, description="target: this many times fewer MACs (2.0 when no target is set)"
+    )
+    params_reduction: float | None = Field(
+        None, gt=1, le=1000, description="target instead: this many times fewer parameters"
+    )
+    latency_speedup: float | None = Field(
+        None, gt=1, le=1000, description="target instead: this measured ONNX Runtime speedup (CPU)"
+    )
+    latency_batch: int = Field(32, ge=1, le=4096, description="batch size of the latency_speedup target")
     compensate: bool = True
     round_to: int | None = Field(8, ge=1, le=1024, description="keep widths multiples of this (fast kernels)")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
@@ -134,6 +150,25 @@ class PruneConfig(_Strict):
         description="specialise to these classes: the head keeps them, filters of other categories "
         "go first; recovery, export and measurement then use these classes only",
     )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        given = [k for k in TARGET_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"give one target of {', '.join(TARGET_KEYS)}; got {' and '.join(given)} (set the other "
+                f"to null, e.g. --set prune.{given[0]}=null)"
+            )
+        return self
+
+    @property
+    def target(self) -> dict:
+        """The pruning target as ``Target`` fields."""
+        if self.params_reduction is not None:
+            return {"params_reduction": self.params_reduction}
+        if self.latency_speedup is not None:
+            return {"latency_speedup": self.latency_speedup, "latency_batch": self.latency_batch}
+        return {"macs_reduction": self.macs_reduction or 2.0}
 
 
 class RecoverConfig(_Strict):

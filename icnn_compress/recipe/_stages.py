@@ -79,6 +79,8 @@ def finetune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         lr=f.lr,
         optimizer=f.optimizer,
         schedule=f.schedule,
+        step_epochs=f.step_epochs,
+        gamma=f.gamma,
         lr_end=f.lr_end,
         weight_decay=f.weight_decay,
         clip_grad_norm=f.clip_grad_norm,
@@ -182,7 +184,7 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
         model,
         ctx.example(),
         criterion=criterion or p.criterion,
-        target=Target(macs_reduction=p.macs_reduction),
+        target=Target(**p.target),
         data=ctx.loaders()[0],
         compensate=p.compensate,
         round_to=p.round_to,
@@ -192,6 +194,11 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
         step_ratio=p.step_ratio,
         bn_batches=p.bn_batches,
         keep_classes=p.keep_classes,
+        criterion_options=(
+            {"distance_threshold": ctx.recipe.analysis.distance_threshold}
+            if (criterion or p.criterion) == "icnn-cluster"
+            else None
+        ),
         progress=ctx.progress,
     )
 

@@ -244,3 +244,40 @@ def test_version_and_fast_help():
         subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
         == "False"
     )
+
+
+def test_target_threshold_and_step_schedule_keys_reach_what_they_name(monkeypatch, tmp_path):
+    """prune.params_reduction / latency_speedup become the Target, analysis.distance_threshold
+    reaches icnn-cluster, finetune.step_epochs/gamma reach the Trainer."""
+    import icnn_compress.prune as prune_api
+    from icnn_compress.recipe import RunContext, stages
+
+    seen = {}
+    monkeypatch.setattr(prune_api, "prune_model", lambda *a, **k: seen.update(k))
+    data = json.loads(json.dumps(TINY))
+    data["prune"].update(criterion="icnn-cluster", params_reduction=1.7, macs_reduction=None)
+    data["analysis"]["distance_threshold"] = 0.4
+    with pytest.raises(ConfigError, match=r"--set prune\.macs_reduction.*one target"):
+        load_recipe(data, ["prune.macs_reduction=2"])
+    ctx = RunContext(load_recipe(data), progress=False)
+    stages.prune_with(ctx, torch.nn.Linear(1, 1))
+    assert seen["target"].kind == "params_reduction" and seen["target"].value == 1.7
+    assert seen["criterion_options"] == {"distance_threshold": 0.4}
+    data["prune"].update(params_reduction=None, latency_speedup=1.3, latency_batch=8)
+    stages.prune_with(RunContext(load_recipe(data), progress=False), torch.nn.Linear(1, 1))
+    assert seen["target"].kind == "latency_speedup" and seen["target"].latency_batch == 8
+
+    captured = {}
+
+    class Spy(Trainer):
+        def __init__(self, *a, **k):
+            captured.update(k)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr("icnn_compress.recipe._stages.ic.Trainer", Spy)
+    data["finetune"].update(schedule="step", step_epochs=1, gamma=0.5, epochs=1)
+    data["icnn"]["enabled"] = False
+    from icnn_compress.recipe import Runner
+
+    Runner(load_recipe(data), tmp_path / "s", stages=["finetune"], progress=False).run()
+    assert captured["schedule"] == "step" and captured["step_epochs"] == 1 and captured["gamma"] == 0.5
