@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: debug messages)")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        dest="log_quiet",
+        action="store_true",
+        help="only warnings and errors (no stage lines)",
+    )
+    p.add_argument(
+        "--log-file", default=None, metavar="PATH", help="also write every log message (debug level) here"
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def recipe_args(sp):
@@ -92,28 +103,34 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress output")
     v = sub.add_parser("validate", help="check a recipe; prints 'ok' or the first error")
     recipe_args(v)
-    s = sub.add_parser("show", help="print the fully resolved recipe (YAML)")
+    s = sub.add_parser("show", help="print the fully resolved recipe (YAML, or JSON with --json)")
     recipe_args(s)
-    sub.add_parser("list", help="list the bundled recipes")
+    s.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    ls = sub.add_parser("list", help="list the bundled recipes")
+    ls.add_argument("--json", action="store_true", help="a JSON list of {name, description, path}")
     c = sub.add_parser("compare", help="prune the same fine-tuned model with several criteria; one table")
     recipe_args(c)
     c.add_argument("--criteria", required=True, help="comma-separated, e.g. icnn-cluster,l1,fpgm")
-    c.add_argument("--out", default=None)
-    c.add_argument("--device", default=None)
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--out", default=None, help="run directory (default runs/<recipe name>)")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.add_argument("--json", action="store_true", help="print the table as JSON")
     e = sub.add_parser("export", help="export a pruned model file (save_pruned format) to ONNX")
     e.add_argument("pruned", help="a .pt written by save_pruned (e.g. RUN/4_recover/recovered.pt)")
     e.add_argument("onnx", help="output .onnx")
-    e.add_argument("--opset", type=int, default=None)
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 17)")
     b = sub.add_parser("bench", help="ONNX Runtime latency of an ONNX file")
-    b.add_argument("onnx")
+    b.add_argument("onnx", help="an .onnx file")
     b.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
     b.add_argument("--threads", type=_positive_int, default=2, help="intra-op threads (default 2)")
-    b.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    b.add_argument(
+        "--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"], help="(default auto)"
+    )
     b.add_argument("--repeats", type=_positive_int, default=50, help="timed runs per batch size (default 50)")
     b.add_argument("--input-shape", default=None, help="C,H,W when the model's input is not static")
+    b.add_argument("--json", action="store_true", help="print the latencies as JSON")
     rp = sub.add_parser("report", help="(re)write the report of a run directory")
-    rp.add_argument("run_dir")
+    rp.add_argument("run_dir", help="a run directory written by 'run'")
     return p
 
 
@@ -185,6 +202,9 @@ def _cmd_compare(a) -> int:
             }
         )
     atomic_write_json(rows, out / "compare" / "compare.json")
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
     print(f"{'criterion':<16} {'accuracy':>9} {'MACs red.':>9} {'b1 ms':>8}")
     for r in rows:
         print(
@@ -234,7 +254,9 @@ def _cmd_bench(a) -> int:
     if shape is not None and len(shape) != 3:
         raise _Usage(f"--input-shape must be C,H,W. Got {a.input_shape!r}.")
     sess = ort_session(a.onnx, provider=a.provider, threads=a.threads)
-    print(f"{'batch':>5} {'median ms':>10} {'p90 ms':>8}  provider")
+    rows = []
+    if not a.json:
+        print(f"{'batch':>5} {'median ms':>10} {'p90 ms':>8}  provider")
     for b in batches:
         try:
             s = ort_latency(a.onnx, b, input_shape=shape, session=sess, repeats=a.repeats, threads=a.threads)
@@ -243,7 +265,11 @@ def _cmd_bench(a) -> int:
         except Exception as exc:  # ONNX Runtime's own errors (a wrong input shape, ...)
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise DataError(f"ONNX Runtime could not run {a.onnx!r} at batch {b}: {first}") from None
-        print(f"{b:>5} {s.median_ms:>10.3f} {s.p90_ms:>8.3f}  {s.provider} ({a.threads} threads)")
+        rows.append({"batch": b, **s.to_dict()})
+        if not a.json:
+            print(f"{b:>5} {s.median_ms:>10.3f} {s.p90_ms:>8.3f}  {s.provider} ({a.threads} threads)")
+    if a.json:
+        print(json.dumps(rows, indent=1))
     return EXIT_OK
 
 
@@ -269,13 +295,52 @@ class _Usage(Exception):
     pass
 
 
+def _setup_logging(a) -> None:
+    """The package logs through ``logging.getLogger("icnn_compress")``: stage lines at INFO on
+    stdout (none with -q, debug messages with -v), warnings on stderr, everything at DEBUG with
+    timestamps in ``--log-file``."""
+    log = logging.getLogger("icnn_compress")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    quiet = a.log_quiet or getattr(a, "quiet", False)  # 'run --quiet' also silences the stage lines
+    level = logging.WARNING if quiet else logging.DEBUG if a.verbose else logging.INFO
+    out = logging.StreamHandler(sys.stdout)
+    out.setLevel(level)
+    out.addFilter(lambda r: r.levelno < logging.WARNING)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("prune-recipe: %(levelname)s: %(message)s"))
+    log.addHandler(out)
+    log.addHandler(err)
+    if a.log_file:
+        try:
+            handler = logging.FileHandler(a.log_file, encoding="utf-8")
+        except OSError as exc:
+            raise SystemExit(f"prune-recipe: error: --log-file {a.log_file!r}: {exc.strerror}") from None
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (see the module docstring)."""
+    """Entry point; returns the exit code (see the module docstring). The logging handlers it
+    installs are removed again when it returns (it can be called in-process)."""
+    try:
+        return _main(argv)
+    finally:
+        for h in logging.getLogger("icnn_compress").handlers[:]:
+            logging.getLogger("icnn_compress").removeHandler(h)
+            h.close()
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         a = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help, --version and usage errors (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING, format="prune-recipe: %(levelname)s: %(message)s")
+    _setup_logging(a)
     try:
         return _dispatch(a)
     except KeyboardInterrupt:
@@ -316,15 +381,22 @@ def _dispatch(a) -> int:
         if a.command == "validate":
             RunContext(recipe, device="cpu", progress=False).check()
             print("ok")
+        elif a.json:
+            print(json.dumps(recipe.model_dump(mode="json"), indent=1))
         else:
             print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
         return EXIT_OK
     if a.command == "list":
         from icnn_compress.recipe import bundled_recipes
 
+        rows = []
         for name, path in bundled_recipes().items():
             first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
-            print(f"{name:<24} {first}")
+            rows.append({"name": name, "description": first, "path": str(path)})
+        if a.json:
+            print(json.dumps(rows, indent=1))
+        for r in rows if not a.json else ():
+            print(f"{r['name']:<24} {r['description']}")
         return EXIT_OK
     return {
         "run": _cmd_run,

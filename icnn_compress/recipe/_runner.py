@@ -104,8 +104,10 @@ class Runner:
         return self.dir.stage_dir(stage)
 
     def _say(self, msg: str) -> None:
+        """A stage line: logged at INFO; printed as well when ``progress`` is on and nobody has
+        configured logging for the package (API use)."""
         log.info(msg)
-        if self.progress:
+        if self.progress and not logging.getLogger("icnn_compress").handlers:
             print(msg, flush=True)
 
     def stage_key(self, stage: str) -> str:

@@ -281,3 +281,20 @@ def test_target_threshold_and_step_schedule_keys_reach_what_they_name(monkeypatc
 
     Runner(load_recipe(data), tmp_path / "s", stages=["finetune"], progress=False).run()
     assert captured["schedule"] == "step" and captured["step_epochs"] == 1 and captured["gamma"] == 0.5
+
+
+def test_json_output_verbosity_and_log_file(recipe, tmp_path, capsys):
+    assert main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert any(r["name"] == "quickstart" and r["path"].endswith("quickstart.yaml") for r in listed)
+    assert main(["show", str(recipe), "--json", "--set", "seed=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 3
+    log = tmp_path / "run.log"
+    run = tmp_path / "r"
+    args = ["run", str(recipe), "--out", str(run), "--stages", "finetune"]
+    assert main(["-q", "--log-file", str(log), *args]) == 0
+    out = capsys.readouterr().out
+    assert "[finetune]" not in out and "run finished" in out  # -q: no stage lines, the result stays
+    assert "[finetune]" in log.read_text()  # the log file has every message, with timestamps
+    assert main(["-v", *args, "--resume"]) == 0
+    assert "[finetune] finished earlier" in capsys.readouterr().out
