@@ -45,8 +45,8 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 import icnn_compress as ic
-from icnn_compress._io import atomic_save, atomic_write_json, environment_info
 from icnn_compress.export import export_onnx
+from icnn_compress.io import atomic_save, atomic_write_json, environment_info
 from icnn_compress.measure import ort_accuracy, ort_latency, ort_session
 from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
 

@@ -16,7 +16,7 @@ import torch
 from _common import baseline_path, first_n_loader
 
 import icnn_compress as ic
-from icnn_compress._io import atomic_save, atomic_write_json, environment_info
+from icnn_compress.io import atomic_save, atomic_write_json, environment_info
 
 
 def main() -> None:

@@ -42,8 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 import icnn_compress as ic
-from icnn_compress._io import atomic_save, atomic_write_json, environment_info
 from icnn_compress.analysis import filter_signatures, location_instability
+from icnn_compress.io import atomic_save, atomic_write_json, environment_info
 
 # name -> (loss on, masks, loss weight, number of top layers, distillation, fine-tune epochs)
 VARIANTS: dict[str, dict] = {
@@ -168,8 +168,8 @@ def save_rows(path: Path, rows: dict) -> None:
 
 
 def run_fashion(model_name: str, a, rows: dict, cache: Path, rows_path: Path, variants: list[str]) -> None:
-    train_ds = ic.data.FashionMNIST("train", transform=ic.data._fashion.fashion_transforms(True))
-    test_ds = ic.data.FashionMNIST("test", transform=ic.data._fashion.fashion_transforms(False))
+    train_ds = ic.data.FashionMNIST("train", transform=ic.data.fashion_transforms(True))
+    test_ds = ic.data.FashionMNIST("test", transform=ic.data.fashion_transforms(False))
     eval_dl = DataLoader(Subset(test_ds, range(a.eval_size)), batch_size=500)
     for b in range(a.bases):
         base = train_base(model_name, train_ds, 1, 10, a, b, cache / f"base_{model_name}_s{b}.pt")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from icnn_compress import attach_icnn, icnn, models
-from icnn_compress._io import atomic_write_json, environment_info
+from icnn_compress.io import atomic_write_json, environment_info
 
 
 def make(device: str, top: int, seed: int):

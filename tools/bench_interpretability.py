@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import icnn_compress as ic
-from icnn_compress._io import atomic_write_json, environment_info
 from icnn_compress.analysis import (
     cluster_filters,
     filter_signatures,
@@ -31,6 +30,7 @@ from icnn_compress.analysis import (
     plot_filter_gallery,
     plot_instability_histogram,
 )
+from icnn_compress.io import atomic_write_json, environment_info
 
 PAPER = {
     "location_instability_ratio": [0.076 / 0.137, 0.085 / 0.144, 0.096 / 0.139],

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import icnn_compress as ic
-from icnn_compress._io import atomic_write_json, environment_info
 from icnn_compress.export import export_onnx
+from icnn_compress.io import atomic_write_json, environment_info
 from icnn_compress.measure import model_stats, ort_latency, ort_session, torch_latency
 from icnn_compress.prune import prune_model
 

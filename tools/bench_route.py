@@ -35,16 +35,16 @@ from bench_icnn_cost import (
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 import icnn_compress as ic
-from icnn_compress._io import atomic_write_json, environment_info
+from icnn_compress.io import atomic_write_json, environment_info
 from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
 
 LEVELS = {"2x": 2.0, "3x": 3.0, "4x": 4.0}
 
 
 def run_model(model_name: str, a, rows: dict, cache: Path, rows_path: Path) -> None:
-    train_ds = ic.data.FashionMNIST("train", transform=ic.data._fashion.fashion_transforms(True))
-    plain_ds = ic.data.FashionMNIST("train", transform=ic.data._fashion.fashion_transforms(False))
-    test_ds = ic.data.FashionMNIST("test", transform=ic.data._fashion.fashion_transforms(False))
+    train_ds = ic.data.FashionMNIST("train", transform=ic.data.fashion_transforms(True))
+    plain_ds = ic.data.FashionMNIST("train", transform=ic.data.fashion_transforms(False))
+    test_ds = ic.data.FashionMNIST("test", transform=ic.data.fashion_transforms(False))
     eval_dl = DataLoader(Subset(test_ds, range(a.eval_size)), batch_size=500)
     entries = a.criteria.split(",")
     for b in range(a.bases):

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import icnn_compress as ic
-from icnn_compress._io import atomic_write_json, environment_info
 from icnn_compress.export import export_onnx
+from icnn_compress.io import atomic_write_json, environment_info
 
 
 def main() -> None:

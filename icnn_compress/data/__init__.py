@@ -6,7 +6,13 @@ Example:
 """
 
 from icnn_compress.data._classes import ClassSubset
-from icnn_compress.data._fashion import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, FashionMNIST, write_idx
+from icnn_compress.data._fashion import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ROOT,
+    FashionMNIST,
+    fashion_transforms,
+    write_idx,
+)
 from icnn_compress.data._folder import CUB200, image_transforms
 from icnn_compress.data._loaders import build_datasets, list_datasets, loaders, register_dataset
 from icnn_compress.data._synthetic import PART_NAMES, SyntheticParts
@@ -20,6 +26,7 @@ __all__ = [
     "FashionMNIST",
     "SyntheticParts",
     "build_datasets",
+    "fashion_transforms",
     "image_transforms",
     "list_datasets",
     "loaders",
