@@ -164,7 +164,7 @@ def run_row(
             compensate=comp,
             bn_batches=0,
             probe_batches=a.probe_batches,
-            criterion_options={"seed": seed},
+            criterion_options={"seed": seed} if crit == "random" else None,
             step_ratio=a.step_ratio,
             progress=False,
         )

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 import icnn_compress as ic
-from icnn_compress.prune import Target, prune_filters, prune_model, reestimate_batchnorm
+from icnn_compress.prune import Target, criterion_spec, prune_filters, prune_model, reestimate_batchnorm
 
 
 @torch.no_grad()
@@ -72,7 +72,9 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=2000)
     p.add_argument("--probe-seed", type=int, default=0)
     p.add_argument("--step-ratio", type=float, default=0.1)
-    p.add_argument("--criterion-options", default="", help="key=value,... passed to every criterion")
+    p.add_argument(
+        "--criterion-options", default="", help="key=value,... passed to the criteria that take them"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="default tools/results/diagnose_<model>.json")
     a = p.parse_args()
@@ -104,7 +106,11 @@ def main() -> None:
             data=probe,
             compensate=True,
             step_ratio=a.step_ratio,
-            criterion_options={**options, "seed": a.probe_seed} if crit == "random" else options,
+            criterion_options={  # each criterion gets the options it takes
+                k: v
+                for k, v in {**options, "seed": a.probe_seed}.items()
+                if k in criterion_spec(crit).options
+            },
             progress=False,
         )
         runs[crit] = res.removed

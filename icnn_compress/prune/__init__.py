@@ -10,6 +10,8 @@ from icnn_compress.prune._classes import restrict_classifier
 from icnn_compress.prune._compensation import compensate_group, fit_reconstruction
 from icnn_compress.prune._criteria import (
     ClusterRedundancyImportance,
+    CriterionSpec,
+    criterion_spec,
     list_criteria,
     make_importance,
     register_criterion,
@@ -21,12 +23,14 @@ from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnor
 
 __all__ = [
     "ClusterRedundancyImportance",
+    "CriterionSpec",
     "GradualPruning",
     "PruneResult",
     "Target",
     "TargetError",
     "collect_layer_inputs",
     "compensate_group",
+    "criterion_spec",
     "fit_reconstruction",
     "gradual_schedule",
     "list_criteria",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
@@ -15,38 +17,97 @@ from icnn_compress.prune._probe import collect_layer_inputs
 
 __all__ = [
     "ClusterRedundancyImportance",
+    "CriterionSpec",
     "consumer_deps",
+    "criterion_spec",
     "list_criteria",
     "make_importance",
     "register_criterion",
 ]
 
-_CRITERIA: Registry[Callable[..., tp.importance.Importance]] = Registry("criterion")
-NEEDS_DATA = {"icnn-cluster", "taylor"}  # criteria that score from probe data or gradients
+
+@dataclass(frozen=True)
+class CriterionSpec:
+    """A registered criterion: how to build its ``Importance`` and what it needs.
+
+    Attributes:
+        factory: ``factory(**options) -> Importance``.
+        needs_data: it scores from probe batches (``prune_model`` then requires ``data``).
+        needs_gradients: it reads ``.grad`` of the weights (``prune_model`` runs a backward pass
+            on the probe batches before each step).
+        options: the option names the factory accepts; anything else is a ``ConfigError``.
+    """
+
+    name: str
+    factory: Callable[..., tp.importance.Importance]
+    needs_data: bool = False
+    needs_gradients: bool = False
+    options: tuple[str, ...] = ()
 
 
-def register_criterion(name: str):
-    """Decorator: register ``fn(**options) -> torch_pruning Importance`` under ``name``."""
+_CRITERIA: Registry[CriterionSpec] = Registry("criterion")
 
-    return _CRITERIA.register(name)
+
+def _accepted(factory: Callable) -> tuple[str, ...]:
+    params = inspect.signature(factory).parameters.values()
+    return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def register_criterion(name: str, *, needs_data: bool = False, needs_gradients: bool = False):
+    """Decorator: register ``fn(**options) -> torch_pruning Importance`` (a function or an
+    ``Importance`` class) under ``name``; its keyword arguments are the criterion's options.
+    A refresh before each pruning step is a ``refresh(model, loader)`` method of the importance."""
+
+    def wrap(factory):
+        spec = CriterionSpec(name, factory, needs_data, needs_gradients, _accepted(factory))
+        _CRITERIA.register(name)(spec)
+        return factory
+
+    return wrap
 
 
 def list_criteria() -> list[str]:
     return _CRITERIA.names()
 
 
+def criterion_spec(name: str) -> CriterionSpec:
+    """The registry entry of a criterion name (``ConfigError`` with suggestions when unknown)."""
+    return _CRITERIA.get(name)
+
+
 def make_importance(name: str, **options) -> tp.importance.Importance:
-    """The ``Importance`` object of a criterion name (see ``list_criteria()``)."""
-    return _CRITERIA.get(name)(**options)
+    """The ``Importance`` object of a criterion name (see ``list_criteria()``); options it does not
+    take are refused with the list of those it does."""
+    spec = _CRITERIA.get(name)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        allowed = ", ".join(spec.options) or "none"
+        raise ConfigError(
+            f"criterion {name!r} has no option {', '.join(map(repr, unknown))}; its options: {allowed}."
+        )
+    return spec.factory(**options)
 
 
-register_criterion("l1")(lambda **_: tp.importance.GroupMagnitudeImportance(p=1))
-register_criterion("l2")(lambda **_: tp.importance.GroupMagnitudeImportance(p=2))
-register_criterion("fpgm")(lambda **_: tp.importance.FPGMImportance())
-register_criterion("taylor")(lambda **_: tp.importance.GroupTaylorImportance())
-register_criterion("bn-scale")(lambda **_: tp.importance.BNScaleImportance())
-register_criterion("lamp")(lambda **_: tp.importance.LAMPImportance())
-register_criterion("random")(lambda seed=0, **_: _SeededRandomImportance(seed))
+def _no_options(importance: Callable[[], tp.importance.Importance]) -> Callable[[], tp.importance.Importance]:
+    def factory() -> tp.importance.Importance:
+        return importance()
+
+    return factory
+
+
+register_criterion("l1")(_no_options(lambda: tp.importance.GroupMagnitudeImportance(p=1)))
+register_criterion("l2")(_no_options(lambda: tp.importance.GroupMagnitudeImportance(p=2)))
+register_criterion("fpgm")(_no_options(tp.importance.FPGMImportance))
+register_criterion("taylor", needs_data=True, needs_gradients=True)(
+    _no_options(tp.importance.GroupTaylorImportance)
+)
+register_criterion("bn-scale")(_no_options(tp.importance.BNScaleImportance))
+register_criterion("lamp")(_no_options(tp.importance.LAMPImportance))
+
+
+@register_criterion("random")
+def _random(seed: int = 0) -> tp.importance.Importance:
+    return _SeededRandomImportance(seed)
 
 
 class _SeededRandomImportance(tp.importance.Importance):
@@ -132,7 +193,7 @@ def map_points(model: nn.Module, convs: list[str]) -> dict[str, str]:
     return out
 
 
-@register_criterion("icnn-cluster")
+@register_criterion("icnn-cluster", needs_data=True)
 class ClusterRedundancyImportance(tp.importance.Importance):
     """Cluster redundancy: a filter matters by what the other filters cannot reconstruct of it.
 
@@ -175,7 +236,6 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         cluster_maps: str = "used",
         ridge: float = 1e-5,
         handle=None,
-        **_,
     ) -> None:
         if cluster_maps not in ("used", "own"):
             raise ConfigError(f"cluster_maps must be 'used' or 'own'. Got {cluster_maps!r} instead.")

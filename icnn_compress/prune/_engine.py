@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from icnn_compress.errors import ConfigError, IcnnCompressError
 from icnn_compress.prune._classes import KeepClassesImportance, check_keep_classes, class_responses
 from icnn_compress.prune._compensation import compensate_group
-from icnn_compress.prune._criteria import NEEDS_DATA, make_importance
+from icnn_compress.prune._criteria import criterion_spec, make_importance
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
 
 __all__ = [
@@ -399,17 +399,19 @@ def prune_model(
         raise ConfigError(f"max_layer_ratio must be in (0, 1). Got {max_layer_ratio!r} instead.")
     if not 0 < step_ratio <= max_layer_ratio:
         raise ConfigError(f"step_ratio must be in (0, max_layer_ratio]. Got {step_ratio!r} instead.")
-    needs_data = criterion in NEEDS_DATA or compensate or keep_classes is not None
+    spec = criterion_spec(criterion)
+    needs_data = spec.needs_data or compensate or keep_classes is not None
     if needs_data and data is None:
         what = (
             f"criterion {criterion!r}"
-            if criterion in NEEDS_DATA
+            if spec.needs_data
             else "compensate=True"
             if compensate
             else "keep_classes"
         )
         raise ConfigError(f"{what} needs data= (a DataLoader of probe batches).")
-    importance = make_importance(criterion, **{"probe_batches": probe_batches, **(criterion_options or {})})
+    options = {"probe_batches": probe_batches} if "probe_batches" in spec.options else {}
+    importance = make_importance(criterion, **{**options, **(criterion_options or {})})
     # modules of the caller's model are matched by name before the copy, so they keep meaning
     ignored_names = ignored_module_names(model, ignored_layers)
     model = model if inplace else copy.deepcopy(model)
@@ -460,7 +462,7 @@ def prune_model(
         pruner.per_step_pruning_ratio[step] = ratio
         if hasattr(importance, "refresh"):
             importance.refresh(model, data)
-        if criterion == "taylor":
+        if spec.needs_gradients:
             _taylor_gradients(model, data, probe_batches)
         inputs = {}
         if compensate:

@@ -285,3 +285,34 @@ def test_a_removed_copy_is_absorbed_by_its_original():
         (kept, coef), *_ = absorbed[r]  # the largest coefficient first
         assert kept == twins[r] and abs(coef - 1.0) < 0.01, (r, absorbed[r])
     assert res.summary()["absorbed"]["3"][str(res.removed["3"][0])][0][0] == twins[res.removed["3"][0]]
+
+
+def test_criteria_declare_their_needs_and_refuse_unknown_options():
+    from icnn_compress.prune import criterion_spec, register_criterion
+
+    assert criterion_spec("taylor").needs_gradients and criterion_spec("icnn-cluster").needs_data
+    assert not criterion_spec("l1").needs_data and criterion_spec("random").options == ("seed",)
+    with pytest.raises(ConfigError, match=r"'l2' has no option 'seed'; its options: none"):
+        make_importance("l2", seed=1)
+    with pytest.raises(ConfigError, match=r"distance_treshold.*distance_threshold"):
+        make_importance("icnn-cluster", distance_treshold=0.3)  # a typo is an error, not ignored
+    calls = []
+
+    @register_criterion("test-needs-data", needs_data=True)
+    def _factory(scale: float = 1.0):
+        calls.append(scale)
+        return tp.importance.GroupMagnitudeImportance(p=1)
+
+    model = planted_model()
+    with pytest.raises(ConfigError, match="needs data"):
+        prune_model(model, torch.rand(1, 3, 16, 16), criterion="test-needs-data", target=1.2, progress=False)
+    res = prune_model(
+        model,
+        torch.rand(1, 3, 16, 16),
+        criterion="test-needs-data",
+        target=1.2,
+        data=probe(),
+        criterion_options={"scale": 2.0},
+        progress=False,
+    )
+    assert calls == [2.0] and res.macs_reduction >= 1.2
