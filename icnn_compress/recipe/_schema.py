@@ -68,11 +68,17 @@ class ICNNConfig(_Strict):
     enabled: bool = Field(True, description="fine-tune with masks + the loss (False: plain fine-tune)")
     layers: list[str] | Literal["auto"] = Field("auto", description="conv layer names, or 'auto' (last conv)")
     weight: float = Field(0.5, ge=0, le=1000, description="lambda (balance='grad': gradient-RMS ratio)")
-    balance: Literal["grad", "none"] = "grad"
-    warmup_steps: int = Field(200, ge=0, le=10_000_000)
-    beta: float = Field(4.0, gt=0, le=1000)
-    centre: Literal["argmax", "centroid"] = "argmax"
-    categories: Literal["multi", "balanced", "single"] = "multi"
+    balance: Literal["grad", "none"] = Field(
+        "grad", description="'grad': weight = filter-loss / task gradient RMS at the maps; 'none': literal"
+    )
+    warmup_steps: int = Field(200, ge=0, le=10_000_000, description="linear ramp of the weight (steps)")
+    beta: float = Field(4.0, gt=0, le=1000, description="template slope (the paper's 4)")
+    centre: Literal["argmax", "centroid"] = Field(
+        "argmax", description="mask centre: the strongest cell, or the activation-weighted centre"
+    )
+    categories: Literal["multi", "balanced", "single"] = Field(
+        "multi", description="filter -> class: argmax response (paper), balanced per class, or one class"
+    )
     unmask_epochs: int = Field(
         0,
         ge=0,
@@ -94,16 +100,18 @@ class FinetuneConfig(_Strict):
     """The fine-tune (with the loss when icnn.enabled)."""
 
     epochs: int = Field(1, ge=0, le=10_000, description="0 skips training")
-    lr: float = Field(0.05, gt=0, le=10)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    schedule: Literal["cosine", "step", "loglinear", "constant"] = "cosine"
+    lr: float = Field(0.05, gt=0, le=10, description="learning rate at the start")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD with momentum 0.9, or AdamW")
+    schedule: Literal["cosine", "step", "loglinear", "constant"] = Field(
+        "cosine", description="learning-rate schedule, updated every step"
+    )
     step_epochs: int = Field(
         30, ge=1, le=10_000, description="schedule 'step': multiply lr by gamma every N epochs"
     )
     gamma: float = Field(0.1, gt=0, le=1, description="schedule 'step': the factor")
-    lr_end: float = Field(0.0, ge=0, le=10)
-    weight_decay: float = Field(5e-4, ge=0, le=1)
-    clip_grad_norm: float | None = Field(None, gt=0, le=1e6)
+    lr_end: float = Field(0.0, ge=0, le=10, description="final learning rate (cosine, loglinear)")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="L2 weight decay")
+    clip_grad_norm: float | None = Field(None, gt=0, le=1e6, description="clip the gradient norm (null: off)")
     distill: DistillConfig = Field(
         default_factory=lambda: DistillConfig(enabled=False),
         description="teacher: the model before the fine-tune (off: it cost accuracy with the masks)",
@@ -135,15 +143,19 @@ class PruneConfig(_Strict):
         None, gt=1, le=1000, description="target instead: this measured ONNX Runtime speedup (CPU)"
     )
     latency_batch: int = Field(32, ge=1, le=4096, description="batch size of the latency_speedup target")
-    compensate: bool = True
+    compensate: bool = Field(True, description="fold what the kept channels reconstruct into the consumers")
     round_to: int | None = Field(8, ge=1, le=1024, description="keep widths multiples of this (fast kernels)")
-    max_layer_ratio: float = Field(0.9, gt=0, lt=1)
-    global_ranking: bool = False
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="at most this share of a layer is removed")
+    global_ranking: bool = Field(
+        False, description="rank channels across layers (else the same ratio in each)"
+    )
     ignored_layers: list[str] = Field(
         default_factory=list, max_length=10_000, description="module names never pruned"
     )
-    step_ratio: float = Field(0.05, gt=0, lt=1)
-    bn_batches: int = Field(20, ge=0, le=100_000)
+    step_ratio: float = Field(0.05, gt=0, lt=1, description="largest channel share removed per step")
+    bn_batches: int = Field(
+        20, ge=0, le=100_000, description="batches to re-estimate BatchNorm after pruning"
+    )
     keep_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         min_length=2,
@@ -175,7 +187,7 @@ class RecoverConfig(_Strict):
     """The short fine-tune after pruning."""
 
     epochs: int = Field(1, ge=0, le=10_000, description="0 skips recovery")
-    lr: float = Field(0.01, gt=0, le=10)
+    lr: float = Field(0.01, gt=0, le=10, description="learning rate of the recovery fine-tune")
     distill: DistillConfig = Field(
         default_factory=DistillConfig, description="teacher: the unpruned fine-tuned model"
     )
@@ -191,11 +203,16 @@ class MeasureConfig(_Strict):
     """Measurement of the exported models in ONNX Runtime."""
 
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        default_factory=lambda: [1, 32], min_length=1, max_length=16
+        default_factory=lambda: [1, 32],
+        min_length=1,
+        max_length=16,
+        description="batch sizes timed (the largest is the report's speedup batch)",
     )
-    threads: int = Field(2, ge=1, le=1024)
-    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
-    repeats: int = Field(30, ge=1, le=100_000)
+    threads: int = Field(2, ge=1, le=1024, description="ONNX Runtime intra-op threads")
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        "auto", description="ONNX Runtime execution provider (auto: the best available)"
+    )
+    repeats: int = Field(30, ge=1, le=100_000, description="timed runs per batch size (median reported)")
 
 
 class Recipe(_Strict):
