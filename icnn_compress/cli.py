@@ -16,7 +16,20 @@ from pathlib import Path
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # usage errors: one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_USAGE)
@@ -121,12 +134,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 17)")
     b = sub.add_parser("bench", help="ONNX Runtime latency of an ONNX file")
     b.add_argument("onnx", help="an .onnx file")
-    b.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
-    b.add_argument("--threads", type=_positive_int, default=2, help="intra-op threads (default 2)")
+    b.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    b.add_argument("--threads", type=_positive_int, default=2, help="intra-op threads")
     b.add_argument(
-        "--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"], help="(default auto)"
+        "--provider",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "tensorrt"],
+        help="ONNX Runtime execution provider",
     )
-    b.add_argument("--repeats", type=_positive_int, default=50, help="timed runs per batch size (default 50)")
+    b.add_argument("--repeats", type=_positive_int, default=50, help="timed runs per batch size")
     b.add_argument("--input-shape", default=None, help="C,H,W when the model's input is not static")
     b.add_argument("--json", action="store_true", help="print the latencies as JSON")
     rp = sub.add_parser("report", help="(re)write the report of a run directory")

@@ -52,7 +52,11 @@ def main() -> None:
     p.add_argument("--step-ratio", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "specialise.json"))
+    p.add_argument("--write-only", action="store_true", help="only rewrite the .md from the .json")
     a = p.parse_args()
+    if a.write_only:
+        Path(a.out).with_suffix(".md").write_text(markdown(json.loads(Path(a.out).read_text())) + "\n")
+        return
     torch.set_num_threads(a.threads)
     train_aug = ic.data.loaders("fashion-mnist", batch_size=64)[0].dataset
     train_plain, test = (d.dataset for d in ic.data.loaders("fashion-mnist", batch_size=64, augment=False))
@@ -157,6 +161,31 @@ def main() -> None:
         "summary": {a.model: summary},
     }
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(a.out).with_suffix(".md").write_text(markdown(result) + "\n")
+
+
+def markdown(result: dict) -> str:
+    """One table per model: kept classes x level, each method's one-shot and recovered top-1."""
+    lines = []
+    for model, sizes in result["summary"].items():
+        methods = sorted({m for levels in sizes.values() for ms in levels.values() for m in ms})
+        lines += [f"**{model}** (top-1 on the kept classes' test images; mean ± std over bases x sets)", ""]
+        lines.append(
+            "| kept | level | " + " | ".join(f"{m} one-shot | {m} recovered" for m in methods) + " |"
+        )
+        lines.append("|---|---|" + "---|---|" * len(methods))
+        for k, levels in sorted(sizes.items(), key=lambda kv: int(kv[0])):
+            for level, ms in sorted(levels.items(), key=lambda kv: float(kv[0].rstrip("x"))):
+                cells = []
+                for m in methods:
+                    v = ms.get(m)
+                    cells += (
+                        [f"{v[r + '_mean']:.4f} ± {v[r + '_std']:.4f}" for r in ("oneshot", "recovered")]
+                        if v
+                        else ["", ""]
+                    )
+                lines.append(f"| {k} | {level} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
