@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from _common import command_line
-from torch import nn
 from torch.utils.data import DataLoader
 
 import icnn_compress as ic
@@ -41,7 +40,7 @@ PAPER = {
 def train(with_loss: bool, a, train_dl, val_dl, out: Path):
     torch.manual_seed(a.seed)
     model = ic.models.create("vgg_small", num_classes=a.classes, in_channels=3)
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-2:]
+    convs = ic.icnn.top_layers(model, a.layers)
     handle = None
     if with_loss:
         handle = ic.attach_icnn(
@@ -53,11 +52,12 @@ def train(with_loss: bool, a, train_dl, val_dl, out: Path):
             categories=a.categories,
         )
     t0 = time.perf_counter()
+    unmask = a.unmask_epochs if with_loss else 0  # the last epochs without masks or loss
     trainer = ic.Trainer(
         model,
         train_dl,
         val_dl,
-        epochs=a.epochs,
+        epochs=a.epochs - unmask,
         lr=a.lr,
         seed=a.seed,
         extra_loss=handle.loss if handle else None,
@@ -65,6 +65,12 @@ def train(with_loss: bool, a, train_dl, val_dl, out: Path):
         resume=True,
     )
     trainer.fit()
+    if unmask:
+        handle.set_masks(False)
+        trainer = ic.Trainer(
+            model, train_dl, val_dl, epochs=unmask, lr=a.lr, seed=a.seed + 1, out_dir=out / "icnn_unmasked"
+        )
+        trainer.fit()
     if handle is not None:
         handle.freeze()
     return model, handle, convs, trainer.history[-1]["val_acc"], time.perf_counter() - t0
@@ -82,6 +88,10 @@ def main() -> None:
     p.add_argument("--categories", default="multi")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=2, help="the loss on the top N conv layers (recipes: 1)")
+    p.add_argument(
+        "--unmask-epochs", type=int, default=0, help="the last N epochs without masks or loss (recipes: half)"
+    )
     p.add_argument("--difficulty", default="easy", choices=["easy", "hard"], help="the synthetic setting")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bench_interpretability")
