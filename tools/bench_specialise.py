@@ -143,13 +143,17 @@ def main() -> None:
                             flush=True,
                         )
     summary: dict = {}
+    reference = f"head+{a.criterion}"
     for key, row in rows.items():
         k, level, method = key.split("/")
-        summary.setdefault(k, {}).setdefault(level, {})[method] = {
+        gain = {} if method == reference else paired(rows, key, reference)
+        stats = {
             f"{r}_{f}": fn(row[r])
             for r in ("oneshot", "recovered")
             for f, fn in (("mean", statistics.fmean), ("std", statistics.pstdev))
         }
+        stats.update({f"{r}_gain_over_head_points": g[0] for r, g in gain.items()})
+        summary.setdefault(k, {}).setdefault(level, {})[method] = stats
     for k, levels in summary.items():
         for level, methods in levels.items():
             print(k, level, {m: round(v["recovered_mean"], 4) for m, v in methods.items()})
@@ -164,27 +168,43 @@ def main() -> None:
     Path(a.out).with_suffix(".md").write_text(markdown(result) + "\n")
 
 
+def paired(rows: dict, key: str, reference: str) -> dict:
+    """Points gained over ``reference`` at the same base, set and level (mean and std), per regime."""
+    k, level, _ = key.split("/")
+    ref = rows[f"{k}/{level}/{reference}"]
+    out = {}
+    for r in ("oneshot", "recovered"):
+        diff = [100 * (x - y) for x, y in zip(rows[key][r], ref[r])]
+        out[r] = (statistics.fmean(diff), statistics.pstdev(diff))
+    return out
+
+
 def markdown(result: dict) -> str:
-    """One table per model: kept classes x level, each method's one-shot and recovered top-1."""
-    lines = []
-    for model, sizes in result["summary"].items():
-        methods = sorted({m for levels in sizes.values() for ms in levels.values() for m in ms})
-        lines += [f"**{model}** (top-1 on the kept classes' test images; mean ± std over bases x sets)", ""]
-        lines.append(
-            "| kept | level | " + " | ".join(f"{m} one-shot | {m} recovered" for m in methods) + " |"
-        )
-        lines.append("|---|---|" + "---|---|" * len(methods))
-        for k, levels in sorted(sizes.items(), key=lambda kv: int(kv[0])):
-            for level, ms in sorted(levels.items(), key=lambda kv: float(kv[0].rstrip("x"))):
-                cells = []
-                for m in methods:
-                    v = ms.get(m)
-                    cells += (
-                        [f"{v[r + '_mean']:.4f} ± {v[r + '_std']:.4f}" for r in ("oneshot", "recovered")]
-                        if v
-                        else ["", ""]
-                    )
-                lines.append(f"| {k} | {level} | " + " | ".join(cells) + " |")
+    """Kept classes x level: each method's top-1 and its paired gain over head restriction."""
+    rows, lines = result["rows"], []
+    reference = next(m for m in {k.split("/")[2] for k in rows} if m.startswith("head+"))
+    methods = sorted({k.split("/")[2] for k in rows} - {reference})
+    lines += [
+        "Top-1 on the kept classes' test images, one-shot / recovered, mean over bases x kept sets; "
+        f"in brackets the paired gain over `{reference}` at the same base, set and level (points, "
+        "mean ± std).",
+        "",
+        f"| kept | level | {reference} | " + " | ".join(methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    keys = sorted({tuple(k.split("/")[:2]) for k in rows}, key=lambda t: (int(t[0]), float(t[1].rstrip("x"))))
+    for k, level in keys:
+        ref = rows[f"{k}/{level}/{reference}"]
+        cells = [f"{statistics.fmean(ref['oneshot']):.4f} / {statistics.fmean(ref['recovered']):.4f}"]
+        for m in methods:
+            key = f"{k}/{level}/{m}"
+            g = paired(rows, key, reference)
+            one, rec = statistics.fmean(rows[key]["oneshot"]), statistics.fmean(rows[key]["recovered"])
+            cells.append(
+                f"{one:.4f} / {rec:.4f} ({g['oneshot'][0]:+.2f} ± {g['oneshot'][1]:.2f} / "
+                f"{g['recovered'][0]:+.2f} ± {g['recovered'][1]:.2f})"
+            )
+        lines.append(f"| {k} | {level} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -105,7 +105,7 @@ class KeepClassesImportance(tp.importance.Importance):
         inner: tp.importance.Importance,
         responses: dict[str, Tensor],
         keep: list[int],
-        mode: str = "category",
+        mode: str = "relevance",
     ) -> None:
         if mode not in KEEP_MODES:
             raise ConfigError(f"keep_classes_mode must be one of {', '.join(KEEP_MODES)}. Got {mode!r}.")

@@ -350,7 +350,7 @@ def prune_model(
     ridge: float = 1e-5,
     criterion_options: dict | None = None,
     keep_classes=None,
-    keep_classes_mode: str = "category",
+    keep_classes_mode: str = "relevance",
     inplace: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -379,10 +379,10 @@ def prune_model(
         criterion_options: passed to the criterion (e.g. ``{"distance_threshold": 0.3}``).
         keep_classes: specialise the model to these class indices: the classifier keeps only
             their outputs (output ``i`` = the ``i``-th smallest kept class), and in every layer the
-            filters whose category (the class they respond to most on ``data``) is outside the
-            kept set are removed first, in the criterion's order, then the others
-            (``keep_classes_mode="category"``; ``"relevance"`` weighs each filter's score by its
-            response to the kept classes over its response to all). The MACs target counts from
+            filters' scores are weighed by their response to the kept classes over their response
+            to all classes on ``data`` (``keep_classes_mode="relevance"``, the default), or the
+            filters whose category is outside the kept set go first (``"category"``; it cost up
+            to 3.4 points one-shot at 8x in the specialisation benchmark). The MACs target counts from
             the unrestricted model. Needs ``data`` of every class.
 
     Returns:

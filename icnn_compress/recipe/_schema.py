@@ -159,8 +159,11 @@ class PruneConfig(_Strict):
     keep_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         min_length=2,
-        description="specialise to these classes: the head keeps them, filters of other categories "
-        "go first; recovery, export and measurement then use these classes only",
+        description="specialise to these classes: the head keeps them, filters are ranked by their "
+        "relevance to them; recovery, export and measurement then use these classes only",
+    )
+    keep_classes_mode: Literal["relevance", "category"] = Field(
+        "relevance", description="keep_classes: weigh scores by relevance, or other categories first"
     )
 
     @model_validator(mode="after")

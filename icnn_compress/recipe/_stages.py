@@ -194,6 +194,7 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
         step_ratio=p.step_ratio,
         bn_batches=p.bn_batches,
         keep_classes=p.keep_classes,
+        keep_classes_mode=p.keep_classes_mode,
         criterion_options=(
             {"distance_threshold": ctx.recipe.analysis.distance_threshold}
             if (criterion or p.criterion) == "icnn-cluster"
