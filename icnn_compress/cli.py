@@ -343,12 +343,16 @@ def _setup_logging(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (see the module docstring). The logging handlers it
     installs are removed again when it returns (it can be called in-process)."""
+    log = logging.getLogger("icnn_compress")
+    saved = (log.level, log.propagate)
     try:
         return _main(argv)
     finally:
-        for h in logging.getLogger("icnn_compress").handlers[:]:
-            logging.getLogger("icnn_compress").removeHandler(h)
+        for h in log.handlers[:]:
+            log.removeHandler(h)
             h.close()
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def _main(argv: list[str] | None) -> int:

@@ -104,7 +104,12 @@ def _format(err: ValidationError, lines: dict[tuple, int], source: str, overridd
     line = lines.get(loc) or lines.get(loc[:-1])
     culprits = [o for o in overridden if loc[: len(o)] == o or o[: len(loc)] == loc]
     if culprits:  # the bad value, or a section that a --set changed, came from the command line
-        where = f"--set {', '.join('.'.join(o) for o in sorted(culprits))}: "
+        named = ", ".join(".".join(o) for o in sorted(culprits))
+        if named == key:  # "--set a.b: <message>", not "--set a.b: a.b: <message>"
+            got = e.get("input")
+            got_s = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None), list)) else ""
+            return f"--set {key}: {e['msg']}" + (f" (got {got_s})." if got_s else ".")
+        where = f"--set {named}: "
     else:
         where = f"{source}:{line}: " if line else f"{source}: "
     if e["type"] == "extra_forbidden":
