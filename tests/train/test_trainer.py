@@ -144,6 +144,7 @@ def _ddp_worker(rank, world, port, out, balance):
     Trainer(model, dl, epochs=2, extra_loss=handle.loss, progress=False, device="cpu").fit()
     if rank == 0:
         torch.save({"model": model.state_dict(), "icnn": handle.state_dict()}, out)
+    dist.barrier()  # both ranks tear down together: a rank leaving early can abort gloo in the other
     dist.destroy_process_group()
 
 
