@@ -116,11 +116,14 @@ class PruneResult:
             "steps": self.steps,
             "latency_speedup": self.latency_speedup,
             "keep_classes": self.keep_classes,
-            "absorbed": {
-                layer: {str(r): [[k, round(w, 4)] for k, w in ks] for r, ks in sorted(d.items())}
-                for layer, d in self.absorbed.items()
-            },
             "removed_per_layer": {k: len(v) for k, v in self.removed.items()},
+        }
+
+    def absorbed_json(self) -> dict:
+        """``absorbed`` as JSON: conv -> removed channel (str) -> ``[[kept channel, coefficient]]``."""
+        return {
+            layer: {str(r): [[k, round(w, 4)] for k, w in ks] for r, ks in sorted(d.items())}
+            for layer, d in self.absorbed.items()
         }
 
 

@@ -240,7 +240,7 @@ def prune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     res = prune_with(ctx, model)
     summary = res.summary()
     _save_pruned(ctx, res.model, res.history, out / "pruned.pt", spec, summary)
-    atomic_write_json(summary, out / "prune.json")
+    atomic_write_json({**summary, "absorbed": res.absorbed_json()}, out / "prune.json")
     return ["pruned.pt", "prune.json"], summary
 
 

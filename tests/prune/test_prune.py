@@ -284,7 +284,7 @@ def test_a_removed_copy_is_absorbed_by_its_original():
     for r in res.removed["3"]:
         (kept, coef), *_ = absorbed[r]  # the largest coefficient first
         assert kept == twins[r] and abs(coef - 1.0) < 0.01, (r, absorbed[r])
-    assert res.summary()["absorbed"]["3"][str(res.removed["3"][0])][0][0] == twins[res.removed["3"][0]]
+    assert res.absorbed_json()["3"][str(res.removed["3"][0])][0][0] == twins[res.removed["3"][0]]
 
 
 def test_criteria_declare_their_needs_and_refuse_unknown_options():

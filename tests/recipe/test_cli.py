@@ -52,6 +52,8 @@ def test_run_end_to_end_and_resume(recipe, tmp_path, capsys):
         assert (run / stage / "manifest.json").is_file()
     html = (run / "7_report" / "report.html").read_text()
     assert "<table>" in html and "pruned" in html
+    # the removed filters of the analysed layer, each with the kept filters that absorbed it
+    assert "Removed filters and the kept filters that absorbed them" in html and "layer3</td>" in html
     measured = json.loads((run / "6_measure" / "measurements.json").read_text())
     assert measured[1]["macs"] * 1.5 <= measured[0]["macs"]
     # an existing run directory is never overwritten without --force
