@@ -76,16 +76,10 @@ def class_responses(model: nn.Module, data: DataLoader, batches: int = 8) -> dic
     """Conv name -> ``(C, K)`` mean response (``sum_ij`` of the post-ReLU map, or after a residual
     addition) of each output channel to each class's images, on at most ``batches`` batches. The
     category of a channel is its argmax over classes."""
-    from icnn_compress.analysis import filter_signatures
-    from icnn_compress.prune._criteria import map_points
+    from icnn_compress.prune._criteria import conv_signatures
 
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    points = map_points(model, convs)
-    size = getattr(data, "batch_size", None) or 64
-    sigs = filter_signatures(
-        model, data, sorted(set(points.values())), progress=False, max_images=batches * size
-    )
-    return {n: sigs[points[n]].class_mean.clone() for n in convs}
+    points, sigs = conv_signatures(model, data, batches)
+    return {n: sigs[p].class_mean.clone() for n, p in points.items()}
 
 
 class KeepClassesImportance(tp.importance.Importance):

@@ -19,6 +19,7 @@ __all__ = [
     "ClusterRedundancyImportance",
     "CriterionSpec",
     "consumer_deps",
+    "conv_signatures",
     "criterion_spec",
     "list_criteria",
     "make_importance",
@@ -193,6 +194,21 @@ def map_points(model: nn.Module, convs: list[str]) -> dict[str, str]:
     return out
 
 
+def conv_signatures(model: nn.Module, loader, batches: int, *, used: bool = True) -> tuple[dict, dict]:
+    """Signatures of every conv's filters on at most ``batches`` batches, read where the maps are
+    used (``map_points``; ``used=False``: each conv's own ReLU). Returns ``(conv name -> point,
+    point -> LayerSignature)``."""
+    from icnn_compress.analysis import filter_signatures, layer_maps_point
+
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    points = map_points(model, convs) if used else {n: layer_maps_point(model, n) for n in convs}
+    size = getattr(loader, "batch_size", None) or 64
+    sigs = filter_signatures(
+        model, loader, sorted(set(points.values())), progress=False, max_images=batches * size
+    )
+    return points, sigs
+
+
 @register_criterion("icnn-cluster", needs_data=True)
 class ClusterRedundancyImportance(tp.importance.Importance):
     """Cluster redundancy: a filter matters by what the other filters cannot reconstruct of it.
@@ -262,23 +278,13 @@ class ClusterRedundancyImportance(tp.importance.Importance):
 
         A conv's filters are described where their maps are used: after its ReLU, or, for a conv
         that feeds a residual addition, after the ReLU that follows the addition."""
-        from icnn_compress.analysis import cluster_filters, filter_signatures, layer_maps_point
+        from icnn_compress.analysis import cluster_filters
 
         convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.inputs = collect_layer_inputs(model, loader, consumers, max_batches=self.probe_batches)
         self.out_scale = following_bn_scales(model) if self.consumer_units == "normalised" else {}
-        if self.cluster_maps == "used":
-            points = map_points(model, list(convs))
-        else:
-            points = {n: layer_maps_point(model, n) for n in convs}
-        sigs = filter_signatures(
-            model,
-            loader,
-            sorted(set(points.values())),
-            progress=False,
-            max_images=self.probe_batches * (getattr(loader, "batch_size", None) or 64),
-        )
+        points, sigs = conv_signatures(model, loader, self.probe_batches, used=self.cluster_maps == "used")
         clustered: dict[str, Tensor] = {}
         for point, sig in sigs.items():
             found = cluster_filters(sig, distance_threshold=self.distance_threshold, ari=False)
