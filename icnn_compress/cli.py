@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--stages",
         default=None,
-        help="comma-separated subset of: finetune, analyse, prune, recover, export, measure, report",
+        help="comma-separated subset of: finetune, analyse, prune, recover, export, quantize, measure, "
+        "report",
     )
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
@@ -132,6 +133,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("pruned", help="a .pt written by save_pruned (e.g. RUN/4_recover/recovered.pt)")
     e.add_argument("onnx", help="output .onnx")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 17)")
+    qz = sub.add_parser(
+        "quantize",
+        help="INT8 copy of an ONNX model, calibrated on a recipe's training data and guarded on its "
+        "validation data",
+    )
+    qz.add_argument("onnx", help="the float .onnx (e.g. RUN/5_export/model.onnx)")
+    qz.add_argument("out", help="output .onnx, written only when the guard accepts the INT8 model")
+    qz.add_argument(
+        "--recipe", required=True, help="recipe whose data calibrates and validates (file or bundled name)"
+    )
+    qz.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)"
+    )
+    qz.add_argument(
+        "--method",
+        default=None,
+        choices=["minmax", "entropy", "percentile"],
+        help="calibration method (default: the recipe's quantize.method)",
+    )
+    qz.add_argument("--calibration-batches", type=_positive_int, default=None, help="default: the recipe's")
+    qz.add_argument(
+        "--min-agreement", type=float, default=None, help="guard threshold 0..1 (default: the recipe's)"
+    )
+    qz.add_argument("--json", action="store_true", help="print the result as JSON")
     b = sub.add_parser("bench", help="ONNX Runtime latency of an ONNX file")
     b.add_argument("onnx", help="an .onnx file")
     b.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
@@ -170,7 +195,7 @@ def _cmd_run(a) -> int:
         device=a.device,
         progress=not a.quiet,
     ).run()
-    report = run_dir / "7_report" / "report.html"
+    report = Runner.report_file(run_dir)
     print(f"run finished: {run_dir}" + (f"\nreport: {report}" if report.is_file() else ""))
     return EXIT_OK
 
@@ -261,6 +286,41 @@ def _cmd_export(a) -> int:
     return EXIT_OK
 
 
+def _cmd_quantize(a) -> int:
+    from icnn_compress.quantize import QuantizeOptions, quantize_onnx
+    from icnn_compress.recipe import RunContext, load_recipe
+
+    src, dst = Path(a.onnx), Path(a.out)
+    if not src.is_file():
+        raise _Usage(f"no ONNX file at {a.onnx!r}")
+    if _same_file(src, dst):
+        raise _Usage(f"the output {a.out!r} is the input file; choose another output path")
+    if dst.suffix.lower() != ".onnx" or dst.is_dir():
+        raise _Usage(f"the output {a.out!r} must be a file name ending in .onnx")
+    recipe = load_recipe(a.recipe, a.set)
+    q = recipe.quantize
+    options = QuantizeOptions(
+        method=a.method or q.method,
+        per_channel=q.per_channel,
+        calibration_batches=a.calibration_batches or q.calibration_batches,
+        min_agreement=q.min_agreement if a.min_agreement is None else a.min_agreement,
+    )
+    train_dl, val_dl = RunContext(recipe, device="cpu", progress=False).kept_loaders()
+    res = quantize_onnx(src, dst, train_dl, val_dl, options, progress=not a.json and sys.stderr.isatty())
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=1))
+    elif res.accepted:
+        acc = "" if res.fp32_top1 is None else f", top-1 {res.fp32_top1:.4f} -> {res.int8_top1:.4f}"
+        print(
+            f"wrote {res.path} ({res.int8_file_bytes} bytes, was {res.fp32_file_bytes}); top-1 agreement "
+            f"with the float model {res.top1_agreement:.4f} on {res.validation_rows} images{acc}"
+        )
+    if not res.accepted:
+        print(f"prune-recipe: INT8 model refused: {res.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _cmd_bench(a) -> int:
     from icnn_compress.errors import DataError, IcnnCompressError
     from icnn_compress.measure import ort_latency, ort_session
@@ -303,7 +363,7 @@ def _cmd_report(a) -> int:
     except (ValueError, ValidationError, OSError):
         raise _Usage(f"{resolved} is unreadable or not a recipe; run the recipe again") from None
     Runner(recipe, run_dir, resume=True, stages=["report"], progress=False).run()
-    print(f"report: {run_dir / '7_report' / 'report.html'}")
+    print(f"report: {Runner.report_file(run_dir)}")
     return EXIT_OK
 
 
@@ -422,6 +482,7 @@ def _dispatch(a) -> int:
         "run": _cmd_run,
         "compare": _cmd_compare,
         "export": _cmd_export,
+        "quantize": _cmd_quantize,
         "bench": _cmd_bench,
         "report": _cmd_report,
     }[a.command](a)

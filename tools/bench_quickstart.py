@@ -33,7 +33,7 @@ def main() -> None:
             for d in sorted(run.iterdir())
             if (d / "manifest.json").is_file()
         }
-        measured = json.loads((run / "6_measure" / "measurements.json").read_text())
+        measured = json.loads((run / "7_measure" / "measurements.json").read_text())
     accuracy = {m["name"]: m["accuracy"] for m in measured}
     result = {
         "benchmark": "quickstart",

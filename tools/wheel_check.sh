@@ -39,5 +39,5 @@ EOF
 grep -q '^quickstart ' list.txt
 "$PR" validate quickstart
 "$PR" run tiny.yaml --out run --quiet
-test -f run/7_report/report.html
+test -f run/8_report/report.html
 echo "wheel check: ok"

@@ -82,7 +82,10 @@ class RunDirectory:
         return (self.path / MARKER).is_file()
 
     def _known(self, name: str) -> bool:
-        return name in _EXTRA_ENTRIES or name in {self.stage_dir(s).name for s in self.stages}
+        """An entry the runner writes: the marker, lock, resolved recipe, or ``<n>_<stage>`` folders
+        (any ``n``: version 0.x numbered the stages without ``quantize``)."""
+        number, _, stage = name.partition("_")
+        return name in _EXTRA_ENTRIES or (number.isdigit() and stage in self.stages)
 
     def check(self, *, resume: bool, force: bool) -> None:
         """Refuse, before anything is written, a run directory that cannot be used as asked."""

@@ -32,7 +32,7 @@ __all__ = ["DEPENDS", "SECTIONS", "STAGES", "LockError", "Runner", "run_recipe"]
 
 log = logging.getLogger(__name__)
 
-STAGES = ("finetune", "analyse", "prune", "recover", "export", "measure", "report")
+STAGES = ("finetune", "analyse", "prune", "recover", "export", "quantize", "measure", "report")
 # the stages whose outputs a stage reads, and the recipe sections it reads
 DEPENDS: dict[str, tuple[str, ...]] = {
     "finetune": (),
@@ -40,7 +40,8 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "prune": ("finetune",),
     "recover": ("finetune", "prune"),  # the fine-tuned model is the distillation teacher
     "export": ("finetune", "recover"),
-    "measure": ("finetune", "recover", "export"),
+    "quantize": ("export",),
+    "measure": ("finetune", "recover", "export", "quantize"),
     "report": ("measure",),
 }
 # stages whose outputs a stage reads when they exist (the report shows the analysis when it ran):
@@ -52,6 +53,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "prune": ("seed", "data", "analysis", "prune"),  # analysis.distance_threshold: icnn-cluster's clusters
     "recover": ("seed", "data", "recover"),
     "export": ("name", "data", "export"),
+    "quantize": ("seed", "data", "quantize"),
     "measure": ("seed", "data", "measure"),
     "report": ("name", "measure"),
 }
@@ -100,6 +102,11 @@ class Runner:
         self._keys: dict[str, str] = {}
 
     # ----- helpers -----
+    @staticmethod
+    def report_file(run_dir: str | os.PathLike) -> Path:
+        """Where a run directory's HTML report is."""
+        return RunDirectory(run_dir, STAGES).stage_dir("report") / "report.html"
+
     def stage_dir(self, stage: str) -> Path:
         return self.dir.stage_dir(stage)
 

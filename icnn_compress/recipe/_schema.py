@@ -16,6 +16,7 @@ __all__ = [
     "MeasureConfig",
     "ModelConfig",
     "PruneConfig",
+    "QuantizeConfig",
     "Recipe",
     "RecoverConfig",
 ]
@@ -202,6 +203,26 @@ class ExportConfig(_Strict):
     opset: int = Field(17, ge=11, le=20, description="ONNX opset (11-20)")
 
 
+class QuantizeConfig(_Strict):
+    """INT8 post-training quantization of the pruned ONNX model (ONNX Runtime, static, QDQ)."""
+
+    enabled: bool = Field(True, description="write and measure an INT8 copy of the pruned model")
+    method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="how activation ranges are chosen from the calibration batches"
+    )
+    per_channel: bool = Field(True, description="one weight scale per output channel")
+    calibration_batches: int = Field(
+        16, ge=1, le=100_000, description="training batches the activation ranges are observed on"
+    )
+    min_agreement: float = Field(
+        0.98,
+        ge=0,
+        le=1,
+        description="refuse the INT8 model when its top-1 agrees with the float model's on fewer "
+        "validation images than this share",
+    )
+
+
 class MeasureConfig(_Strict):
     """Measurement of the exported models in ONNX Runtime."""
 
@@ -219,7 +240,7 @@ class MeasureConfig(_Strict):
 
 
 class Recipe(_Strict):
-    """A whole run: data, model, fine-tune, analyse, prune, recover, export, measure, report."""
+    """A whole run: data, model, fine-tune, analyse, prune, recover, export, quantize, measure, report."""
 
     name: str = Field(
         "run",
@@ -235,4 +256,5 @@ class Recipe(_Strict):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)

@@ -26,6 +26,7 @@ __all__ = [
     "measure",
     "prune",
     "prune_with",
+    "quantize",
     "recover",
     "report",
 ]
@@ -292,8 +293,39 @@ def export(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     return ["unpruned.onnx", "model.onnx"], {"unpruned": a.to_dict(), "pruned": b.to_dict()}
 
 
+def quantize(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
+    """INT8 copy of the pruned ONNX model, calibrated on training batches and guarded on the
+    validation set -> ``model.int8.onnx`` (when accepted) and ``quantize.json``."""
+    from icnn_compress.quantize import QuantizeOptions, quantize_onnx
+
+    q = ctx.recipe.quantize
+    if not q.enabled:
+        atomic_write_json({"enabled": False}, out / "quantize.json")
+        return ["quantize.json"], {"enabled": False}
+    train_dl, val_dl = ctx.kept_loaders()
+    options = QuantizeOptions(
+        method=q.method,
+        per_channel=q.per_channel,
+        calibration_batches=q.calibration_batches,
+        min_agreement=q.min_agreement,
+    )
+    res = quantize_onnx(
+        run.stage_dir("export") / "model.onnx",
+        out / "model.int8.onnx",
+        train_dl,
+        val_dl,
+        options,
+        progress=ctx.progress,
+    )
+    info = {"enabled": True, **res.to_dict(), "path": "model.int8.onnx" if res.accepted else None}
+    atomic_write_json(info, out / "quantize.json")
+    summary = {k: info[k] for k in ("accepted", "top1_agreement", "fp32_top1", "int8_top1", "reason")}
+    return (["model.int8.onnx"] if res.accepted else []) + ["quantize.json"], summary
+
+
 def measure(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
-    """Accuracy and latency of both ONNX models in ONNX Runtime -> ``measurements.json``."""
+    """Accuracy and latency in ONNX Runtime of the unpruned and the pruned model, and of the INT8
+    copy when the quantize stage accepted one -> ``measurements.json``."""
     from icnn_compress.measure import measure as measure_model
     from icnn_compress.prune import load_pruned
 
@@ -321,7 +353,29 @@ def measure(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
             class_names=class_names,
         )
         entry["widths"] = {n: c.out_channels for n, c in model.named_modules() if isinstance(c, nn.Conv2d)}
+        entry["precision"] = "fp32"
         entries.append(entry)
+    quantized = json.loads((run.stage_dir("quantize") / "quantize.json").read_text())
+    if quantized.get("accepted"):
+        entry = measure_model(
+            run.stage_dir("quantize") / "model.int8.onnx",
+            val_dl,
+            name="pruned-int8",
+            batch_sizes=tuple(m.batch_sizes),
+            threads=m.threads,
+            provider=m.provider,
+            example=example,
+            repeats=m.repeats,
+            class_names=class_names,
+        )
+        pruned = entries[-1]
+        # the same network in 8-bit: MACs and parameter counts are the pruned model's
+        entry.update({k: pruned[k] for k in ("macs", "params") if k in pruned})
+        entry["precision"] = "int8"
+        entry["top1_agreement_with_fp32"] = quantized["top1_agreement"]
+        entries.append(entry)
+    elif quantized.get("enabled"):
+        entries[-1]["int8_refused"] = quantized.get("reason", "")
     atomic_write_json(entries, out / "measurements.json")
     return ["measurements.json"], {e["name"]: e.get("accuracy") for e in entries}
 
@@ -386,6 +440,7 @@ STAGE_FUNCTIONS = {
     "prune": prune,
     "recover": recover,
     "export": export,
+    "quantize": quantize,
     "measure": measure,
     "report": report,
 }

@@ -77,6 +77,9 @@ def build_report(
                 names = ", ".join(f"{d['class']} ({d['baseline']:.2f} -> {d['accuracy']:.2f})" for d in drops)
                 line = f"Some classes lost much more accuracy than the model as a whole: {names}."
                 warning = f"{warning} {line}" if warning else line
+        if m.get("int8_refused"):
+            line = f"No INT8 copy: {m['int8_refused']}."
+            warning = f"{warning} {line}" if warning else line
         if warning:
             m["warning"] = warning
         out.append(m)
@@ -222,13 +225,15 @@ def _markdown(report: dict, batch: int) -> str:
         "",
         f"{report['producer']}, {report['created']}; baseline `{report['baseline']}`.",
         "",
-        f"| model | accuracy | MACs | MACs reduction | ORT latency b{batch} (ms) | speedup | provider |",
-        "|---|---|---|---|---|---|---|",
+        "| model | precision | accuracy | MACs | MACs reduction | "
+        f"ORT latency b{batch} (ms) | speedup | provider |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in report["models"]:
         lat = m.get("latency", {}).get(str(batch), {}).get("median_ms")
         lines.append(
-            f"| {m['name']} | {m.get('accuracy', float('nan')):.4f} | {m.get('macs', '')} | "
+            f"| {m['name']} | {m.get('precision', 'fp32')} | {m.get('accuracy', float('nan')):.4f} | "
+            f"{m.get('macs', '')} | "
             f"{m.get('macs_reduction', 1.0):.2f}x | {lat if lat is None else f'{lat:.3f}'} | "
             f"{m.get(f'speedup_b{batch}', 1.0):.2f}x | {m['provider']} |"
         )

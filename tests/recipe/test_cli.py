@@ -29,6 +29,8 @@ TINY = {
     "analysis": {"probe_images": 32, "pictures": False},
     "prune": {"criterion": "l1", "macs_reduction": 1.5, "round_to": None, "step_ratio": 0.1, "bn_batches": 2},
     "recover": {"epochs": 1},
+    # the tiny model is barely trained: its INT8 copy agrees with it on 90-96% of the images
+    "quantize": {"min_agreement": 0.5, "calibration_batches": 2},
     "measure": {"batch_sizes": [1, 4], "threads": 1, "provider": "cpu", "repeats": 2},
 }
 
@@ -48,14 +50,33 @@ def test_run_end_to_end_and_resume(recipe, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(run), "--quiet"]) == 0
     assert "report:" in capsys.readouterr().out
-    for stage in ("1_finetune", "2_analyse", "3_prune", "4_recover", "5_export", "6_measure", "7_report"):
+    for stage in (
+        "1_finetune",
+        "2_analyse",
+        "3_prune",
+        "4_recover",
+        "5_export",
+        "6_quantize",
+        "7_measure",
+        "8_report",
+    ):
         assert (run / stage / "manifest.json").is_file()
-    html = (run / "7_report" / "report.html").read_text()
+    html = (run / "8_report" / "report.html").read_text()
     assert "<table>" in html and "pruned" in html
     # the removed filters of the analysed layer, each with the kept filters that absorbed it
     assert "Removed filters and the kept filters that absorbed them" in html and "layer3</td>" in html
-    measured = json.loads((run / "6_measure" / "measurements.json").read_text())
+    measured = json.loads((run / "7_measure" / "measurements.json").read_text())
     assert measured[1]["macs"] * 1.5 <= measured[0]["macs"]
+    # the INT8 copy of the pruned model is measured beside the two float models
+    assert [(m["name"], m["precision"]) for m in measured] == [
+        ("unpruned", "fp32"),
+        ("pruned", "fp32"),
+        ("pruned-int8", "int8"),
+    ]
+    quantized = json.loads((run / "6_quantize" / "quantize.json").read_text())
+    assert quantized["accepted"] and quantized["top1_agreement"] >= 0.5
+    assert measured[2]["top1_agreement_with_fp32"] == quantized["top1_agreement"]
+    assert "pruned-int8" in html and "| pruned-int8 | int8 |" in (run / "8_report" / "report.md").read_text()
     # an existing run directory is never overwritten without --force
     assert main(["run", str(recipe), "--out", str(run), "--quiet"]) == 2
     # --resume skips every finished stage; a corrupted artefact makes its stage (and later ones) run again
@@ -64,6 +85,8 @@ def test_run_end_to_end_and_resume(recipe, tmp_path, capsys):
     assert main(["run", str(recipe), "--out", str(run), "--resume"]) == 0
     out = capsys.readouterr().out
     assert "[prune] finished earlier" in out and "[export] checksum mismatch" in out
+    # the export is written again byte for byte, so the INT8 copy made from it is still valid
+    assert "[quantize] finished earlier" in out
     assert all(torch.equal(v, _weights(run)[k]) for k, v in before.items())
 
 
@@ -206,15 +229,17 @@ def test_keep_classes_specialises_the_run(tmp_path):
 
     data = json.loads(json.dumps(TINY))
     data["prune"]["keep_classes"] = [2, 0]
+    data["quantize"]["enabled"] = False
     run = tmp_path / "k"
     Runner(load_recipe(data), run, progress=False).run()
     pruned, _ = load_pruned(run / "4_recover" / "recovered.pt")
     assert pruned.fc.out_features == 2
-    measured = json.loads((run / "6_measure" / "measurements.json").read_text())
+    measured = json.loads((run / "7_measure" / "measurements.json").read_text())
     # both models are measured on the kept classes only, the unpruned one through its kept outputs
     assert [len(m["per_class_accuracy"]) for m in measured] == [2, 2]
     assert json.loads((run / "3_prune" / "prune.json").read_text())["keep_classes"] == [0, 2]
-    assert "Accuracy per class" in (run / "7_report" / "report.html").read_text()
+    assert json.loads((run / "6_quantize" / "quantize.json").read_text()) == {"enabled": False}
+    assert "Accuracy per class" in (run / "8_report" / "report.html").read_text()
     data["prune"]["keep_classes"] = [0, 3]
     with pytest.raises(ConfigError, match=r"prune\.keep_classes"):
         Runner(load_recipe(data), tmp_path / "bad", progress=False).check()
@@ -300,3 +325,20 @@ def test_json_output_verbosity_and_log_file(recipe, tmp_path, capsys):
     assert "[finetune]" in log.read_text()  # the log file has every message, with timestamps
     assert main(["-v", *args, "--resume"]) == 0
     assert "[finetune] finished earlier" in capsys.readouterr().out
+
+
+def test_a_refused_int8_model_is_reported_not_kept(tmp_path):
+    from icnn_compress.recipe import Runner
+
+    data = json.loads(json.dumps(TINY))
+    data["quantize"]["min_agreement"] = 1.0
+    run = tmp_path / "q"
+    Runner(load_recipe(data), run, progress=False).run()
+    quantized = json.loads((run / "6_quantize" / "quantize.json").read_text())
+    assert not quantized["accepted"] and quantized["top1_agreement"] < 1.0
+    assert not (run / "6_quantize" / "model.int8.onnx").exists()
+    measured = json.loads((run / "7_measure" / "measurements.json").read_text())
+    assert [m["name"] for m in measured] == ["unpruned", "pruned"]
+    assert "below min_agreement 1" in measured[1]["int8_refused"]
+    report = json.loads((run / "8_report" / "report.json").read_text())
+    assert "No INT8 copy: top-1 agreement" in report["models"][1]["warning"]

@@ -133,8 +133,8 @@ def test_kill_at_random_points_in_every_stage_then_resume_is_bit_identical(tmp_p
         assert _digest(run / rel) == _digest(ref / rel), f"{rel} differs (kills at {killed_at})"
     pngs = sorted(p.name for p in (ref / "2_analyse").glob("*.png"))
     assert pngs and all(_digest(run / "2_analyse" / p) == _digest(ref / "2_analyse" / p) for p in pngs)
-    a = json.loads((ref / "6_measure" / "measurements.json").read_text())
-    b = json.loads((run / "6_measure" / "measurements.json").read_text())
+    a = json.loads((ref / "7_measure" / "measurements.json").read_text())
+    b = json.loads((run / "7_measure" / "measurements.json").read_text())
     assert [e["accuracy"] for e in a] == [e["accuracy"] for e in b]
-    assert (run / "7_report" / "report.html").is_file()
+    assert (run / "8_report" / "report.html").is_file()
     assert not list(run.rglob(".*.tmp")), "temp files of killed writes were left behind"

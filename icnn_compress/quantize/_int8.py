@@ -1,0 +1,279 @@
+"""INT8 post-training quantization of an exported ONNX model with ONNX Runtime's quantization tools.
+
+The float model is pre-processed (shape inference and ONNX Runtime's basic graph optimisations,
+which fold any BatchNormalization left into the preceding Conv), calibrated on a few batches of
+real inputs and rewritten in the QDQ format (QuantizeLinear/DequantizeLinear pairs that ONNX
+Runtime fuses into integer kernels): weights signed 8-bit, per output channel by default;
+activations unsigned 8-bit, one scale per tensor. A guard then runs the float and the INT8 model on
+validation inputs and refuses the INT8 model when their top-1 predictions agree on fewer than
+``min_agreement`` of the rows: the file is then not written, and the result says why.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from icnn_compress._version import __version__
+from icnn_compress.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CALIBRATION_METHODS", "QuantizeOptions", "QuantizeResult", "quantize_onnx"]
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How to quantize.
+
+    Attributes:
+        method: how activation ranges are chosen from the calibration batches: ``minmax`` (the
+            observed range), ``entropy`` (the range that keeps the histogram's KL divergence lowest)
+            or ``percentile`` (the 99.999th percentile of the absolute values).
+        per_channel: one weight scale per output channel (else one per tensor).
+        calibration_batches: batches of the calibration data used to observe activations.
+        validation_batches: batches of the validation data the guard compares on (``None``: all).
+        min_agreement: the guard's threshold on the share of rows (0..1) where the INT8 model's
+            top-1 class equals the float model's.
+    """
+
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    calibration_batches: int = 16
+    validation_batches: int | None = None
+    min_agreement: float = 0.98
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"quantize method must be one of {', '.join(CALIBRATION_METHODS)}. "
+                f"Got {self.method!r} instead."
+            )
+        if isinstance(self.calibration_batches, bool) or not (
+            isinstance(self.calibration_batches, int) and self.calibration_batches >= 1
+        ):
+            raise ConfigError(
+                f"calibration_batches must be an int >= 1. Got {self.calibration_batches!r} instead."
+            )
+        vb = self.validation_batches
+        if vb is not None and (isinstance(vb, bool) or not isinstance(vb, int) or vb < 1):
+            raise ConfigError(f"validation_batches must be an int >= 1 or None. Got {vb!r} instead.")
+        if not 0.0 <= float(self.min_agreement) <= 1.0:
+            raise ConfigError(f"min_agreement must be in [0, 1]. Got {self.min_agreement!r} instead.")
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize_onnx`` did. ``path`` is ``None`` when the guard refused the INT8 model."""
+
+    path: str | None
+    accepted: bool
+    top1_agreement: float  # share of validation rows where INT8 and float top-1 agree (0..1)
+    fp32_top1: float | None  # accuracy (0..1) on the validation rows when they have labels
+    int8_top1: float | None
+    validation_rows: int
+    calibration_rows: int
+    fp32_file_bytes: int
+    int8_file_bytes: int
+    options: dict = field(default_factory=dict)
+    operators: dict[str, int] = field(default_factory=dict)  # op type -> count in the INT8 graph
+    reason: str = ""  # why the guard refused (empty when accepted)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _inputs(batches: Iterable, limit: int | None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """``(x, y)`` numpy pairs from a loader of ``(x, y, ...)`` tuples or of bare tensors/arrays
+    (``y`` is then ``None``); at most ``limit`` batches."""
+    for i, batch in enumerate(batches):
+        if limit is not None and i >= limit:
+            return
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch, None)
+        if isinstance(x, (tuple, list)):
+            x = x[0]
+        x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+        y = None if y is None else (y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y))
+        yield x.astype(np.float32, copy=False), y
+
+
+def _calibration_reader(batches: list[np.ndarray], input_name: str):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self) -> dict | None:
+            x = next(self._it, None)
+            return None if x is None else {input_name: x}
+
+        def rewind(self) -> None:
+            self._it = iter(batches)
+
+    return _Reader()
+
+
+def _agreement(fp32_path: str, int8_path: str, validation, limit: int | None, progress: bool):
+    """Top-1 agreement of the two models and, where labels exist, each one's accuracy."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    a = ort.InferenceSession(fp32_path, opts, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(int8_path, opts, providers=["CPUExecutionProvider"])
+    name = a.get_inputs()[0].name
+    agree = rows = right_a = right_b = labelled = 0
+    for x, y in tqdm(_inputs(validation, limit), desc="int8 guard", disable=not progress, leave=False):
+        pa = a.run(None, {name: x})[0].argmax(1)
+        pb = b.run(None, {name: x})[0].argmax(1)
+        agree += int((pa == pb).sum())
+        rows += len(pa)
+        if y is not None and y.shape == pa.shape:
+            right_a += int((pa == y).sum())
+            right_b += int((pb == y).sum())
+            labelled += len(y)
+    if rows == 0:
+        raise ConfigError("quantize_onnx: the validation data gave no batches; the guard needs at least one.")
+    fp32 = right_a / labelled if labelled else None
+    int8 = right_b / labelled if labelled else None
+    return agree / rows, fp32, int8, rows
+
+
+def quantize_onnx(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration: Iterable,
+    validation: Iterable | None = None,
+    options: QuantizeOptions | None = None,
+    *,
+    progress: bool = False,
+) -> QuantizeResult:
+    """Quantize a float ONNX model to INT8 (static, QDQ) and guard its predictions.
+
+    Args:
+        fp32_path: the float model (e.g. written by ``export_onnx``); one image input ``(N, C, H, W)``.
+        out_path: where the INT8 model goes; written (atomically) only when the guard accepts it.
+        calibration: batches of representative inputs: a ``DataLoader`` of ``(x, y, ...)`` or an
+            iterable of tensors/arrays ``(N, C, H, W)``; the first ``options.calibration_batches``
+            are used.
+        validation: batches the guard compares the two models on (labels, when present, also give
+            each model's accuracy); default: the calibration batches.
+        options: ``QuantizeOptions`` (default: min-max calibration, per-channel weights, 16
+            calibration batches, agreement >= 0.98).
+        progress: show a progress bar for the guard.
+
+    Returns:
+        ``QuantizeResult``; ``accepted`` is False (and nothing is written) when the INT8 model's
+        top-1 agreement with the float model is below ``options.min_agreement``.
+
+    Example:
+        >>> res = quantize_onnx("model.onnx", "model.int8.onnx", train_dl, val_dl)
+        >>> res.accepted, res.top1_agreement
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    opts = options or QuantizeOptions()
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if not fp32_path.is_file():
+        raise ConfigError(f"quantize_onnx: no ONNX file at {str(fp32_path)!r}.")
+    if out_path.resolve() == fp32_path.resolve():
+        raise ConfigError("quantize_onnx: out_path must differ from fp32_path (the float model is kept).")
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    graph_inputs = [
+        i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
+    ]
+    if len(graph_inputs) != 1:
+        raise ConfigError(
+            f"quantize_onnx handles models with one input; {fp32_path.name} has {len(graph_inputs)} "
+            f"({', '.join(graph_inputs)})."
+        )
+    calib_pairs = list(_inputs(calibration, opts.calibration_batches))
+    calib = [x for x, _ in calib_pairs]
+    if not calib:
+        raise ConfigError("quantize_onnx: the calibration data gave no batches.")
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[opts.method]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_path.parent) as tmp:
+        pre, q = str(Path(tmp) / "pre.onnx"), str(Path(tmp) / "int8.onnx")
+        quant_pre_process(str(fp32_path), pre)
+        chatter = io.StringIO()  # the calibrators print their progress to stdout
+        with contextlib.redirect_stdout(chatter):
+            quantize_static(
+                pre,
+                q,
+                _calibration_reader(calib, graph_inputs[0]),
+                quant_format=QuantFormat.QDQ,
+                per_channel=opts.per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                extra_options={"CalibTensorRangeSymmetric": False},
+            )
+        log.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+        qmodel = onnx.load(q)
+        props = {p.key: p.value for p in model.metadata_props}
+        props["producer"] = f"icnn-compress {__version__}"
+        props["quantization"] = json.dumps(
+            {"format": "QDQ", "weights": "int8", "activations": "uint8", **asdict(opts)}
+        )
+        del qmodel.metadata_props[:]
+        for k, v in props.items():
+            entry = qmodel.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.save(qmodel, q)
+        agreement, fp32_top1, int8_top1, rows = _agreement(
+            str(fp32_path),
+            q,
+            calib_pairs if validation is None else validation,
+            None if validation is None else opts.validation_batches,
+            progress,
+        )
+        accepted = agreement >= opts.min_agreement
+        reason = (
+            ""
+            if accepted
+            else f"top-1 agreement with the float model is {agreement:.4f} on {rows} rows, below "
+            f"min_agreement {opts.min_agreement:g}; the INT8 model was not written (try method "
+            "'entropy' or 'percentile', more calibration batches, or per_channel=True)"
+        )
+        int8_bytes = os.path.getsize(q)
+        if accepted:
+            os.replace(q, out_path)
+        else:
+            log.warning("INT8 model refused: %s", reason)
+    ops = collections.Counter(n.op_type for n in qmodel.graph.node)
+    return QuantizeResult(
+        path=str(out_path) if accepted else None,
+        accepted=accepted,
+        top1_agreement=agreement,
+        fp32_top1=fp32_top1,
+        int8_top1=int8_top1,
+        validation_rows=rows,
+        calibration_rows=int(sum(len(x) for x in calib)),
+        fp32_file_bytes=fp32_path.stat().st_size,
+        int8_file_bytes=int8_bytes,
+        options=asdict(opts),
+        operators=dict(sorted(ops.items())),
+        reason=reason,
+    )
