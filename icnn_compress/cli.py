@@ -205,6 +205,7 @@ def _cmd_compare(a) -> int:
     from icnn_compress.export import export_onnx
     from icnn_compress.measure import measure
     from icnn_compress.prune import list_criteria
+    from icnn_compress.quantize import QuantizeOptions, quantize_onnx
     from icnn_compress.recipe import Runner, load_recipe, stages
 
     recipe = load_recipe(a.recipe, a.set)
@@ -218,38 +219,61 @@ def _cmd_compare(a) -> int:
     ctx = runner.ctx
     base, _ = runner.finetuned_model()
     example = ctx.example().cpu()
-    val_dl = ctx.kept_loaders()[1]  # a specialising recipe is compared on its kept classes
-    rows = []
-    for crit in criteria:
-        ctx.start_stage("prune")  # every criterion sees the same probe batches
-        res = stages.prune_with(ctx, base, crit)
-        path = out / "compare" / f"{crit}.onnx"
-        export_onnx(res.model.eval().cpu(), path, example)
+    train_dl, val_dl = ctx.kept_loaders()  # a specialising recipe is compared on its kept classes
+    q = recipe.quantize
+    options = QuantizeOptions(
+        method=q.method,
+        per_channel=q.per_channel,
+        calibration_batches=q.calibration_batches,
+        min_agreement=q.min_agreement,
+    )
+
+    def row(name: str, precision: str, path: Path, macs_reduction: float) -> dict:
         entry = measure(
             path,
             val_dl,
-            name=crit,
+            name=name,
             batch_sizes=(1,),
             threads=recipe.measure.threads,
             provider="cpu",
             repeats=recipe.measure.repeats,
         )
-        rows.append(
-            {
-                "criterion": crit,
-                "accuracy": entry["accuracy"],
-                "macs_reduction": res.macs_reduction,
-                "latency_b1_ms": entry["latency"]["1"]["median_ms"],
-            }
-        )
-    atomic_write_json(rows, out / "compare" / "compare.json")
+        return {
+            "criterion": name,
+            "precision": precision,
+            "accuracy": entry["accuracy"],
+            "macs_reduction": macs_reduction,
+            "latency_b1_ms": entry["latency"]["1"]["median_ms"],
+        }
+
+    folder = out / "compare"
+    models = [("unpruned", base.eval().cpu(), 1.0)] if recipe.prune.keep_classes is None else []
+    for crit in criteria:
+        ctx.start_stage("prune")  # every criterion sees the same probe batches
+        res = stages.prune_with(ctx, base, crit)
+        models.append((crit, res.model.eval().cpu(), res.macs_reduction))
+    rows = []
+    for name, model, reduction in models:
+        path = folder / f"{name}.onnx"
+        export_onnx(model, path, example)
+        rows.append(row(name, "fp32", path, reduction))
+        if q.enabled and name != "unpruned":
+            int8 = quantize_onnx(path, folder / f"{name}.int8.onnx", train_dl, val_dl, options)
+            if int8.accepted:
+                rows.append(row(name, "int8", Path(int8.path), reduction))
+            else:
+                rows.append({"criterion": name, "precision": "int8", "refused": int8.reason})
+    atomic_write_json(rows, folder / "compare.json")
     if a.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
-    print(f"{'criterion':<16} {'accuracy':>9} {'MACs red.':>9} {'b1 ms':>8}")
+    print(f"{'criterion':<16} {'precision':<9} {'accuracy':>9} {'MACs red.':>9} {'b1 ms':>8}")
     for r in rows:
+        if "refused" in r:
+            print(f"{r['criterion']:<16} {'int8':<9} refused: {r['refused']}")
+            continue
         print(
-            f"{r['criterion']:<16} {r['accuracy']:>9.4f} {r['macs_reduction']:>8.2f}x "
+            f"{r['criterion']:<16} {r['precision']:<9} {r['accuracy']:>9.4f} {r['macs_reduction']:>8.2f}x "
             f"{r['latency_b1_ms']:>8.3f}"
         )
     return EXIT_OK

@@ -108,6 +108,31 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
         ],
         (60.0, 30.0),
     ),
+    "int8": (
+        [["bench_int8.py", "--threads", "2", "--out", "{results}/int8.json"]],
+        [
+            [
+                "bench_int8.py",
+                "--models",
+                "vgg_small",
+                "--levels",
+                "2",
+                "--base-epochs",
+                "1",
+                "--base-images",
+                "5000",
+                "--recover-steps",
+                "30",
+                "--repeats",
+                "15",
+                "--cache",
+                "runs/bench_int8_quick",
+                "--out",
+                "{results}/int8.json",
+            ]
+        ],
+        (900.0, 120.0),
+    ),
     "criteria": (
         [  # one process per model, one thread each, then one table from both caches
             ["&", "bench_criteria.py", "--models", "vgg_small", *CRITERIA_FULL],

@@ -52,7 +52,7 @@ from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
 
 CRITERIA = ["icnn-cluster", "icnn-cluster@plain", "l1", "l2", "fpgm", "taylor", "bn-scale", "lamp", "random"]
 LEVELS = {"2x": 2.0, "3x": 3.0, "4x": 4.0}
-CACHE_VERSION = 3  # cached rows written by another version of this script are ignored
+CACHE_VERSION = 4  # cached rows written by another version of this script are ignored
 
 
 def onnx_eval(model: nn.Module, loader: DataLoader, threads: int, latency_repeats: int = 0) -> dict:
@@ -166,6 +166,7 @@ def run_row(
             probe_batches=a.probe_batches,
             criterion_options={"seed": seed} if crit == "random" else None,
             step_ratio=a.step_ratio,
+            round_to=a.round_to or None,
             progress=False,
         )
         if seed == 0:
@@ -213,6 +214,9 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=5000)
     p.add_argument("--probe-batches", type=int, default=8)
     p.add_argument("--step-ratio", type=float, default=0.1, help="channel ratio pruned per step")
+    p.add_argument(
+        "--round-to", type=int, default=8, help="widths multiples of this (prune_model's default); 0: free"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="runs/bench_criteria")
     p.add_argument("--write-only", action="store_true", help="only write the results of the cached rows")

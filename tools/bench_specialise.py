@@ -107,6 +107,7 @@ def main() -> None:
                                 keep_classes_mode=method,
                                 bn_batches=0,
                                 step_ratio=a.step_ratio,
+                                round_to=None,  # free widths, as when the published numbers were measured
                                 progress=False,
                             )
                         else:
@@ -119,6 +120,7 @@ def main() -> None:
                                 compensate=True,
                                 bn_batches=0,
                                 step_ratio=a.step_ratio,
+                                round_to=None,  # free widths, as when the published numbers were measured
                                 progress=False,
                             )
                         reestimate_batchnorm(res.model, probe, max_batches=20)

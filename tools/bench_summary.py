@@ -32,6 +32,7 @@ LEVELS = ("2x", "3x", "4x")
 SECTIONS = {
     "criteria": "criteria.json",
     "latency": "latency.json",
+    "int8": "int8.json",
     "interpretability": "interpretability.json",
     "overhead": "icnn_overhead.json",
     "overhead_cuda": "icnn_overhead_cuda.json",
@@ -177,6 +178,58 @@ def latency_md(lat: dict) -> list[str]:
             f"{ms(b, 'ort_b32') / ms(r, 'ort_b32'):.2f}x |"
         )
     return md
+
+
+def int8_md(q: dict) -> list[str]:
+    """Table 2b: unpruned fp32, pruned fp32 and pruned INT8 side by side."""
+    st = q["setup"]
+    lines = [
+        f"Fashion-MNIST, top-1 on the 10,000 test images in ONNX Runtime; pruned with {st['pruning']}, "
+        f"recovered with {st['recovery']}; INT8: {st['quantization']}. Timing: {st['timing']}. "
+        f"Machine: {_machine(q['environment'])}. Reproduce: `{q['command']}`.",
+        "",
+        "| model | MACs | fp32 top-1 | INT8 top-1 | INT8 agrees with fp32 | fp32 b1 / b32 ms "
+        "| INT8 b1 / b32 ms | INT8 over fp32, b32 | vs unpruned fp32, b32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in q["rows"]:
+        f, i = r["fp32"], r.get("int8") or {}
+        level = r["level"] if r["level"] == "1x" else f"{r['macs_reduction']:.2f}x"
+        base = next(u for u in q["rows"] if u["model"] == r["model"] and u["level"] == "1x")["fp32"]
+        cells = [r["model"], level, f"{f['top1']:.4f}"]
+        if i.get("accepted"):
+            cells += [
+                f"{i['top1']:.4f}",
+                f"{i['top1_agreement']:.4f}",
+                f"{f['b1']['median_ms']:.3f} / {f['b32']['median_ms']:.2f}",
+                f"{i['b1']['median_ms']:.3f} / {i['b32']['median_ms']:.2f}",
+                f"{f['b32']['median_ms'] / i['b32']['median_ms']:.2f}x",
+                f"{base['b32']['median_ms'] / i['b32']['median_ms']:.2f}x",
+            ]
+        elif i:
+            cells += [
+                "refused",
+                f"{i['top1_agreement']:.4f}",
+                f"{f['b1']['median_ms']:.3f} / {f['b32']['median_ms']:.2f}",
+                "",
+                "",
+                "",
+            ]
+        else:
+            cells += ["", "", f"{f['b1']['median_ms']:.3f} / {f['b32']['median_ms']:.2f}", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    t = q["summary"]["targets"]
+    for model, met in q["summary"]["met"].items():
+        yes = {k: "yes" if v else "no" for k, v in met.items()}
+        lines.append("")
+        lines.append(
+            f"- {model}: INT8 within {100 * t['int8_top1_within_fp32']:.1f} pt of fp32 at every level: "
+            f"{yes['int8_top1_within_fp32']}; INT8 >= {t['speedup_int8_over_fp32_b32']}x "
+            f"faster than fp32 at b32 at every level: {yes['speedup_int8_over_fp32_b32']}; "
+            f"2x + INT8 >= {t['pruned_2x_int8_speedup_vs_unpruned_b32']}x faster than unpruned fp32 within "
+            f"1 pt: {yes['pruned_2x']}."
+        )
+    return lines
 
 
 def interpretability_md(it: dict) -> list[str]:
@@ -334,6 +387,8 @@ def main() -> None:
             "",
             *latency_md(sections["latency"]),
         ]
+    if "int8" in sections:
+        md += ["", "#### 2b. INT8 after pruning", "", *int8_md(sections["int8"])]
     if "interpretability" in sections:
         md += [
             "",

@@ -342,7 +342,7 @@ def prune_model(
     target: Target | float = 2.0,
     data: DataLoader | None = None,
     compensate: bool = False,
-    round_to: int | None = None,
+    round_to: int | None = 8,
     max_layer_ratio: float = 0.9,
     global_ranking: bool = False,
     ignored_layers=(),
@@ -369,7 +369,11 @@ def prune_model(
             compensation, BatchNorm re-estimation and refreshed at every step.
         compensate: fold a least-squares reconstruction of each removed channel from the kept
             ones into the consuming layers before removing it.
-        round_to: keep channel counts multiples of this (hardware-friendly widths).
+        round_to: keep the pruned layers' channel counts multiples of this (default 8: widths that
+            stay on the fast vectorised kernels, so fewer MACs really run faster; with free widths,
+            ``None``, a 2x MACs cut measured 12% slower in ONNX Runtime). A target is then met in
+            whole groups of 8 channels: 0-6% past it on the small models and torchvision's
+            VGG/MobileNet, 11% on resnet18 at 2x, against 0-3% with ``None``.
         max_layer_ratio: at most this fraction of any layer's channels is removed.
         global_ranking: rank channels across layers (else the same ratio in every layer).
         ignored_layers: names, modules or module types that are never pruned (types expanded).

@@ -194,8 +194,17 @@ def test_compare_prunes_the_same_finetuned_model_with_each_criterion(recipe, tmp
     out = tmp_path / "cmp"
     assert main(["compare", str(recipe), "--criteria", "l1,icnn-cluster", "--out", str(out), "--quiet"]) == 0
     rows = json.loads((out / "compare" / "compare.json").read_text())
-    assert [r["criterion"] for r in rows] == ["l1", "icnn-cluster"]
-    assert all(r["macs_reduction"] >= 1.5 * 0.97 and 0 <= r["accuracy"] <= 1 for r in rows)
+    # the unpruned float model, then each criterion's pruned model in float and in INT8
+    assert [(r["criterion"], r["precision"]) for r in rows] == [
+        ("unpruned", "fp32"),
+        ("l1", "fp32"),
+        ("l1", "int8"),
+        ("icnn-cluster", "fp32"),
+        ("icnn-cluster", "int8"),
+    ]
+    assert rows[0]["macs_reduction"] == 1.0
+    pruned = [r for r in rows[1:] if "refused" not in r]
+    assert all(r["macs_reduction"] >= 1.5 * 0.97 and 0 <= r["accuracy"] <= 1 for r in pruned)
     assert "icnn-cluster" in capsys.readouterr().out
     code = main(["compare", str(recipe), "--criteria", "l1,nope", "--out", str(out)])
     assert code == 2 and "unknown criteria" in capsys.readouterr().err
