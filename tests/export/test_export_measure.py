@@ -58,7 +58,10 @@ def test_latency_statistics_are_sane(pruned, tmp_path):
     ):
         assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms <= stats.max_ms
         assert stats.repeats == 15 and stats.batch_size == 4
-    assert ort_latency(path, 1, provider="cpu", repeats=3).provider == "CPUExecutionProvider"
+    plain = ort_latency(path, 1, provider="cpu", repeats=3)
+    assert plain.provider == "CPUExecutionProvider" and not plain.io_binding  # CPU: plain run by default
+    bound = ort_latency(path, 4, provider="cpu", threads=1, warmup=1, repeats=5, io_binding=True)
+    assert bound.io_binding and 0 < bound.min_ms <= bound.median_ms and bound.to_dict()["io_binding"]
 
 
 def test_onnx_accuracy_matches_pytorch(pruned, tmp_path):
