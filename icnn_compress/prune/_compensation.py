@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from icnn_compress.prune._criteria import consumer_deps
+from icnn_compress.prune._criteria import consumer_deps, flattened_channels
 
 __all__ = ["compensate_group", "fit_reconstruction"]
 
@@ -46,7 +46,7 @@ def compensate_group(
         The number of consumer layers compensated.
     """
     done = 0
-    for module, idxs, _ in consumer_deps(group):
+    for module, idxs, root_idxs in consumer_deps(group):
         acts = inputs.get(module)
         if acts is None or not idxs:
             continue
@@ -55,6 +55,10 @@ def compensate_group(
         c_in = module.weight.shape[1]
         if acts.shape[1] != c_in or max(idxs) >= c_in:
             continue  # the probe is stale for this layer
+        flat = flattened_channels(module, idxs, root_idxs, c_in)
+        if flat is not None:
+            done += _compensate_flattened(module, acts, *flat, ridge, absorbed if not done else None, group)
+            continue
         removed = sorted(set(idxs))
         kept = [i for i in range(c_in) if i not in set(removed)]
         if not kept:
@@ -80,14 +84,40 @@ def compensate_group(
     return done
 
 
+def _compensate_flattened(
+    module: nn.Linear, acts: Tensor, k: int, removed: list[int], ridge: float, absorbed: dict | None, group
+) -> int:
+    """Compensation of a Linear over a flattened map, one channel mix for every position: the fit
+    has the channel count as its width (``(rows * H * W, C)``), not the flattened feature count."""
+    c = module.weight.shape[1] // k
+    kept = [i for i in range(c) if i not in set(removed)]
+    if not kept:
+        return 0
+    per_position = acts.reshape(acts.shape[0], c, k).permute(0, 2, 1).reshape(-1, c)
+    w_fit, b_fit = fit_reconstruction(per_position, removed, kept, ridge=ridge)
+    if absorbed is not None:
+        _record_absorption(absorbed, group, module, removed, kept, w_fit, k)
+    weight = module.weight.data
+    wd = weight.double().view(weight.shape[0], c, k)
+    w_removed = wd[:, removed, :]  # (O, R, H*W)
+    wd[:, kept, :] += torch.einsum("ors,kr->oks", w_removed, w_fit)
+    bias_delta = torch.einsum("ors,r->o", w_removed, b_fit)
+    weight.copy_(wd.view_as(weight).to(weight.dtype))
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+    module.bias.data += bias_delta.to(module.bias.dtype)
+    return 1
+
+
 def _record_absorption(
-    absorbed: dict, group, module: nn.Module, removed: list, kept: list, w_fit: Tensor
+    absorbed: dict, group, module: nn.Module, removed: list, kept: list, w_fit: Tensor, k: int = 1
 ) -> None:
-    """Map the consumer's input channels back to the group root's and keep the top-3 coefficients."""
+    """Map the consumer's input channels back to the group root's and keep the top-3 coefficients
+    (``k``: flattened features per channel of a Linear over a flattened map)."""
     to_root: dict[int, int] = {}
     for consumer, idxs, root_idxs in consumer_deps(group):
         if consumer is module:
-            to_root.update({int(i): int(r) for i, r in zip(idxs, root_idxs)})
+            to_root.update({int(i) // k: int(r) for i, r in zip(idxs, root_idxs)})
     if any(to_root.get(r, r) != r for r in removed):
         return  # the consumer numbers its inputs differently from the root (e.g. a concatenation)
     top = min(3, len(kept))

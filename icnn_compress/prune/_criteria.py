@@ -135,6 +135,27 @@ def consumer_deps(group) -> list[tuple[nn.Module, list[int], list[int]]]:
     return out
 
 
+def flattened_channels(
+    module: nn.Module, idxs: list, root_idxs: list, c_in: int
+) -> tuple[int, list[int]] | None:
+    """For a Linear that reads a flattened ``(C, H, W)`` map and loses whole channels: ``(H * W,
+    removed channels)`` in its own channel numbering; ``None`` for any other consumer."""
+    if not isinstance(module, nn.Linear):
+        return None
+    channels = set(root_idxs)
+    if not channels or len(idxs) % len(channels) or len(idxs) == len(channels):
+        return None
+    k = len(idxs) // len(channels)
+    if c_in % k:
+        return None
+    blocks = sorted({int(i) // k for i in idxs})
+    if len(blocks) != len(channels) or sorted(int(i) for i in idxs) != [
+        b * k + s for b in blocks for s in range(k)
+    ]:
+        return None
+    return k, blocks
+
+
 def following_bn_scales(model: nn.Module) -> dict[nn.Module, Tensor]:
     """For each conv/linear whose output goes straight into a BatchNorm: ``gamma^2 / (var + eps)``
     per output channel, the factor by which that BatchNorm scales the energy of the output."""
@@ -336,20 +357,33 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         scores = torch.zeros(n, dtype=torch.float64)
         used = 0
         labels, cats = self._group_labels(group, n)
+        if not isinstance(group[0].dep.target.module, nn.Conv2d):
+            # hidden units of a Linear layer are not filters with maps: rank them by magnitude (and
+            # the elimination below would cost O(width^3) on a 4096-wide classifier layer)
+            return tp.importance.GroupMagnitudeImportance(p=2)(group)
         for module, idxs, root_idxs in consumer_deps(group):
             acts = self.inputs.get(module)
             if acts is None or (isinstance(module, nn.Conv2d) and module.groups > 1):
                 continue
             if max(idxs) >= acts.shape[1]:
                 continue  # stale probe (layer changed since refresh)
-            order = torch.as_tensor(root_idxs)
-            a = torch.zeros(acts.shape[0], n, dtype=torch.float64)
-            a[:, order] = acts[:, idxs].double()
             w = module.weight.detach().double()
             scale = self.out_scale.get(module)
             if scale is not None and scale.numel() == w.shape[0]:
                 # in the units the network sees: what the consumer's BatchNorm makes of its output
                 w = w * scale.double().sqrt().view(-1, *([1] * (w.dim() - 1)))
+            flat = flattened_channels(module, idxs, root_idxs, w.shape[1])
+            if flat is not None:
+                # a Linear over a flattened map: one row per (image, position), one column per
+                # channel, never a matrix as wide as the flattened features
+                k, _ = flat
+                acts = acts.reshape(acts.shape[0], -1, k).permute(0, 2, 1).reshape(-1, w.shape[1] // k)
+                w = w.reshape(w.shape[0], -1, k).permute(0, 2, 1).reshape(-1, w.shape[1] // k)
+                pairs = sorted({(int(i) // k, int(r)) for i, r in zip(idxs, root_idxs)})
+                idxs, root_idxs = [i for i, _ in pairs], [r for _, r in pairs]
+            order = torch.as_tensor(root_idxs)
+            a = torch.zeros(acts.shape[0], n, dtype=torch.float64)
+            a[:, order] = acts[:, idxs].double()
             w2 = torch.zeros(n, dtype=torch.float64)
             w2[order] = w.transpose(0, 1)[idxs].flatten(1).pow(2).sum(1)
             scores += self._score(a, w2, labels, self.ridge)

@@ -595,11 +595,11 @@ def prune_filters(
             f"torch-pruning refused to prune {sorted(idx)} of {layer!r} (a coupled layer would "
             "lose all its channels)."
         )
-    compensated = 0
+    compensated, fits = 0, {}
     if compensate:
         consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         inputs = collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
-        compensated = compensate_group(group, inputs, ridge=ridge)
+        compensated = compensate_group(group, inputs, ridge=ridge, absorbed=fits)
     group.prune()
     macs, params = _stats(model, example_inputs)
     return PruneResult(
@@ -615,4 +615,6 @@ def prune_filters(
         1,
         None,
         compensated,
+        None,
+        {layer: {int(r): ks for r, ks in fits.items()}} if fits else {},
     )

@@ -337,3 +337,53 @@ def test_criteria_declare_their_needs_and_refuse_unknown_options():
         progress=False,
     )
     assert calls == [2.0] and res.macs_reduction >= 1.2
+
+
+def test_a_linear_over_a_flattened_map_is_compensated_per_channel():
+    # channel 5 is an exact copy of channel 1: removing it with compensation changes nothing, and the
+    # fit is over 8 channels (positions as rows), not the 128 flattened features
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 5)
+    ).eval()
+    model[0].weight.data[5] = model[0].weight.data[1]
+    model[0].bias.data[5] = model[0].bias.data[1]
+    data = [(torch.rand(16, 3, 16, 16), torch.zeros(16, dtype=torch.long)) for _ in range(4)]
+    x = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    res = prune_filters(model, torch.rand(1, 3, 16, 16), "0", [5], compensate=True, data=data, inplace=False)
+    assert res.model[4].in_features == 112 and res.compensated_layers == 1
+    with torch.no_grad():
+        assert torch.allclose(res.model(x), before, atol=1e-4)
+    assert res.absorbed["0"][5][0][0] == 1 and abs(res.absorbed["0"][5][0][1] - 1.0) < 0.01
+
+
+def test_icnn_cluster_on_a_flattened_classifier_with_a_hidden_linear_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(256, 64),
+        nn.ReLU(),
+        nn.Linear(64, 5),
+    )
+    data = [(torch.rand(16, 3, 16, 16), torch.randint(0, 5, (16,))) for _ in range(4)]
+    res = prune_model(
+        model,
+        torch.rand(1, 3, 16, 16),
+        criterion="icnn-cluster",
+        target=1.5,
+        data=data,
+        compensate=True,
+        round_to=None,
+        step_ratio=0.1,
+        progress=False,
+    )
+    assert res.macs_reduction >= 1.5
+    # the conv lost filters, scored per channel through the flattened Linear
+    assert res.model[0].out_channels < 16 and res.model[5].in_features == 16 * res.model[0].out_channels
+    assert res.model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
