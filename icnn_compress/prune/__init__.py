@@ -16,7 +16,14 @@ from icnn_compress.prune._criteria import (
     make_importance,
     register_criterion,
 )
-from icnn_compress.prune._engine import PruneResult, Target, TargetError, prune_filters, prune_model
+from icnn_compress.prune._engine import (
+    PruneResult,
+    Target,
+    TargetError,
+    UnsupportedModelError,
+    prune_filters,
+    prune_model,
+)
 from icnn_compress.prune._gradual import GradualPruning, gradual_schedule
 from icnn_compress.prune._io import load_pruned, read_pruned_record, rebuild_pruned, save_pruned
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
@@ -28,6 +35,7 @@ __all__ = [
     "PruneResult",
     "Target",
     "TargetError",
+    "UnsupportedModelError",
     "collect_layer_inputs",
     "compensate_group",
     "criterion_spec",

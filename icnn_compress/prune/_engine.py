@@ -38,6 +38,43 @@ class TargetError(ConfigError):
     """The pruning target cannot be reached under the given constraints."""
 
 
+class UnsupportedModelError(ConfigError):
+    """torch-pruning cannot trace the channel dependencies of this model."""
+
+
+def _dependency_graph(build, model: nn.Module):
+    """Run ``build()`` (which traces ``model`` with torch-pruning) and turn a failure inside
+    torch-pruning into one line that names the operation it stopped at."""
+    try:
+        return build()
+    except IcnnCompressError:
+        raise
+    except Exception as exc:
+        import traceback
+
+        where, names = "", {m: n for n, m in model.named_modules()}
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            node = frame.f_locals.get("node")
+            if node is None or not hasattr(node, "inputs"):
+                continue
+            # name the operation by the nearest layer of the model that feeds it
+            seen, todo = set(), [node]
+            while todo and not where:
+                cur = todo.pop(0)
+                if id(cur) in seen:
+                    continue
+                seen.add(id(cur))
+                if names.get(getattr(cur, "module", None)):
+                    where = f" after layer {names[cur.module]!r}"
+                todo.extend(getattr(cur, "inputs", []))
+        text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UnsupportedModelError(
+            f"torch-pruning cannot trace the channel dependencies of this model{where} "
+            f"({type(exc).__name__}{': ' + text if text else ''}); reshapes that mix channels, such as "
+            "ShuffleNet's channel shuffle, are not supported; nothing was changed."
+        ) from None
+
+
 @dataclass(frozen=True)
 class Target:
     """What to prune to: exactly one of a MACs reduction, a parameter reduction (both as factors,
@@ -437,17 +474,20 @@ def prune_model(
     base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
     # the per-step channel ratios are chosen as we go (see _next_ratio), so the list is only storage
-    pruner = tp.pruner.MetaPruner(
+    pruner = _dependency_graph(
+        lambda: tp.pruner.MetaPruner(
+            model,
+            example_inputs,
+            importance=importance,
+            pruning_ratio=max_layer_ratio,
+            iterative_steps=steps_max + _FINE_STEPS,
+            iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] * (steps + 1),
+            global_pruning=global_ranking,
+            ignored_layers=ignored,
+            round_to=round_to,
+            max_pruning_ratio=max_layer_ratio,
+        ),
         model,
-        example_inputs,
-        importance=importance,
-        pruning_ratio=max_layer_ratio,
-        iterative_steps=steps_max + _FINE_STEPS,
-        iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] * (steps + 1),
-        global_pruning=global_ranking,
-        ignored_layers=ignored,
-        round_to=round_to,
-        max_pruning_ratio=max_layer_ratio,
     )
     names = {m: n for n, m in model.named_modules()}
     alive = {n: list(range(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -588,7 +628,9 @@ def prune_filters(
     device = next(model.parameters()).device
     example_inputs = example_inputs.to(device)
     macs0, params0 = _stats(model, example_inputs)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    graph = _dependency_graph(
+        lambda: tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs), model
+    )
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(idx))
     if not graph.check_pruning_group(group):
         raise IcnnCompressError(

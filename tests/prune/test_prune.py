@@ -387,3 +387,17 @@ def test_icnn_cluster_on_a_flattened_classifier_with_a_hidden_linear_layer():
     # the conv lost filters, scored per channel through the flattened Linear
     assert res.model[0].out_channels < 16 and res.model[5].in_features == 16 * res.model[0].out_channels
     assert res.model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_line():
+    import torchvision
+
+    from icnn_compress.prune import UnsupportedModelError
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=3)  # its channel shuffle defeats the tracer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        UnsupportedModelError, match=r"cannot trace the channel dependencies .* after layer '"
+    ):
+        prune_model(model, torch.rand(1, 3, 32, 32), target=1.5, progress=False, inplace=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
