@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-file", default=None, metavar="PATH", help="also write every log message (debug level) here"
     )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="draw progress bars even when stderr is not a terminal (by default only on a terminal)",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def recipe_args(sp):
@@ -445,6 +450,12 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as exc:  # --help, --version and usage errors (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _setup_logging(a)
+    if a.progress:
+        import os
+
+        from icnn_compress._progress import PROGRESS_ENV
+
+        os.environ[PROGRESS_ENV] = "always"
     try:
         return _dispatch(a)
     except KeyboardInterrupt:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from icnn_compress._progress import progress_bar
 from icnn_compress.analysis._signatures import LayerSignature, layer_maps_point
 from icnn_compress.errors import ConfigError
 
@@ -109,7 +109,7 @@ def part_interpretability(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(loader, desc="part IoU", disable=not progress, leave=False):
+        for batch in progress_bar(loader, progress=progress, desc="part IoU", leave=False):
             if len(batch) < 4 or batch[3].dim() != 4:
                 raise ConfigError(
                     "part_interpretability needs part masks: the loader must yield (images, labels, "

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from icnn_compress._progress import progress_bar
 from icnn_compress.analysis._receptive_field import RF, receptive_fields
 from icnn_compress.errors import ConfigError, ICNNError
 from icnn_compress.icnn import ICNNHandle, find_activation
@@ -114,7 +114,7 @@ def filter_signatures(
     state: dict[str, dict] = {name: {} for name in names}
     labels_all, landmarks_all, image_size, seen = [], [], None, 0
     try:
-        bar = tqdm(loader, desc="signatures", disable=not progress, leave=False)
+        bar = progress_bar(loader, progress=progress, desc="signatures", leave=False)
         for batch in bar:
             x, y = batch[0].to(device), batch[1]
             if max_images is not None and seen >= max_images:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from icnn_compress._progress import progress_bar
 from icnn_compress.errors import DataError
 
 __all__ = ["class_accuracy", "meta_copy", "model_stats", "ort_accuracy", "ort_confusion"]
@@ -33,7 +33,7 @@ def ort_confusion(
         sess = ort_session(path_or_session, provider=provider, threads=threads)
     name = sess.get_inputs()[0].name
     counts: np.ndarray | None = None
-    for batch in tqdm(loader, desc="onnx eval", disable=not progress, leave=False):
+    for batch in progress_bar(loader, progress=progress, desc="onnx eval", leave=False):
         x, y = batch[0], batch[1].numpy()
         logits = sess.run(None, {name: x.numpy().astype(np.float32, copy=False)})[0]
         k = logits.shape[1]

@@ -13,8 +13,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from icnn_compress._progress import progress_bar
 from icnn_compress.errors import ConfigError, IcnnCompressError
 from icnn_compress.prune._classes import KeepClassesImportance, check_keep_classes, class_responses
 from icnn_compress.prune._compensation import compensate_group
@@ -500,7 +500,7 @@ def prune_model(
     absorbed: dict[str, dict[int, list]] = {}
     reached, macs, params, step, compensated, speedup = False, macs0, params0, 0, 0, None
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
-    bar = tqdm(total=steps_max, desc=f"prune {criterion}", disable=not progress, leave=False)
+    bar = progress_bar(total=steps_max, progress=progress, desc=f"prune {criterion}", leave=False)
     for step in range(1, steps_max + _FINE_STEPS + 1):
         planned = _next_ratio(history, target, step_ratio, max_layer_ratio)
         if planned is None:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from icnn_compress._progress import progress_bar
 from icnn_compress._version import __version__
 from icnn_compress.errors import ConfigError
 
@@ -138,7 +138,7 @@ def _agreement(fp32_path: str, int8_path: str, validation, limit: int | None, pr
     b = ort.InferenceSession(int8_path, opts, providers=["CPUExecutionProvider"])
     name = a.get_inputs()[0].name
     agree = rows = right_a = right_b = labelled = 0
-    for x, y in tqdm(_inputs(validation, limit), desc="int8 guard", disable=not progress, leave=False):
+    for x, y in progress_bar(_inputs(validation, limit), progress=progress, desc="int8 guard", leave=False):
         pa = a.run(None, {name: x})[0].argmax(1)
         pb = b.run(None, {name: x})[0].argmax(1)
         agree += int((pa == pb).sum())

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from icnn_compress import _dist
 from icnn_compress._artefact import ARTEFACT_KEY, load_artefact, save_artefact
+from icnn_compress._progress import progress_bar
 from icnn_compress.errors import ConfigError, DataError, TrainingError
 from icnn_compress.train._distill import Distillation, distillation_loss, teacher_logits
 
@@ -78,7 +78,7 @@ class Trainer:
         callbacks: objects with any of the ``Callback`` hooks.
         device: ``"cpu"``, ``"cuda"``, ...; ``None`` = CUDA when available.
         seed: seeds torch/numpy/random at the start of ``fit`` (not on resume: RNG state is restored).
-        progress: tqdm progress bars (rank 0 only).
+        progress: tqdm progress bars (rank 0 only, and only when stderr is a terminal).
         run_key: what this training is (e.g. a hash of its settings and inputs), stored in every
             checkpoint. On resume a checkpoint with another key, a failed checksum or a shape that
             does not fit is set aside (renamed ``last.pt.stale-N``, with a warning), never loaded.
@@ -322,8 +322,8 @@ class Trainer:
             self._extra_state.set_epoch(epoch)
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "extra_loss": 0.0, "correct": 0.0, "seen": 0.0}
-        bar = tqdm(
-            self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress, leave=False
+        bar = progress_bar(
+            self.train_loader, progress=self.progress, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False
         )
         lr = self.lr
         for batch in bar:
@@ -385,7 +385,7 @@ class Trainer:
         loader = loader or self.val_loader
         self.net.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for batch in tqdm(loader, desc="eval", disable=not self.progress, leave=False):
+        for batch in progress_bar(loader, progress=self.progress, desc="eval", leave=False):
             x, y = batch[0].to(self.device), batch[1].to(self.device)
             with torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp):
                 out = self.model(x)
