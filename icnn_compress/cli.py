@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the run failed (e.g. training diverged); 2 bad usage, r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -210,7 +211,7 @@ def _cmd_compare(a) -> int:
     from icnn_compress.export import export_onnx
     from icnn_compress.measure import measure
     from icnn_compress.prune import list_criteria
-    from icnn_compress.quantize import QuantizeOptions, quantize_onnx
+    from icnn_compress.quantize import quantize_onnx
     from icnn_compress.recipe import Runner, load_recipe, stages
 
     recipe = load_recipe(a.recipe, a.set)
@@ -226,12 +227,7 @@ def _cmd_compare(a) -> int:
     example = ctx.example().cpu()
     train_dl, val_dl = ctx.kept_loaders()  # a specialising recipe is compared on its kept classes
     q = recipe.quantize
-    options = QuantizeOptions(
-        method=q.method,
-        per_channel=q.per_channel,
-        calibration_batches=q.calibration_batches,
-        min_agreement=q.min_agreement,
-    )
+    options = q.options()
 
     def row(name: str, precision: str, path: Path, macs_reduction: float) -> dict:
         entry = measure(
@@ -316,7 +312,7 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_quantize(a) -> int:
-    from icnn_compress.quantize import QuantizeOptions, quantize_onnx
+    from icnn_compress.quantize import quantize_onnx
     from icnn_compress.recipe import RunContext, load_recipe
 
     src, dst = Path(a.onnx), Path(a.out)
@@ -327,15 +323,16 @@ def _cmd_quantize(a) -> int:
     if dst.suffix.lower() != ".onnx" or dst.is_dir():
         raise _Usage(f"the output {a.out!r} must be a file name ending in .onnx")
     recipe = load_recipe(a.recipe, a.set)
-    q = recipe.quantize
-    options = QuantizeOptions(
-        method=a.method or q.method,
-        per_channel=q.per_channel,
-        calibration_batches=a.calibration_batches or q.calibration_batches,
-        min_agreement=q.min_agreement if a.min_agreement is None else a.min_agreement,
+    given = {
+        "method": a.method,
+        "calibration_batches": a.calibration_batches,
+        "min_agreement": a.min_agreement,
+    }
+    options = dataclasses.replace(
+        recipe.quantize.options(), **{k: v for k, v in given.items() if v is not None}
     )
     train_dl, val_dl = RunContext(recipe, device="cpu", progress=False).kept_loaders()
-    res = quantize_onnx(src, dst, train_dl, val_dl, options, progress=not a.json and sys.stderr.isatty())
+    res = quantize_onnx(src, dst, train_dl, val_dl, options, progress=not a.json)
     if a.json:
         print(json.dumps(res.to_dict(), indent=1))
     elif res.accepted:

@@ -222,6 +222,12 @@ class QuantizeConfig(_Strict):
         "validation images than this share",
     )
 
+    def options(self):
+        """These settings as the ``QuantizeOptions`` of ``quantize_onnx``."""
+        from icnn_compress.quantize import QuantizeOptions
+
+        return QuantizeOptions(**self.model_dump(exclude={"enabled"}))
+
 
 class MeasureConfig(_Strict):
     """Measurement of the exported models in ONNX Runtime."""

@@ -296,25 +296,19 @@ def export(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
 def quantize(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     """INT8 copy of the pruned ONNX model, calibrated on training batches and guarded on the
     validation set -> ``model.int8.onnx`` (when accepted) and ``quantize.json``."""
-    from icnn_compress.quantize import QuantizeOptions, quantize_onnx
+    from icnn_compress.quantize import quantize_onnx
 
     q = ctx.recipe.quantize
     if not q.enabled:
         atomic_write_json({"enabled": False}, out / "quantize.json")
         return ["quantize.json"], {"enabled": False}
     train_dl, val_dl = ctx.kept_loaders()
-    options = QuantizeOptions(
-        method=q.method,
-        per_channel=q.per_channel,
-        calibration_batches=q.calibration_batches,
-        min_agreement=q.min_agreement,
-    )
     res = quantize_onnx(
         run.stage_dir("export") / "model.onnx",
         out / "model.int8.onnx",
         train_dl,
         val_dl,
-        options,
+        q.options(),
         progress=ctx.progress,
     )
     info = {"enabled": True, **res.to_dict(), "path": "model.int8.onnx" if res.accepted else None}

@@ -351,3 +351,31 @@ def test_a_refused_int8_model_is_reported_not_kept(tmp_path):
     assert "below min_agreement 1" in measured[1]["int8_refused"]
     report = json.loads((run / "8_report" / "report.json").read_text())
     assert "No INT8 copy: top-1 agreement" in report["models"][1]["warning"]
+
+
+def test_quantize_command_writes_a_guarded_int8_copy(recipe, tmp_path, capsys):
+    from icnn_compress import models
+    from icnn_compress.export import export_onnx
+
+    src = tmp_path / "m.onnx"
+    export_onnx(
+        models.create("resnet_cifar8", num_classes=3, in_channels=3).eval(), src, torch.rand(1, 3, 16, 16)
+    )
+    out = tmp_path / "m.int8.onnx"
+    args = ["quantize", str(src), str(out), "--recipe", str(recipe), "--min-agreement", "0", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accepted"] and result["path"] == str(out) and out.is_file()
+    assert (
+        result["options"]["min_agreement"] == 0 and result["options"]["calibration_batches"] == 2
+    )  # recipe's
+    assert main(["quantize", str(src), str(src), "--recipe", str(recipe)]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert (
+        main(
+            ["quantize", str(src), str(tmp_path / "x.onnx"), "--recipe", str(recipe), "--min-agreement", "2"]
+        )
+        == 2
+    )
+    assert "min_agreement must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
