@@ -3,13 +3,15 @@
 Public API:
     make_templates, mutual_information: the paper's templates and exact MI(X; T).
     ICNNMask: the mask layer.
-    attach_icnn, ICNNHandle: masks + loss on named layers of any model, through hooks.
+    attach_icnn, ICNNHandle, ICNNOptions: masks + loss on named layers of any model, through hooks,
+        and the loss's options as one typed object.
     approximate_gradient, assign_categories, FilterLossState: the pieces of the loss.
 """
 
 from icnn_compress.icnn._attach import ICNNHandle, attach_icnn, find_activation, last_conv_name, top_layers
 from icnn_compress.icnn._loss import FilterLossState, approximate_gradient, assign_categories
 from icnn_compress.icnn._mask import ICNNMask
+from icnn_compress.icnn._options import ICNNOptions
 from icnn_compress.icnn._templates import (
     default_tau,
     log_template_prior,
@@ -23,6 +25,7 @@ __all__ = [
     "FilterLossState",
     "ICNNHandle",
     "ICNNMask",
+    "ICNNOptions",
     "approximate_gradient",
     "assign_categories",
     "attach_icnn",

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import difflib
-import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -13,13 +12,11 @@ from torch import Tensor, nn
 from icnn_compress.errors import ICNNError
 from icnn_compress.icnn._loss import FilterLossState
 from icnn_compress.icnn._mask import ICNNMask
+from icnn_compress.icnn._options import ICNNOptions
 
 __all__ = ["ICNNHandle", "attach_icnn", "find_activation", "last_conv_name", "top_layers"]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
-SCHEDULES = ("constant", "paper")
-BALANCES = ("none", "grad")
-NORMALIZES = ("mean_max", "none")
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -171,7 +168,7 @@ class ICNNHandle:
         last_mi: layer name -> mean MI (nats) per filter at the last ``loss`` call.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, options: dict) -> None:
+    def __init__(self, model: nn.Module, num_classes: int, options: ICNNOptions) -> None:
         self.model = model
         self.num_classes = num_classes
         self.options = options
@@ -190,8 +187,8 @@ class ICNNHandle:
     # ----- construction -----
     def _add_point(self, layer: str, point: str, extra_conv: bool) -> None:
         opts = self.options
-        mask = ICNNMask(beta=opts["beta"], centre=opts["centre"], enabled=opts["mask"])
-        site = _Site(layer, mask, _balance=opts["balance"] == "grad")
+        mask = ICNNMask(beta=opts.beta, centre=opts.centre, enabled=opts.mask)
+        site = _Site(layer, mask, _balance=opts.balance == "grad")
         mask.set_recorder(site.record)
         sites = [site]
         self.layers.append(layer)
@@ -206,7 +203,7 @@ class ICNNHandle:
             attr = f"{point}.icnn_conv"
             self._extras[point] = (attr, extra)
             extra_name = f"{layer}.icnn_conv"
-            extra_mask = ICNNMask(beta=opts["beta"], centre=opts["centre"], enabled=opts["mask"])
+            extra_mask = ICNNMask(beta=opts.beta, centre=opts.centre, enabled=opts.mask)
             extra_site = _Site(extra_name, extra_mask, _balance=site._balance)
             extra_mask.set_recorder(extra_site.record)
             sites.append(extra_site)
@@ -255,8 +252,8 @@ class ICNNHandle:
 
     def lambda_factor(self) -> float:
         """Multiplier of ``weight`` at the current epoch/step (schedule and warm-up)."""
-        factor = 1.0 / (self.epoch + 1) if self.options["schedule"] == "paper" else 1.0
-        warm = self.options["warmup_steps"]
+        factor = 1.0 / (self.epoch + 1) if self.options.schedule == "paper" else 1.0
+        warm = self.options.warmup_steps
         if warm > 0:
             factor *= min(1.0, (self.step + 1) / warm)
         return factor
@@ -292,7 +289,7 @@ class ICNNHandle:
                 f"Got values in [{int(targets.min())}, {int(targets.max())}] instead."
             )
         opts = self.options
-        weight = opts["weight"] * self.lambda_factor()
+        weight = opts.weight * self.lambda_factor()
         total = None
         for name, site in self._sites.items():
             maps = site.maps
@@ -316,10 +313,10 @@ class ICNNHandle:
             loss, mi = site.state.loss(
                 maps,
                 targets.to(maps.device),
-                tau=opts["tau"],
-                beta=opts["beta"],
-                normalize=opts["normalize"] == "mean_max",
-                balance=opts["balance"] == "grad",
+                tau=opts.tau,
+                beta=opts.beta,
+                normalize=opts.normalize == "mean_max",
+                balance=opts.balance == "grad",
                 weight=weight,
             )
             self._last_mi[name] = mi.detach().mean()
@@ -346,17 +343,7 @@ class ICNNHandle:
         return {n: (s.state.skipped if s.state is not None else 0) for n, s in self._sites.items()}
 
     def _new_state(self, channels: int) -> FilterLossState:
-        o = self.options
-        return FilterLossState(
-            channels,
-            self.num_classes,
-            categories=o["categories"],
-            positive_class=o["positive_class"],
-            category_stat=o["category_stat"],
-            refresh_every=o["refresh_every"],
-            z_momentum=o["z_momentum"],
-            stat_momentum=o["stat_momentum"],
-        )
+        return FilterLossState(channels, self.num_classes, self.options)
 
     def freeze(self) -> dict[str, str]:
         """Turn the hooks into real modules inside the model, so export and pruning keep the masks.
@@ -442,23 +429,10 @@ def attach_icnn(
     model: nn.Module,
     layers: str | list[str] = "auto",
     num_classes: int = 2,
+    options: ICNNOptions | None = None,
     *,
-    weight: float = 0.5,
-    balance: str = "grad",
-    normalize: str = "mean_max",
-    schedule: str = "constant",
-    warmup_steps: int = 200,
-    beta: float = 4.0,
-    tau: float | None = None,
-    centre: str = "argmax",
-    mask: bool = True,
-    categories: str = "multi",
-    positive_class: int = 1,
-    category_stat: str = "sum",
-    refresh_every: int = 50,
-    z_momentum: float = 0.1,
-    stat_momentum: float = 0.1,
     extra_conv: bool | list[str] = False,
+    **option_values,
 ) -> ICNNHandle:
     """Make the filters of named conv layers interpretable: masks in the forward pass, plus the loss.
 
@@ -469,22 +443,10 @@ def attach_icnn(
             activation module, or a block whose output is post-ReLU. ``"auto"``: ``top_layers(model, 1)``
             (the last conv layer; for a ResNet the last residual block).
         num_classes: K, the number of classes of the targets passed to ``handle.loss``.
-        weight: lambda. With ``balance="grad"`` (default) it is the ratio of the RMS of the filter
-            loss's gradient to the RMS of the task loss's gradient at the same maps, per filter
-            (a scale-free balance); with ``balance="none"`` it is the literal weight of the loss
-            (the spec's experiments needed 1e3-1e5 there).
-        normalize: ``"mean_max"`` divides each filter's maps by the batch mean of their maximum
-            before the loss (scale-free templates); ``"none"`` uses raw activations.
-        schedule: ``"constant"`` or ``"paper"`` (lambda / t in epoch t, counted from 1).
-        warmup_steps: linear ramp of lambda over the first steps (0: none). On the toy task of
-            the test suite, the warm-up is what keeps the accuracy cost at zero.
-        beta, tau, centre, mask: template slope, template scale (``None``: ``0.5/n**2``), mask centre
-            (``"argmax"`` or ``"centroid"``), and ``mask=False`` to train without the mask layer.
-        categories: ``"multi"`` (filter -> argmax class of its mean response, refreshed),
-            ``"balanced"`` (~C/K filters per class) or ``"single"`` (every filter -> positive_class).
-        category_stat: per-image statistic for categories: ``"sum"`` (paper) or ``"max"`` (authors).
-        refresh_every: re-assign categories every this many loss calls.
-        z_momentum, stat_momentum: momentum of the running ``Z_T`` and class statistics.
+        options: an ``ICNNOptions`` (the loss's weight and balance, warm-up, schedule, templates,
+            mask, categories, ...; see its attributes). Default: ``ICNNOptions()``.
+        **option_values: the same options as keywords (``weight=0.5, warmup_steps=200``); given
+            with ``options`` they replace its values. An unknown name is an error.
         extra_conv: ``True`` (every layer) or a list of layer names on top of which the paper's
             extra 3x3 conv + ReLU with interpretable filters is inserted (named ``<layer>.icnn_conv``).
 
@@ -495,48 +457,20 @@ def attach_icnn(
         >>> icnn = attach_icnn(model, "features.8", num_classes=10)
         >>> loss = F.cross_entropy(model(x), y) + icnn.loss(y)
     """
-    options = dict(
-        weight=float(weight),
-        balance=balance,
-        normalize=normalize,
-        schedule=schedule,
-        warmup_steps=int(warmup_steps),
-        beta=float(beta),
-        tau=tau,
-        centre=centre,
-        mask=bool(mask),
-        categories=categories,
-        positive_class=int(positive_class),
-        category_stat=category_stat,
-        refresh_every=int(refresh_every),
-        z_momentum=float(z_momentum),
-        stat_momentum=float(stat_momentum),
-    )
-    for key, allowed in (("balance", BALANCES), ("normalize", NORMALIZES), ("schedule", SCHEDULES)):
-        if options[key] not in allowed:
-            raise ICNNError(
-                f"The '{key}' option of attach_icnn must be one of {allowed}. Got {options[key]!r} instead."
-            )
-    if not (math.isfinite(weight) and weight >= 0):
-        raise ICNNError(
-            f"The 'weight' option of attach_icnn must be a finite float >= 0. Got {weight!r} instead."
-        )
-    if not isinstance(num_classes, int) or num_classes < 1 or (categories != "single" and num_classes < 2):
+    if options is not None and not isinstance(options, ICNNOptions):
+        raise ICNNError(f"options must be an ICNNOptions. Got a {type(options).__name__} instead.")
+    if options is None or option_values:
+        options = ICNNOptions.from_kwargs(**{**(asdict(options) if options else {}), **option_values})
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or num_classes < 1
+        or (options.categories != "single" and num_classes < 2)
+    ):
         raise ICNNError(
             f"num_classes must be an int >= 2 (>= 1 with categories='single'). Got {num_classes!r} instead."
         )
-    # validates the remaining options once, before any hook is installed
-    FilterLossState(
-        1,
-        num_classes,
-        categories=categories,
-        positive_class=positive_class,
-        category_stat=category_stat,
-        refresh_every=refresh_every,
-        z_momentum=z_momentum,
-        stat_momentum=stat_momentum,
-    )
-    ICNNMask(beta=beta, centre=centre)
+    FilterLossState(1, num_classes, options)  # checks positive_class against num_classes, before any hook
 
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:

@@ -20,12 +20,10 @@ from torch import Tensor
 
 from icnn_compress._dist import all_reduce_
 from icnn_compress.errors import ICNNError
+from icnn_compress.icnn._options import ICNNOptions
 from icnn_compress.icnn._templates import cached_templates, log_template_prior, template_scores
 
 __all__ = ["FilterLossState", "approximate_gradient", "assign_categories"]
-
-CATEGORY_MODES = ("multi", "balanced", "single")
-CATEGORY_STATS = ("sum", "max")
 
 
 class _InjectGradient(torch.autograd.Function):
@@ -119,51 +117,28 @@ class FilterLossState:
     Args:
         num_filters: C, the layer's channel count.
         num_classes: K.
-        categories: ``"multi"`` (paper rule), ``"balanced"`` or ``"single"`` (all filters belong to
-            ``positive_class``).
-        positive_class: the class of every filter in ``"single"`` mode.
-        category_stat: ``"sum"`` (paper: ``sum_ij x``) or ``"max"`` (authors' code: ``max_ij x``).
-        refresh_every: re-assign categories every this many updates (and at the first).
-        z_momentum, stat_momentum: momentum of the running estimates (1 = last batch only).
+        options: the ``ICNNOptions`` it reads: ``categories`` (``"multi"``, the paper's rule,
+            ``"balanced"`` or ``"single"``: every filter belongs to ``positive_class``),
+            ``category_stat`` (``"sum"``, the paper's ``sum_ij x``, or ``"max"``, the authors'
+            code), ``refresh_every`` (re-assign categories every this many updates, and at the
+            first), ``z_momentum`` and ``stat_momentum`` (of the running estimates; 1 = last batch).
     """
 
-    def __init__(
-        self,
-        num_filters: int,
-        num_classes: int,
-        *,
-        categories: str = "multi",
-        positive_class: int = 1,
-        category_stat: str = "sum",
-        refresh_every: int = 50,
-        z_momentum: float = 0.1,
-        stat_momentum: float = 0.1,
-    ) -> None:
-        if categories not in CATEGORY_MODES:
-            raise ICNNError(
-                f"The 'categories' option must be one of {CATEGORY_MODES}. Got {categories!r} instead."
-            )
-        if category_stat not in CATEGORY_STATS:
-            raise ICNNError(
-                f"The 'category_stat' option must be one of {CATEGORY_STATS}. Got {category_stat!r} instead."
-            )
+    def __init__(self, num_filters: int, num_classes: int, options: ICNNOptions | None = None) -> None:
+        options = options or ICNNOptions()
+        categories, positive_class = options.categories, options.positive_class
         if categories == "single" and not 0 <= positive_class < num_classes:
             raise ICNNError(
                 f"The 'positive_class' option must be in [0, {num_classes}). Got {positive_class!r} instead."
             )
-        for key, val in (("z_momentum", z_momentum), ("stat_momentum", stat_momentum)):
-            if not 0 < val <= 1:
-                raise ICNNError(f"The '{key}' option must be a float in (0, 1]. Got {val!r} instead.")
-        if refresh_every < 1:
-            raise ICNNError(f"The 'refresh_every' option must be an int >= 1. Got {refresh_every!r} instead.")
         self.num_filters = num_filters
         self.num_classes = num_classes
         self.mode = categories
         self.positive_class = positive_class
-        self.category_stat = category_stat
-        self.refresh_every = refresh_every
-        self.z_momentum = z_momentum
-        self.stat_momentum = stat_momentum
+        self.category_stat = options.category_stat
+        self.refresh_every = options.refresh_every
+        self.z_momentum = options.z_momentum
+        self.stat_momentum = options.stat_momentum
         self.updates = 0
         self._skipped: Tensor | int = 0  # images left out because their maps were not finite
         self._assigned = categories == "single"  # categories assigned at least once

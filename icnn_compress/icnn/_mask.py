@@ -10,11 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from icnn_compress.errors import ICNNError
+from icnn_compress.icnn._options import CENTRES
 from icnn_compress.icnn._templates import mask_shape
 
 __all__ = ["CENTRES", "ICNNMask"]
-
-CENTRES = ("argmax", "centroid")
 
 
 @functools.lru_cache(maxsize=64)

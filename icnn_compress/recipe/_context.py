@@ -3,6 +3,7 @@ resolve every name in it before a run touches the disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from pathlib import Path
@@ -145,15 +146,7 @@ class RunContext:
         if not c.enabled:
             return None
         layers = ic.icnn.top_layers(model, 1) if c.layers == "auto" else list(c.layers)
-        options = {
-            "weight": c.weight,
-            "balance": c.balance,
-            "warmup_steps": c.warmup_steps,
-            "beta": c.beta,
-            "centre": c.centre,
-            "categories": c.categories,
-            "mask": c.unmask_epochs == 0,  # the saved model's masks: off when the last epochs ran without
-        }
+        options = dataclasses.asdict(c.options())
         return {"layers": layers, "num_classes": self.recipe.data.num_classes, "options": options}
 
     def load_finetuned(self, path: Path) -> tuple[nn.Module, dict | None]:

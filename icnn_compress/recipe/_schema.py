@@ -88,6 +88,14 @@ class ICNNConfig(_Strict):
         "(the deployed model has no masks); 0: masks throughout",
     )
 
+    def options(self):
+        """These settings as the ``ICNNOptions`` of ``attach_icnn`` (the saved model's masks are
+        off when the last epochs ran without them)."""
+        from icnn_compress.icnn import ICNNOptions
+
+        keys = ("weight", "balance", "warmup_steps", "beta", "centre", "categories")
+        return ICNNOptions(**{k: getattr(self, k) for k in keys}, mask=self.unmask_epochs == 0)
+
 
 class DistillConfig(_Strict):
     """Knowledge distillation from the model as it was before the stage (a frozen teacher)."""

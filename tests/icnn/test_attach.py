@@ -199,8 +199,18 @@ def test_find_activation_without_relu_names_the_fix():
         (dict(layers="7"), "is a AdaptiveAvgPool2d, not a conv layer"),
         (dict(layers="4", balance="sometimes"), "'balance' option of attach_icnn must be one of"),
         (dict(layers="4", weight=-1.0), "'weight' option of attach_icnn must be a finite float >= 0"),
-        (dict(layers="4", centre="middle"), "'centre' parameter of ICNNMask must be one of"),
-        (dict(layers="4", categories="some"), "'categories' option must be one of"),
+        (dict(layers="4", centre="middle"), "'centre' option of attach_icnn must be one of"),
+        (dict(layers="4", categories="some"), "'categories' option of attach_icnn must be one of"),
+        (
+            dict(layers="4", wieght=0.5),
+            "Unknown option\\(s\\) 'wieght' of attach_icnn; the options are weight,",
+        ),
+        (
+            dict(layers="4", categories="single", positive_class=7),
+            "'positive_class' option must be in \\[0, 5\\)",
+        ),
+        (dict(layers="4", z_momentum=0.0), r"'z_momentum' option of attach_icnn must be a float in \(0, 1\]"),
+        (dict(layers="4", options={"weight": 1.0}), "options must be an ICNNOptions"),
         (dict(layers="4", num_classes=1), "num_classes must be an int >= 2"),
         (dict(layers=["4", "4"]), "duplicates"),
         (dict(layers="4", extra_conv=["0"]), "not in layers"),
@@ -254,3 +264,17 @@ def test_balanced_gradient_is_invariant_to_a_loss_scale():
             (scale * (F.cross_entropy(model(x), y) + h.loss(y))).backward()
         grads[scale] = model[0].weight.grad / scale
     torch.testing.assert_close(grads[1024.0], grads[1.0], rtol=1e-4, atol=1e-7)
+
+
+def test_options_object_and_keywords_are_the_same_and_keywords_override():
+    from dataclasses import replace
+
+    from icnn_compress.icnn import ICNNOptions
+
+    opts = ICNNOptions(weight=0.25, warmup_steps=0, categories="balanced")
+    a = attach_icnn(tiny_vgg(), "4", 5, opts)
+    b = attach_icnn(tiny_vgg(), "4", 5, weight=0.25, warmup_steps=0, categories="balanced")
+    assert a.options == b.options == opts
+    c = attach_icnn(tiny_vgg(), "4", 5, opts, weight=2.0)  # a keyword replaces the object's value
+    assert c.options == replace(opts, weight=2.0) and opts.weight == 0.25
+    assert set(ICNNOptions.names()) >= {"weight", "balance", "beta", "tau", "refresh_every"}
