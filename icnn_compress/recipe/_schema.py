@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -234,7 +235,8 @@ class QuantizeConfig(_Strict):
         """These settings as the ``QuantizeOptions`` of ``quantize_onnx``."""
         from icnn_compress.quantize import QuantizeOptions
 
-        return QuantizeOptions(**self.model_dump(exclude={"enabled"}))
+        names = [f.name for f in dataclasses.fields(QuantizeOptions) if f.name in type(self).model_fields]
+        return QuantizeOptions(**{name: getattr(self, name) for name in names})
 
 
 class MeasureConfig(_Strict):
