@@ -167,6 +167,14 @@ class RunContext:
         (built on the meta device), ICNN layers, criterion, ignored layers, weights file, device,
         and that a training epoch has at least one batch. Raises ``ConfigError``/``DataError``."""
         r = self.recipe
+        if r.finetune.tensorboard and training:
+            from icnn_compress.train import tensorboard_available
+
+            if not tensorboard_available():
+                raise ConfigError(
+                    "finetune.tensorboard: true needs the 'tensorboard' package: pip install "
+                    "'icnn-compress[tensorboard]', or set finetune.tensorboard=false."
+                )
         if r.data.name not in ic.data.list_datasets():
             known = ", ".join(ic.data.list_datasets())
             raise ConfigError(f"data.name: unknown dataset {r.data.name!r}; available: {known}.")

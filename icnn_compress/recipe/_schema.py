@@ -126,6 +126,11 @@ class FinetuneConfig(_Strict):
         default_factory=lambda: DistillConfig(enabled=False),
         description="teacher: the model before the fine-tune (off: it cost accuracy with the masks)",
     )
+    tensorboard: bool = Field(
+        False,
+        description="also write the per-epoch metrics of fine-tune and recovery as TensorBoard scalars "
+        "(<stage folder>/tensorboard; needs the tensorboard package)",
+    )
 
 
 class AnalysisConfig(_Strict):

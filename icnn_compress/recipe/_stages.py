@@ -47,6 +47,11 @@ def _train(
     """Fit ``model`` with the recipe's data (``kept``: the kept classes only), checkpointing into
     ``out/<subdir>`` (resumable under ``key``)."""
     train_dl, val_dl = ctx.kept_loaders() if kept else ctx.loaders()
+    if ctx.recipe.finetune.tensorboard:
+        from icnn_compress.train import TensorBoardLogger
+
+        logger = TensorBoardLogger(out / "tensorboard", prefix=f"{stage}/{subdir}/")
+        kwargs["callbacks"] = [*kwargs.get("callbacks", ()), logger]
     trainer = ic.Trainer(
         model,
         train_dl,
