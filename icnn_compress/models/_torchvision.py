@@ -12,17 +12,16 @@ from icnn_compress.models._weights import load_weights, torchvision_weights_stat
 
 __all__ = ["TORCHVISION_MODELS"]
 
-TORCHVISION_MODELS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "vgg11",
-    "vgg11_bn",
-    "vgg16",
-    "vgg16_bn",
-    "alexnet",
-    "mobilenet_v2",
+# every CNN classifier of torchvision (the transformers, ViT/Swin/MaxViT, have no filters to prune)
+_NOT_CNN = ("vit_", "swin_", "maxvit_")
+TORCHVISION_MODELS = tuple(
+    n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(_NOT_CNN)
 )
+# constructor arguments for a plain classifier: no auxiliary heads, no slow scipy initialisation
+_EXTRA = {
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+}
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -55,7 +54,7 @@ def _adapt(model: nn.Module, arch: str, in_channels: int, small_input: bool) -> 
 
 
 def _build(arch: str, *, num_classes=10, in_channels=3, small_input=False, weights=None, strict=True):
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **_EXTRA.get(arch, {}))
     model = _adapt(model, arch, in_channels, small_input)
     if weights is None:
         return model

@@ -7,11 +7,36 @@ from icnn_compress.errors import DataError
 SMALL = ["vgg_small", "resnet_cifar8", "resnet_cifar20"]
 
 
-@pytest.mark.parametrize("name", models.list_models())
+# one model of each torchvision CNN family (the registry holds every size of each)
+FAMILIES = [
+    "resnet18", "resnext50_32x4d", "wide_resnet50_2", "vgg11", "vgg11_bn", "alexnet", "squeezenet1_1",
+    "densenet121", "googlenet", "inception_v3", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+    "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x0_5", "mnasnet0_5",
+    "convnext_tiny",
+]  # fmt: skip
+
+
+def test_the_registry_holds_every_torchvision_cnn_and_no_transformer():
+    import torchvision
+
+    names = set(models.list_models())
+    assert set(FAMILIES) <= names and {"vgg16_bn", "resnet152", "efficientnet_b7"} <= names
+    assert not {n for n in names if n.startswith(("vit_", "swin_", "maxvit_"))}
+    assert len(names) == len(SMALL) + len(
+        [
+            n
+            for n in torchvision.models.list_models(module=torchvision.models)
+            if not n.startswith(("vit_", "swin_", "maxvit_"))
+        ]
+    )
+
+
+@pytest.mark.parametrize("name", SMALL + FAMILIES)
 def test_every_model_builds_and_runs_small(name):
     model = models.create(name, num_classes=7, in_channels=1, small_input=True).eval()
+    size = 80 if name == "inception_v3" else 32  # its stem needs at least 75 px
     with torch.no_grad():
-        out = model(torch.rand(2, 1, 32, 32))
+        out = model(torch.rand(2, 1, size, size))
     assert out.shape == (2, 7)
 
 

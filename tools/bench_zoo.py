@@ -1,0 +1,141 @@
+"""Model coverage: every torchvision CNN family pruned to 2x fewer MACs, exported and reloaded.
+
+For each model (random init, ``--size`` px inputs, 10 classes) and each criterion (with
+compensation): ``prune_model(..., target=2.0, compensate=True)`` on ``--probe-batches`` random
+batches, ``export_onnx`` (checker + parity against PyTorch in ONNX Runtime), and
+``save_pruned``/``load_pruned`` (the reloaded model must give the same outputs). Each case runs in
+its own process, so ``peak_rss_mb`` is that case's peak resident memory. A model that cannot be
+pruned is recorded with the one-line reason the library gives.
+Writes tools/results/zoo.json with ``summary.<model>.<criterion>`` = {ok, macs_reduction, prune_s,
+peak_rss_mb, parity, reason}.
+
+    .venv/bin/python tools/bench_zoo.py [--models resnet18,...] [--criteria l2,icnn-cluster]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from _common import command_line
+
+RESULTS = Path(__file__).parent / "results"
+FAMILIES = (
+    "resnet18,resnet50,resnext50_32x4d,wide_resnet50_2,vgg11,vgg11_bn,alexnet,squeezenet1_0,densenet121,"
+    "googlenet,inception_v3,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,efficientnet_v2_s,"
+    "regnet_x_400mf,shufflenet_v2_x0_5,mnasnet0_5,convnext_tiny"
+)
+MIN_SIZE = {"inception_v3": 96}  # its stem needs at least 75 px
+
+
+def case(name: str, criterion: str, size: int, probe_batches: int, threads: int) -> dict:
+    """One model and criterion, in a fresh process."""
+    import torch
+
+    import icnn_compress as ic
+    from icnn_compress.errors import IcnnCompressError
+    from icnn_compress.export import export_onnx
+    from icnn_compress.prune import load_pruned, prune_model, save_pruned
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    size = max(size, MIN_SIZE.get(name, 0))
+    model = ic.models.create(name, num_classes=10, in_channels=3).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.rand(8, 3, size, size, generator=g), torch.randint(0, 10, (8,), generator=g))
+        for _ in range(probe_batches)
+    ]
+    example = torch.rand(1, 3, size, size, generator=g)
+    row: dict = {"model": name, "criterion": criterion, "size": size}
+    t0 = time.perf_counter()
+    try:
+        res = prune_model(
+            model, example, criterion=criterion, target=2.0, data=data, compensate=True, progress=False
+        )
+    except IcnnCompressError as exc:
+        row.update(ok=False, reason=str(exc), prune_s=time.perf_counter() - t0)
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return row
+    row["prune_s"] = time.perf_counter() - t0
+    row["macs_reduction"] = res.macs_reduction
+    pruned = res.model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_onnx(pruned, Path(tmp) / "m.onnx", example)
+        row["parity"] = exported.max_abs_diff
+        path = Path(tmp) / "m.pt"
+        save_pruned(
+            pruned,
+            path,
+            arch=name,
+            history=res.history,
+            input_shape=(3, size, size),
+            arch_kwargs={"num_classes": 10, "in_channels": 3},
+        )
+        loaded, _ = load_pruned(path)
+        with torch.no_grad():
+            row["reload_max_diff"] = float((loaded.eval()(example) - pruned(example)).abs().max())
+    row["ok"] = row["reload_max_diff"] < 1e-4 and res.macs_reduction >= 2.0
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=FAMILIES)
+    p.add_argument("--criteria", default="l2,icnn-cluster")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--probe-batches", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS / "zoo.json"))
+    a = p.parse_args()
+    from icnn_compress.io import atomic_write_json, environment_info
+
+    rows, summary = [], {}
+    ctx = mp.get_context("spawn")
+    for name in a.models.split(","):
+        for crit in a.criteria.split(","):
+            with ctx.Pool(1, maxtasksperchild=1) as pool:
+                try:
+                    row = pool.apply(case, (name, crit, a.size, a.probe_batches, a.threads))
+                except Exception as exc:  # a raw exception from a dependency: recorded as such
+                    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                    row = {
+                        "model": name,
+                        "criterion": crit,
+                        "ok": False,
+                        "reason": f"{type(exc).__name__}: {first}",
+                        "raw_exception": True,
+                    }
+            rows.append(row)
+            summary.setdefault(name, {})[crit] = {
+                k: row.get(k) for k in ("ok", "macs_reduction", "prune_s", "peak_rss_mb", "parity", "reason")
+            }
+            if row["ok"]:
+                shown = f"{row['macs_reduction']:.2f}x in {row['prune_s']:.1f} s, {row['peak_rss_mb']:.0f} MB"
+            else:
+                shown = row.get("reason", "")[:150]
+            print(f"{name:<20} {crit:<13} {'ok ' if row['ok'] else 'NO '} {shown}", flush=True)
+            atomic_write_json(
+                {
+                    "benchmark": "zoo",
+                    "command": command_line("bench_zoo.py", a, skip=("out",)),
+                    "environment": environment_info(),
+                    "setup": {
+                        **vars(a),
+                        "weights": "random init",
+                        "target": "2x fewer MACs, compensation, default round_to=8",
+                    },
+                    "rows": rows,
+                    "summary": summary,
+                },
+                a.out,
+            )
+
+
+if __name__ == "__main__":
+    main()
