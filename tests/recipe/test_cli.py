@@ -1,6 +1,8 @@
 """prune-recipe end to end on a tiny recipe; resume, lock, and invalid recipes."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from hypothesis import strategies as st
 from icnn_compress import ConfigError, Trainer
 from icnn_compress.cli import main
 from icnn_compress.recipe import MARKER, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
     "name": "tiny",
@@ -77,6 +81,17 @@ def test_run_end_to_end_and_resume(recipe, tmp_path, capsys):
     assert quantized["accepted"] and quantized["top1_agreement"] >= 0.5
     assert measured[2]["top1_agreement_with_fp32"] == quantized["top1_agreement"]
     assert "pruned-int8" in html and "| pruned-int8 | int8 |" in (run / "8_report" / "report.md").read_text()
+    # every key the report writes is documented in docs/report.md
+    documented = set(re.findall(r"`([a-z_0-9<>N]+)`", (ROOT / "docs" / "report.md").read_text()))
+    report = json.loads((run / "8_report" / "report.json").read_text())
+    keys = (
+        set(report)
+        | {k for m in report["models"] for k in m}
+        | {k for r in report["removed_filters"] for k in r}
+    )
+    keys |= {k for m in report["models"] for lat in m["latency"].values() for k in lat}
+    keys = {re.sub(r"^speedup_b\d+$", "speedup_b<N>", k) for k in keys}
+    assert report["removed_filters"] and not keys - documented, sorted(keys - documented)
     # an existing run directory is never overwritten without --force
     assert main(["run", str(recipe), "--out", str(run), "--quiet"]) == 2
     # --resume skips every finished stage; a corrupted artefact makes its stage (and later ones) run again
