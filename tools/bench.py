@@ -108,6 +108,11 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
         ],
         (60.0, 30.0),
     ),
+    "cli": (
+        [["bench_cli.py", "--out", "{results}/cli.json"]],
+        [["bench_cli.py", "--repeats", "3", "--out", "{results}/cli.json"]],
+        (10.0, 5.0),
+    ),
     "int8": (
         [["bench_int8.py", "--threads", "2", "--out", "{results}/int8.json"]],
         [
