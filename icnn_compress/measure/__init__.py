@@ -1,6 +1,7 @@
 """Measure deployed models: ONNX Runtime latency and accuracy, eager latency, MACs and params."""
 
 from icnn_compress.measure._accuracy import class_accuracy, model_stats, ort_accuracy, ort_confusion
+from icnn_compress.measure._deployed import latency_guard, measure
 from icnn_compress.measure._latency import (
     LatencyStats,
     ort_latency,
@@ -9,7 +10,6 @@ from icnn_compress.measure._latency import (
     time_callable,
     torch_latency,
 )
-from icnn_compress.measure._report_data import latency_guard, measure
 
 __all__ = [
     "LatencyStats",

@@ -1,4 +1,4 @@
-"""One call that measures a deployed model, and the latency guard."""
+"""Measure a deployed model in one call (accuracy per class, latency, MACs); the latency guard."""
 
 from __future__ import annotations
 
