@@ -130,12 +130,9 @@ def _calibration_reader(batches: list[np.ndarray], input_name: str):
 
 def _agreement(fp32_path: str, int8_path: str, validation, limit: int | None, progress: bool):
     """Top-1 agreement of the two models and, where labels exist, each one's accuracy."""
-    import onnxruntime as ort
+    from icnn_compress.measure import ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    a = ort.InferenceSession(fp32_path, opts, providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(int8_path, opts, providers=["CPUExecutionProvider"])
+    a, b = ort_session(fp32_path, provider="cpu"), ort_session(int8_path, provider="cpu")
     name = a.get_inputs()[0].name
     agree = rows = right_a = right_b = labelled = 0
     for x, y in progress_bar(_inputs(validation, limit), progress=progress, desc="int8 guard", leave=False):
