@@ -77,9 +77,7 @@ def compensate_group(
             bias_delta = w_removed @ b_fit
         wd[:, kept] += delta
         weight.copy_(wd.to(weight.dtype))
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
-        module.bias.data += bias_delta.to(module.bias.dtype)
+        _add_to_bias(module, bias_delta)
         done += 1
     return done
 
@@ -103,10 +101,16 @@ def _compensate_flattened(
     wd[:, kept, :] += torch.einsum("ors,kr->oks", w_removed, w_fit)
     bias_delta = torch.einsum("ors,r->o", w_removed, b_fit)
     weight.copy_(wd.view_as(weight).to(weight.dtype))
+    _add_to_bias(module, bias_delta)
+    return 1
+
+
+def _add_to_bias(module: nn.Module, delta: Tensor) -> None:
+    """``module.bias += delta`` (``(out,)``), creating a zero bias first when the layer has none."""
+    weight = module.weight
     if module.bias is None:
         module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
-    module.bias.data += bias_delta.to(module.bias.dtype)
-    return 1
+    module.bias.data += delta.to(module.bias.dtype)
 
 
 def _record_absorption(
