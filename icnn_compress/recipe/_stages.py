@@ -336,36 +336,25 @@ def measure(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         "unpruned": _unpruned(ctx, run),
         "pruned": load_pruned(run.stage_dir("recover") / "recovered.pt")[0].eval(),
     }
+    settings = dict(
+        batch_sizes=tuple(m.batch_sizes),
+        threads=m.threads,
+        provider=m.provider,
+        example=example,
+        repeats=m.repeats,
+        class_names=class_names,
+    )
     entries = []
     for name, model in models.items():
         onnx = run.stage_dir("export") / ("unpruned.onnx" if name == "unpruned" else "model.onnx")
-        entry = measure_model(
-            onnx,
-            val_dl,
-            name=name,
-            batch_sizes=tuple(m.batch_sizes),
-            threads=m.threads,
-            provider=m.provider,
-            torch_model=model,
-            example=example,
-            repeats=m.repeats,
-            class_names=class_names,
-        )
+        entry = measure_model(onnx, val_dl, name=name, torch_model=model, **settings)
         entry["widths"] = {n: c.out_channels for n, c in model.named_modules() if isinstance(c, nn.Conv2d)}
         entry["precision"] = "fp32"
         entries.append(entry)
     quantized = json.loads((run.stage_dir("quantize") / "quantize.json").read_text())
     if quantized.get("accepted"):
         entry = measure_model(
-            run.stage_dir("quantize") / "model.int8.onnx",
-            val_dl,
-            name="pruned-int8",
-            batch_sizes=tuple(m.batch_sizes),
-            threads=m.threads,
-            provider=m.provider,
-            example=example,
-            repeats=m.repeats,
-            class_names=class_names,
+            run.stage_dir("quantize") / "model.int8.onnx", val_dl, name="pruned-int8", **settings
         )
         pruned = entries[-1]
         # the same network in 8-bit: MACs and parameter counts are the pruned model's
