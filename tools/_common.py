@@ -21,9 +21,10 @@ def baseline_path(model: str, epochs: int, train_size: int | None = None, seed: 
 def top1(model: torch.nn.Module, loader: DataLoader) -> float:
     """Top-1 accuracy (0..1) of ``model`` in eval mode on every batch of ``loader`` (PyTorch)."""
     model.eval()
+    device = next(model.parameters()).device
     correct = seen = 0
     for x, y, *_ in loader:
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
         seen += len(y)
     return correct / seen
 

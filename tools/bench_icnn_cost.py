@@ -14,7 +14,10 @@ order): a negative cost is a gain. Variants:
 * ``w0.1``: loss weight 0.1; ``+kd``: distillation from the base (weight 0.5, T=4);
 * ``@eN``: N fine-tune epochs of ``--ft-images`` images each;
 * ``top1+unmask``: ``top1`` for one epoch, then one epoch with the masks switched off (the loss
-  stays; ``-ce``: cross-entropy only): the deployed model has no masks.
+  stays; ``-ce``: cross-entropy only; ``-kd``: cross-entropy + distillation from the base): the
+  deployed model has no masks;
+* ``inner``: (ResNets) masks + loss on the first conv of the last residual block, whose output
+  reaches the classifier through the block's second conv while the identity path bypasses it.
 
 The price in interpretability of each variant is measured on synthetic parts: the same variant
 fine-tunes a plain synthetic-parts base of the same architecture, and the location instability of
@@ -69,6 +72,42 @@ VARIANTS: dict[str, dict] = {
     "plain@e3": dict(icnn=False, epochs=3),
     "loss-only@e3": dict(icnn=True, mask=False, weight=0.5, layers=2, epochs=3),
     "full@e3": dict(icnn=True, mask=True, weight=0.5, layers=2, epochs=3),
+    # session 4: longer / distilled unmasked finish, a softer mask, and (ResNets) the loss inside
+    # the last block, where the identity path carries what the mask removes
+    "top1+unmask-ce@e3": dict(
+        icnn=True, mask=True, weight=0.5, layers=1, epochs=1, unmask_epochs=2, unmask_loss=False
+    ),
+    "top1+unmask-kd@e2": dict(
+        icnn=True,
+        mask=True,
+        weight=0.5,
+        layers=1,
+        epochs=1,
+        unmask_epochs=1,
+        unmask_loss=False,
+        unmask_kd=True,
+    ),
+    "top1-b2+unmask-ce@e2": dict(
+        icnn=True,
+        mask=True,
+        weight=0.5,
+        layers=1,
+        beta=2.0,
+        epochs=1,
+        unmask_epochs=1,
+        unmask_loss=False,
+    ),
+    "inner@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, at="inner", epochs=1),
+    "inner+unmask-ce@e2": dict(
+        icnn=True,
+        mask=True,
+        weight=0.5,
+        layers=1,
+        at="inner",
+        epochs=1,
+        unmask_epochs=1,
+        unmask_loss=False,
+    ),
 }
 CACHE_VERSION = 1
 
@@ -82,6 +121,7 @@ def apply_budget(a: argparse.Namespace) -> Path:
         for k, v in QUICK_BUDGET.items():
             setattr(a, k, v)
     torch.set_num_threads(a.threads)
+    a.train_kw = {"device": a.device, "amp": False}  # float32 everywhere: CPU and GPU rows compare
     return Path(a.cache) / ("quick" if a.quick else "full")
 
 
@@ -104,12 +144,24 @@ def train_base(
     torch.manual_seed(seed)
     model = ic.models.create(model_name, num_classes=classes, in_channels=in_channels)
     if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        return model.to(a.train_kw["device"])
     dl = subset_loader(dataset, a.base_images, seed)
-    ic.Trainer(model, dl, epochs=a.base_epochs, lr=0.05, seed=seed, progress=False).fit()
+    ic.Trainer(model, dl, epochs=a.base_epochs, lr=0.05, seed=seed, progress=False, **a.train_kw).fit()
     atomic_save(model.state_dict(), path)
     return model
+
+
+def loss_layers(model: nn.Module, spec: dict) -> list[str]:
+    """The layers a variant puts the loss on: the top ``layers`` places, or ``at="inner"``."""
+    top = ic.icnn.top_layers(model, spec.get("layers", 1))
+    if spec.get("at") != "inner":
+        return top
+    inner = [f"{name}.conv1" for name in top]
+    names = dict(model.named_modules())
+    if not all(n in names for n in inner):
+        raise SystemExit(f"variant at='inner' needs residual blocks with a conv1; {top} have none")
+    return inner
 
 
 def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
@@ -117,7 +169,7 @@ def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
     model = ic.frozen_copy(base)
     for p in model.parameters():
         p.requires_grad_(True)
-    handle, layers = None, ic.icnn.top_layers(model, spec.get("layers", 1))
+    handle, layers = None, loss_layers(model, spec)
     if spec["icnn"]:
         handle = ic.attach_icnn(
             model,
@@ -139,6 +191,7 @@ def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
         extra_loss=handle.loss if handle else None,
         distill=distill,
         progress=False,
+        **a.train_kw,
     ).fit()
     if handle is not None and spec.get("unmask_epochs"):  # then without the masks; the loss stays
         handle.set_masks(False)
@@ -149,7 +202,13 @@ def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
             lr=a.ft_lr,
             seed=seed,
             extra_loss=handle.loss if spec.get("unmask_loss", True) else None,
+            distill=(
+                ic.Distillation(ic.frozen_copy(base), weight=0.5, temperature=4.0)
+                if spec.get("unmask_kd")
+                else None
+            ),
             progress=False,
+            **a.train_kw,
         ).fit()
     if handle is not None:
         handle.freeze()
@@ -171,7 +230,7 @@ def run_fashion(model_name: str, a, rows: dict, cache: Path, rows_path: Path, va
     train_ds = ic.data.FashionMNIST("train", transform=ic.data.fashion_transforms(True))
     test_ds = ic.data.FashionMNIST("test", transform=ic.data.fashion_transforms(False))
     eval_dl = DataLoader(Subset(test_ds, range(a.eval_size)), batch_size=500)
-    for b in range(a.bases):
+    for b in range(a.bases) if a.base_index is None else [a.base_index]:
         base = train_base(model_name, train_ds, 1, 10, a, b, cache / f"base_{model_name}_s{b}.pt")
         key = f"{model_name}/fashion/base{b}/unpruned"
         if key not in rows:
@@ -240,6 +299,7 @@ class _SynArgs:
     def __init__(self, a) -> None:
         self.base_images, self.base_epochs = a.syn_train, a.syn_base_epochs
         self.ft_images, self.ft_lr = a.syn_ft_images, a.ft_lr
+        self.train_kw = a.train_kw
 
 
 def summarise(rows: dict, a) -> dict:
@@ -293,15 +353,17 @@ def write_results(rows: dict, a, out_dir: Path) -> None:
     summary = summarise(rows, a)
     result = {
         "benchmark": "icnn_cost",
-        "command": command_line("bench_icnn_cost.py", a, skip=("cache", "out_dir", "write_only")),
+        "command": command_line("bench_icnn_cost.py", a, skip=("cache", "out_dir", "write_only", "train_kw")),
         "environment": environment_info(),
-        "setup": {k: v for k, v in vars(a).items() if k not in ("cache", "out_dir", "write_only")},
+        "setup": {
+            k: v for k, v in vars(a).items() if k not in ("cache", "out_dir", "write_only", "train_kw")
+        },
         "variants": VARIANTS,
         "rows": rows,
         "summary": summary,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(result, out_dir / "icnn_cost.json")
+    atomic_write_json(result, out_dir / f"{a.name}.json")
     md = []
     for model_name, entries in summary.items():
         base = entries.get("base", {})
@@ -323,7 +385,7 @@ def write_results(rows: dict, a, out_dir: Path) -> None:
             li = f"{e['location_instability_ratio']:.3f}" if "location_instability_ratio" in e else "—"
             md.append(f"| {v} | {e['top1_mean']:.4f} ± {e['top1_std']:.4f} (n={e['n']}) | {cost} | {li} |")
         md.append("")
-    (out_dir / "icnn_cost.md").write_text("\n".join(md))
+    (out_dir / f"{a.name}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 
@@ -351,9 +413,12 @@ def main() -> None:
         help="bases of 4 epochs x 20000 images, fine-tune epochs of 5000 images, 5000 test images",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda (float32, no AMP)")
+    p.add_argument("--base-index", type=int, default=None, help="only this base (one process per base)")
     p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / "runs" / "bench_icnn_cost"))
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--write-only", action="store_true")
+    p.add_argument("--name", default="icnn_cost", help="results file stem in --out-dir")
     p.add_argument(
         "--part",
         choices=("all", "fashion", "synthetic"),
@@ -375,6 +440,7 @@ def main() -> None:
     if not a.write_only:
         for model_name in a.models.split(","):
             suffix = "" if a.part == "all" else f"_{a.part}"
+            suffix += "" if a.base_index is None else f"_b{a.base_index}"
             rows_path = cache / f"rows_{model_name}{suffix}.json"
             own = {k: v for k, v in rows.items() if k.startswith(f"{model_name}/")}  # done in any part
             own.update(load_rows(rows_path))

@@ -266,9 +266,10 @@ def interpretability_md(it: dict) -> list[str]:
 def overhead_md(sections: dict) -> list[str]:
     md = [
         "| where | step with / without the loss (top layer, the default) | on the top two | threads / device "
-        "| reproduce |",
-        "|---|---|---|---|---|",
+        "| host syncs per step (with / without) | reproduce |",
+        "|---|---|---|---|---|---|",
     ]
+    notes = []
     for key in ("overhead", "overhead_cuda"):
         o = sections.get(key)
         if o:
@@ -276,11 +277,17 @@ def overhead_md(sections: dict) -> list[str]:
             top1, top2 = o["summary"]["step_ratio"], o["summary"].get("step_ratio_top2")
             if top2 is None and len(st.get("icnn_layers", [])) == 2:  # older runs measured the top two only
                 top1, top2 = None, top1
+            syncs = o["summary"].get("host_syncs_per_step")
+            sync_cell = f"{syncs['with']:g} / {syncs['without']:g}" if syncs else "—"
             md.append(
                 f"| {_machine(o['environment'])} | {'' if top1 is None else f'**{top1:.2f}x**'} | "
                 f"{'' if top2 is None else f'{top2:.2f}x'} | "
-                f"{st.get('threads', '?')} / {st.get('device', '?')} | `{o.get('command', '')}` |"
+                f"{st.get('threads', '?')} / {st.get('device', '?')} | "
+                f"{sync_cell} | `{o.get('command', '')}` |"
             )
+            if o.get("note"):
+                notes.append(f"{st.get('device', '?')}: {o['note']}")
+    md += ["", *notes] if notes else []
     g = sections.get("gpu_check")
     if g:
         gs = g["summary"]

@@ -55,8 +55,13 @@ class _GradientTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         g = grad_out.detach().float()
-        if bool(torch.isfinite(g).all()):  # a non-finite gradient must not poison the running RMS
-            ctx.state.add_task_gradient(g.pow(2).sum(dim=(0, 2, 3)), g[:, 0].numel())
+        sum_sq = g.pow(2).sum(dim=(0, 2, 3))
+        # a non-finite gradient must not poison the running RMS: it counts as nothing seen, decided
+        # on the device (reading the flag on the host would wait for the backward pass)
+        finite = torch.isfinite(sum_sq).all()
+        ctx.state.add_task_gradient(
+            torch.where(finite, sum_sq, torch.zeros_like(sum_sq)), finite.to(torch.float64) * g[:, 0].numel()
+        )
         return grad_out, None
 
 
@@ -150,8 +155,10 @@ class FilterLossState:
         else:
             self.categories = torch.full((num_filters,), -1, dtype=torch.long)
         self.task_grad_ms: Tensor | None = None  # running mean square of the task gradient, (C,)
+        self._ms_seen: Tensor | None = None  # (device bool) a finite task gradient was folded in
         self._pending_sq = torch.zeros(num_filters, dtype=torch.float64)
-        self._pending_count = 0
+        self._pending_count = torch.zeros((), dtype=torch.float64)  # gradient elements behind it
+        self._pending_calls = 0  # backward passes seen since the last step (known on the host)
         self.loss_scale = 1.0  # multiplier of the loss seen in the last backward
 
     # ----- task-gradient bookkeeping (balance="grad") -----
@@ -160,29 +167,44 @@ class FilterLossState:
         """Images left out so far because their maps were not finite (reading it syncs the device)."""
         return int(self._skipped)
 
-    def add_task_gradient(self, sum_sq: Tensor, count: int) -> None:
+    def add_task_gradient(self, sum_sq: Tensor, count: Tensor | float) -> None:
+        """Fold one backward pass's per-filter sum of squared task gradients ``(C,)`` and the
+        number of gradient elements behind each (a device scalar; 0 = nothing seen) in."""
         if self._pending_sq.device != sum_sq.device:
             self._pending_sq = self._pending_sq.to(sum_sq.device)
+            self._pending_count = self._pending_count.to(sum_sq.device)
         self._pending_sq += sum_sq.to(self._pending_sq.dtype)
-        self._pending_count += count
+        self._pending_count = self._pending_count + count
+        self._pending_calls += 1
 
     def _consume_task_gradient(self, device: torch.device) -> Tensor | None:
         """The running mean square of the task gradient per filter, ``(C,)``, on ``device``
         (``None`` before any task gradient was seen). No host synchronisation."""
         if self._pending_sq.device != device:
             self._pending_sq = self._pending_sq.to(device)
-        packed = torch.cat([self._pending_sq, self._pending_sq.new_tensor([float(self._pending_count)])])
+            self._pending_count = self._pending_count.to(device)
+        packed = torch.cat([self._pending_sq, self._pending_count.reshape(1).to(self._pending_sq)])
         packed = all_reduce_(packed)
-        seen = self._pending_count > 0  # the same on every rank: each counts its own batch elements
+        seen = self._pending_calls > 0  # the same on every rank: each ran the same backward passes
         self._pending_sq = torch.zeros_like(self._pending_sq)
-        self._pending_count = 0
+        self._pending_count = torch.zeros_like(self._pending_count)
+        self._pending_calls = 0
         if seen:
             scale = torch.as_tensor(self.loss_scale, device=device, dtype=torch.float64).clamp_min(1e-30)
-            ms = packed[:-1] / packed[-1] / scale**2
-            if self.task_grad_ms is None:
-                self.task_grad_ms = ms
-            else:
-                self.task_grad_ms = 0.9 * self.task_grad_ms.to(device) + 0.1 * ms
+            count = packed[-1]
+            ms = packed[:-1] / count.clamp_min(1.0) / scale**2
+            if self.task_grad_ms is None:  # zeros until a finite gradient arrives: no loss gradient
+                self.task_grad_ms = torch.zeros_like(ms)
+                self._ms_seen = torch.zeros((), dtype=torch.bool, device=device)
+            old = self.task_grad_ms.to(device)
+            ms_seen = (
+                self._ms_seen.to(device)
+                if self._ms_seen is not None
+                else torch.ones_like(count, dtype=torch.bool)
+            )
+            blended = torch.where(ms_seen, 0.9 * old + 0.1 * ms, ms)
+            self.task_grad_ms = torch.where(count > 0, blended, old)
+            self._ms_seen = ms_seen | (count > 0)
         return self.task_grad_ms
 
     # ----- statistics -----
@@ -196,7 +218,8 @@ class FilterLossState:
             self.class_stats = self.class_stats.to(device)
             self.class_seen = self.class_seen.to(device)
             self.categories = self.categories.to(device)
-        onehot = torch.nn.functional.one_hot(targets, k).to(per_image.dtype)  # (N, K)
+        # (N, K); F.one_hot would read the targets' range on the host (a sync on every step)
+        onehot = (targets[:, None] == torch.arange(k, device=targets.device)).to(per_image.dtype)
         if weights is not None:
             onehot = onehot * weights[:, None].to(onehot.dtype)
         packed = torch.cat([per_image.t() @ onehot, onehot.sum(0, keepdim=True)], dim=0).double()
@@ -324,7 +347,9 @@ class FilterLossState:
             "categories": self.categories.cpu().clone(),
             "task_grad_ms": None if self.task_grad_ms is None else self.task_grad_ms.cpu().clone(),
             "pending_sq": self._pending_sq.cpu().clone(),
-            "pending_count": self._pending_count,
+            "pending_count": float(self._pending_count),
+            "pending_calls": self._pending_calls,
+            "ms_seen": None if self._ms_seen is None else bool(self._ms_seen),
             "loss_scale": float(self.loss_scale),
         }
 
@@ -343,5 +368,9 @@ class FilterLossState:
         self.categories = state["categories"].clone()
         self.task_grad_ms = state["task_grad_ms"]
         self._pending_sq = state["pending_sq"].clone()
-        self._pending_count = int(state["pending_count"])
+        self._pending_count = torch.tensor(float(state["pending_count"]), dtype=torch.float64)
+        # older states knew only the count; a count > 0 meant a backward pass was seen
+        self._pending_calls = int(state.get("pending_calls", float(state["pending_count"]) > 0))
+        seen = state.get("ms_seen", None if self.task_grad_ms is None else True)
+        self._ms_seen = None if seen is None else torch.tensor(bool(seen))
         self.loss_scale = float(state["loss_scale"])

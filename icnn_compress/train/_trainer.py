@@ -23,6 +23,8 @@ from icnn_compress._progress import progress_bar
 from icnn_compress.errors import ConfigError, DataError, TrainingError
 from icnn_compress.train._distill import Distillation, distillation_loss, teacher_logits
 
+SYNC_EVERY = 25  # training steps between the host's reads of the device (guard, progress bar)
+
 __all__ = ["CHECKPOINT_KIND", "Callback", "Trainer"]
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,22 @@ class Trainer:
             if fn is not None:
                 fn(self, *args)
 
+    def _raise_if_not_finite(self, first_bad: Tensor, bad_values: Tensor, epoch: int) -> None:
+        """Stop with ``TrainingError`` if a step of this epoch had a non-finite loss (reads the
+        device: called every ``SYNC_EVERY`` steps; every rank stops together under DDP)."""
+        flag = _dist.all_reduce_((first_bad >= 0).to(torch.float32).reshape(1), "max")
+        if not bool(flag):
+            return
+        step = int(first_bad)
+        loss, task, extra = bad_values.tolist()
+        where = f"epoch {epoch + 1}, step {step}" if step >= 0 else f"epoch {epoch + 1} (on another rank)"
+        ckpt = self.checkpoint_path if (self.checkpoint_path and self.checkpoint_path.is_file()) else None
+        raise TrainingError(
+            f"The loss became {loss} at {where} (task {task:.4g}, extra {extra:.4g}). Training stopped; "
+            + (f"the last good checkpoint is {ckpt}. " if ckpt else "no checkpoint was written yet. ")
+            + "Lower lr, set clip_grad_norm, or lower the extra loss weight."
+        )
+
     @property
     def checkpoint_path(self) -> Path | None:
         return self.out_dir / "checkpoints" / "last.pt" if self.out_dir is not None else None
@@ -321,15 +339,23 @@ class Trainer:
         if self._extra_state is not None and hasattr(self._extra_state, "set_epoch"):
             self._extra_state.set_epoch(epoch)
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "extra_loss": 0.0, "correct": 0.0, "seen": 0.0}
+        # the running sums, the non-finite guard and the progress bar live on the device and are
+        # read every SYNC_EVERY steps: the host never waits for the device inside a step
+        dev = self.device
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # sum of task loss, extra loss, correct
+        seen = 0.0
+        first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss
+        bad_values = torch.zeros(3, dtype=torch.float64, device=dev)  # its loss, task and extra loss
+        step_hooks = any(getattr(cb, "on_step_end", None) is not None for cb in self.callbacks)
         bar = progress_bar(
             self.train_loader, progress=self.progress, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False
         )
         lr = self.lr
-        for batch in bar:
-            x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+        steps = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
+        for i, batch in enumerate(bar):
+            x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
             lr = self._set_lr()
-            with torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp):
+            with torch.autocast(dev.type, dtype=_amp_dtype(dev), enabled=self.amp):
                 out = self.net(x)
                 task = F.cross_entropy(out, y)
                 if self.distill is not None:
@@ -339,19 +365,18 @@ class Trainer:
                     task = (1 - self.distill.weight) * task + self.distill.weight * soft
                 extra = self.extra_loss(y) if self.extra_loss is not None else None
                 loss = task + extra if extra is not None else task
-            if not torch.isfinite(loss.detach()):
-                where = f"epoch {epoch + 1}, step {self.global_step}"
-                ckpt = (
-                    self.checkpoint_path
-                    if (self.checkpoint_path and self.checkpoint_path.is_file())
-                    else None
-                )
-                raise TrainingError(
-                    f"The loss became {float(loss.detach())} at {where} (task {float(task.detach()):.4g}, "
-                    f"extra {float(extra.detach()) if extra is not None else 0:.4g}). Training stopped; "
-                    + (f"the last good checkpoint is {ckpt}. " if ckpt else "no checkpoint was written yet. ")
-                    + "Lower lr, set clip_grad_norm, or lower the extra loss weight."
-                )
+            values = torch.stack(
+                [
+                    loss.detach().double(),
+                    task.detach().double(),
+                    extra.detach().double()
+                    if extra is not None
+                    else torch.zeros((), dtype=torch.float64, device=dev),
+                ]
+            )
+            new_bad = (first_bad < 0) & ~torch.isfinite(values[0])
+            first_bad = torch.where(new_bad, torch.full_like(first_bad, self.global_step), first_bad)
+            bad_values = torch.where(new_bad, values, bad_values)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.clip_grad_norm is not None:
@@ -361,14 +386,16 @@ class Trainer:
             self.scaler.update()
             self.global_step += 1
             n = float(y.numel())
-            sums["loss"] += float(task.detach()) * n
-            sums["extra_loss"] += float(extra.detach()) * n if extra is not None else 0.0
-            sums["correct"] += float((out.detach().argmax(1) == y).sum())
-            sums["seen"] += n
-            bar.set_postfix(loss=f"{float(task.detach()):.3f}", lr=f"{lr:.2e}")
-            self._call("on_step_end", self.global_step, float(loss.detach()))
-        packed = _dist.all_reduce_(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device))
-        total = dict(zip(sums, packed.tolist()))
+            sums += torch.stack([values[1] * n, values[2] * n, (out.detach().argmax(1) == y).sum().double()])
+            seen += n
+            if step_hooks:  # a callback that wants every step's loss pays for reading it
+                self._call("on_step_end", self.global_step, float(values[0]))
+            if (i + 1) % SYNC_EVERY == 0 or (steps is not None and i + 1 == steps):
+                self._raise_if_not_finite(first_bad, bad_values, epoch)
+                bar.set_postfix(loss=f"{float(values[1]):.3f}", lr=f"{lr:.2e}")
+        self._raise_if_not_finite(first_bad, bad_values, epoch)
+        packed = _dist.all_reduce_(torch.cat([sums, sums.new_tensor([seen])]))
+        total = dict(zip(("loss", "extra_loss", "correct", "seen"), packed.tolist()))
         seen = max(total["seen"], 1.0)
         return {
             "epoch": epoch + 1,
@@ -389,14 +416,12 @@ class Trainer:
             x, y = batch[0].to(self.device), batch[1].to(self.device)
             with torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp):
                 out = self.model(x)
-            sums += torch.tensor(
+            sums += torch.stack(
                 [
-                    float(F.cross_entropy(out.float(), y, reduction="sum")),
-                    float((out.argmax(1) == y).sum()),
-                    float(y.numel()),
-                ],
-                dtype=torch.float64,
-                device=self.device,
+                    F.cross_entropy(out.float(), y, reduction="sum").double(),
+                    (out.argmax(1) == y).sum().double(),
+                    torch.full((), float(y.numel()), dtype=torch.float64, device=self.device),
+                ]
             )
         loss, correct, seen = _dist.all_reduce_(sums).tolist()
         return {"val_loss": loss / max(seen, 1), "val_acc": correct / max(seen, 1)}
