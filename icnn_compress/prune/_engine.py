@@ -330,6 +330,76 @@ def _track_absorbed(
                 out.setdefault(name, {})[orig[chans[0]]] = [(orig[c], w) for c, (_, w) in zip(chans[1:], ks)]
 
 
+def _prepare_step(model, importance, spec, data, probe_batches: int, compensate: bool) -> dict:
+    """Before a pruning step: refresh data-driven scores (and gradients for Taylor); returns the
+    consumers' inputs on the probe batches when compensating (else ``{}``)."""
+    if hasattr(importance, "refresh"):
+        importance.refresh(model, data)
+    if spec.needs_gradients:
+        _taylor_gradients(model, data, probe_batches)
+    if not compensate:
+        return {}
+    consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
+
+
+def _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed) -> int:
+    """Compensate (if asked), record and prune one dependency group; returns the layers compensated."""
+    done = 0
+    if compensate:
+        fits: dict = {}
+        done = compensate_group(group, inputs, ridge=ridge, absorbed=fits)
+        _track_absorbed(group, names, alive, fits, absorbed)
+    _track_removed(group, names, alive, removed)
+    group.prune()
+    return done
+
+
+ALLOCATIONS = ("uniform", "latency")
+
+
+def _width_roots(
+    model: nn.Module, widths: dict, max_layer_ratio: float
+) -> dict[str, tuple[nn.Module, int, int]]:
+    """``{name: (module, channels now, wanted width)}`` for ``prune_model(widths=...)``, validated."""
+    if not isinstance(widths, dict) or not widths:
+        raise ConfigError(
+            f"widths must be a non-empty dict {{layer name: channels}}. Got {widths!r} instead."
+        )
+    named = dict(model.named_modules())
+    out = {}
+    for name, width in widths.items():
+        module = named.get(name)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise ConfigError(f"widths: the model has no conv or linear layer named {name!r}.")
+        c0 = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        low = max(1, math.ceil(c0 * (1 - max_layer_ratio)))
+        if isinstance(width, bool) or not isinstance(width, int) or not low <= width <= c0:
+            raise ConfigError(
+                f"widths[{name!r}] must be an int in [{low}, {c0}] (at most max_layer_ratio="
+                f"{max_layer_ratio:g} of its {c0} channels removed). Got {width!r} instead."
+            )
+        out[name] = (module, c0, width)
+    return out
+
+
+def _step_group(dg, root: nn.Module, importance, width: int):
+    """The dependency group that takes ``root`` down to ``width`` channels, removing those the
+    criterion ranks lowest (``None`` when it is already that narrow)."""
+    conv = isinstance(root, nn.Conv2d)
+    fn = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
+    current = root.out_channels if conv else root.out_features
+    k = current - width
+    if k <= 0:
+        return None
+    scores = importance(dg.get_pruning_group(root, fn, idxs=list(range(current))))
+    if scores is None or len(scores) != current:
+        drop = list(range(current - k, current))  # no per-channel score: the last channels go
+    else:
+        drop = torch.argsort(scores.detach().float().cpu())[:k].tolist()
+    return dg.get_pruning_group(root, fn, idxs=sorted(drop))
+
+
 def _reduction(target: Target, before: tuple[int, int], after: tuple[int, int]) -> float:
     """The MACs or parameter reduction factor that ``target`` is about; ``(macs, params)`` pairs."""
     i = 0 if target.kind == "macs_reduction" else 1
@@ -391,6 +461,8 @@ def prune_model(
     criterion_options: dict | None = None,
     keep_classes=None,
     keep_classes_mode: str = "relevance",
+    widths: dict[str, int] | None = None,
+    allocation: str = "uniform",
     inplace: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -429,6 +501,18 @@ def prune_model(
             filters whose category is outside the kept set go first (``"category"``; it cost up
             to 3.4 points one-shot at 8x in the specialisation benchmark). The MACs target counts from
             the unrestricted model. Needs ``data`` of every class.
+        widths: prune exactly these layers to these output widths instead of pursuing ``target``
+            (``{layer name: channels}``; each layer is the first conv/linear of its dependency
+            group, as in ``PruneResult.removed``; the criterion picks which channels go, in steps of
+            at most ``step_ratio``). ``target`` is then not checked, only reported.
+        allocation: how many channels each layer gives up. ``"uniform"``: the same ratio
+            everywhere (or by ``global_ranking``), in multiples of ``round_to``. ``"latency"``:
+            latency-aware widths: each layer's latency is measured in ONNX Runtime against its
+            width (``conv_latency_table``, on the provider, threads and batch of ``target``,
+            cached per machine) and channels are taken where the latency falls the most for the
+            least importance lost, at widths on the fast side of each latency step; a
+            ``latency_speedup`` target is then checked by measuring the pruned model and re-planned
+            (up to three times) until it lands within 5%. See ``plan_latency_widths``.
 
     Returns:
         ``PruneResult``. Raises ``TargetError`` when the target cannot be met within
@@ -440,6 +524,31 @@ def prune_model(
     """
     target = as_target(target)
     data = as_batches(data)
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation must be one of {ALLOCATIONS}. Got {allocation!r} instead.")
+    if allocation == "latency" and widths is None:
+        from icnn_compress.prune._allocate import prune_latency_aware
+
+        return prune_latency_aware(
+            model,
+            example_inputs,
+            criterion=criterion,
+            target=target,
+            data=data,
+            compensate=compensate,
+            max_layer_ratio=max_layer_ratio,
+            ignored_layers=ignored_layers,
+            keep_classifier=keep_classifier,
+            step_ratio=step_ratio,
+            probe_batches=probe_batches,
+            bn_batches=bn_batches,
+            ridge=ridge,
+            criterion_options=criterion_options,
+            keep_classes=keep_classes,
+            keep_classes_mode=keep_classes_mode,
+            inplace=inplace,
+            progress=progress,
+        )
     if not 0 < max_layer_ratio < 1:
         raise ConfigError(f"max_layer_ratio must be in (0, 1). Got {max_layer_ratio!r} instead.")
     if not 0 < step_ratio <= max_layer_ratio:
@@ -500,31 +609,39 @@ def prune_model(
     removed: dict[str, list[int]] = {}
     absorbed: dict[str, dict[int, list]] = {}
     reached, macs, params, step, compensated, speedup = False, macs0, params0, 0, 0, None
+    if widths is not None:
+        roots = _width_roots(model, widths, max_layer_ratio)
+        steps = max(1, max(math.ceil((1 - w / c0) / step_ratio - 1e-9) for _, c0, w in roots.values()))
+        bar = progress_bar(total=steps, progress=progress, desc=f"prune {criterion}", leave=False)
+        for step in range(1, steps + 1):
+            inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
+            for root, c0, width in roots.values():
+                group = _step_group(pruner.DG, root, importance, c0 - math.floor((c0 - width) * step / steps))
+                if group is not None:
+                    compensated += _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed)
+            bar.update(1)
+        bar.close()
+        macs, params = _stats(model, example_inputs)
+        if target.kind == "latency_speedup":
+            speedup = base_latency / _latency_ms(model, example_inputs, target)
+            model.to(device)
+        reached = True
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
-    bar = progress_bar(total=steps_max, progress=progress, desc=f"prune {criterion}", leave=False)
-    for step in range(1, steps_max + _FINE_STEPS + 1):
+    loop_steps = 0 if widths is not None else steps_max + _FINE_STEPS  # widths: done above
+    bar = progress_bar(
+        total=loop_steps and steps_max, progress=progress, desc=f"prune {criterion}", leave=False
+    )
+    for step in range(1, loop_steps + 1):
         planned = _next_ratio(history, target, step_ratio, max_layer_ratio)
         if planned is None:
             break
         ratio, approach = planned
         pruner.per_step_pruning_ratio[step] = ratio
-        if hasattr(importance, "refresh"):
-            importance.refresh(model, data)
-        if spec.needs_gradients:
-            _taylor_gradients(model, data, probe_batches)
-        inputs = {}
-        if compensate:
-            consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-            inputs = collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
+        inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
         # on the approach to the target, check it after every group and stop there, since all
         # layers' widths move in whole channels at once and would overshoot together
         for group in pruner.step(interactive=True):
-            if compensate:
-                fits: dict = {}
-                compensated += compensate_group(group, inputs, ridge=ridge, absorbed=fits)
-                _track_absorbed(group, names, alive, fits, absorbed)
-            _track_removed(group, names, alive, removed)
-            group.prune()
+            compensated += _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed)
             if (
                 approach
                 and _reduction(target, (macs0, params0), _stats(model, example_inputs)) >= target.value

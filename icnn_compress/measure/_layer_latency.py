@@ -1,0 +1,216 @@
+"""Per-layer latency tables measured in ONNX Runtime: what one conv layer costs at each width.
+
+A conv layer's run time does not fall smoothly with its channels: the vectorised kernels work on
+blocks of channels, so latency is a staircase in both the output and the input width, and a width
+just past a step costs as much as the next block. ``conv_latency_table`` times one conv (+ ReLU)
+alone, as a one-node ONNX model with the layer's kernel, stride, padding and input size, at several
+output widths (``vary="out"``, input width full) or input widths (``vary="in"``, output width full),
+on the machine, provider, thread count and batch that will run the model.
+
+Tables are cached per machine, ONNX Runtime version, provider, threads, batch and layer shape in
+``~/.cache/icnn_compress/latency_tables.json`` (``ICNN_COMPRESS_CACHE`` moves it; a file lock keeps
+parallel processes from losing each other's entries), so a model is measured once per machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from icnn_compress._io import atomic_write_json
+from icnn_compress.measure._latency import ort_latency, ort_session
+
+log = logging.getLogger(__name__)
+
+__all__ = ["conv_input_sizes", "conv_io_sizes", "conv_latency_table", "latency_table_cache"]
+
+_MEMORY: dict[str, dict[int, float]] = {}
+VARY = ("out", "in")
+
+
+def latency_table_cache() -> Path:
+    """Where measured tables are kept (``$ICNN_COMPRESS_CACHE/latency_tables.json``)."""
+    root = Path(os.environ.get("ICNN_COMPRESS_CACHE", Path.home() / ".cache" / "icnn_compress"))
+    return root / "latency_tables.json"
+
+
+def conv_io_sizes(
+    model: nn.Module, example: Tensor
+) -> dict[nn.Conv2d, tuple[tuple[int, int], tuple[int, int]]]:
+    """``{conv: (input (H, W), output (H, W))}`` of every ``Conv2d`` for one forward pass of
+    ``example`` ``(1, C, H, W)`` in eval mode."""
+    sizes: dict = {}
+
+    def record(module, args, output) -> None:
+        sizes.setdefault(module, (tuple(args[0].shape[-2:]), tuple(output.shape[-2:])))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def conv_input_sizes(model: nn.Module, example: Tensor) -> dict[nn.Conv2d, tuple[int, int]]:
+    """The input ``(H, W)`` of every ``Conv2d`` for one forward pass of ``example`` ``(1, C, H, W)``."""
+    return {conv: io[0] for conv, io in conv_io_sizes(model, example).items()}
+
+
+def _one_conv_model(conv: nn.Conv2d, cin: int, cout: int, hw: tuple[int, int]) -> bytes:
+    """A one-conv (+ ReLU) ONNX model with ``conv``'s kernel, stride, padding and dilation."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    if isinstance(p, str):  # "same"
+        p = tuple(kk // 2 * dd for kk, dd in zip(k, d))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((cout, cin, *k), dtype=np.float32)
+    b = np.zeros(cout, dtype=np.float32)
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["x", "w", "b"],
+            ["y"],
+            kernel_shape=list(k),
+            strides=list(s),
+            pads=[*p, *p],
+            dilations=list(d),
+        ),
+        helper.make_node("Relu", ["y"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", cin, *hw])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # read by every ONNX Runtime since 1.10
+    return model.SerializeToString()
+
+
+def _key(conv: nn.Conv2d, hw, vary: str, batch: int, threads: int, provider: str) -> str:
+    import onnxruntime as ort
+
+    return json.dumps(
+        [
+            platform.node(),
+            platform.processor() or platform.machine(),
+            ort.__version__,
+            provider,
+            threads,
+            batch,
+            vary,
+            conv.in_channels,
+            conv.out_channels,
+            list(conv.kernel_size),
+            list(conv.stride),
+            str(conv.padding),
+            list(conv.dilation),
+            list(hw),
+        ]
+    )
+
+
+def _read_disk() -> dict:
+    try:
+        return json.loads(latency_table_cache().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def conv_latency_table(
+    conv: nn.Conv2d,
+    input_hw: tuple[int, int],
+    *,
+    vary: str = "out",
+    batch: int = 32,
+    threads: int = 2,
+    provider: str = "cpu",
+    widths: list[int] | None = None,
+    repeats: int = 7,
+) -> dict[int, float]:
+    """Median ONNX Runtime latency (ms) of ``conv`` (+ ReLU) alone at each width.
+
+    Args:
+        conv: an ungrouped ``Conv2d`` (only its shape is used).
+        input_hw: its input's ``(H, W)``.
+        vary: ``"out"``: output widths at the full input width; ``"in"``: input widths at the
+            full output width.
+        batch, threads, provider: where the model will run.
+        widths: the widths to time (default: every multiple of 4 up to the layer's width, and the
+            width itself).
+        repeats: timed runs per width and pass (two passes, in opposite orders; the faster median
+            of the two is kept, so a background hiccup does not make a width look slow).
+
+    Returns:
+        ``{width: median ms}``, cached per machine and layer shape.
+    """
+    if vary not in VARY:
+        raise ValueError(f"vary must be one of {VARY}. Got {vary!r} instead.")
+    full = conv.out_channels if vary == "out" else conv.in_channels
+    widths = sorted(set(widths or [*range(4, full + 1, 4), full]))
+    key = _key(conv, input_hw, vary, batch, threads, provider)
+    table = dict(_MEMORY.get(key) or {int(w): float(v) for w, v in _read_disk().get(key, {}).items()})
+    missing = [w for w in widths if w not in table]
+    if missing:
+        log.info(
+            "timing %s %s widths of a %s conv at batch %d",
+            len(missing),
+            vary,
+            tuple(conv.weight.shape),
+            batch,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            sessions = {}
+            for w in missing:
+                cin, cout = (conv.in_channels, w) if vary == "out" else (w, conv.out_channels)
+                path = Path(tmp) / f"conv{w}.onnx"
+                path.write_bytes(_one_conv_model(conv, cin, cout, input_hw))
+                sessions[w] = (path, cin, ort_session(path, provider=provider, threads=threads))
+            for order in (missing, missing[::-1]):
+                for w in order:
+                    path, cin, sess = sessions[w]
+                    stats = ort_latency(
+                        path,
+                        batch,
+                        input_shape=(cin, *input_hw),
+                        session=sess,
+                        threads=threads,
+                        warmup=2,
+                        repeats=repeats,
+                    )
+                    table[w] = min(table.get(w, float("inf")), stats.median_ms)
+        _save(key, table)
+    _MEMORY[key] = table
+    return {w: table[w] for w in widths}
+
+
+def _save(key: str, table: dict[int, float]) -> None:
+    """Merge one table into the disk cache (under a file lock; a read-only home is only logged)."""
+    from filelock import FileLock
+
+    path = latency_table_cache()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=60):
+            disk = _read_disk()
+            disk[key] = {str(w): v for w, v in sorted(table.items())}
+            atomic_write_json(disk, path)
+    except OSError as exc:
+        log.debug("latency table cache not written: %s", exc)

@@ -1,0 +1,109 @@
+"""Explicit per-layer widths (``prune_model(widths=...)``) and latency-aware widths
+(``allocation="latency"``): exact widths, reload, validation, measured tables cached per machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from icnn_compress import ConfigError, models
+from icnn_compress.measure import _layer_latency
+from icnn_compress.measure._layer_latency import conv_latency_table, latency_table_cache
+from icnn_compress.prune import Target, load_pruned, prune_model, save_pruned
+
+
+def conv_widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_widths_prune_each_named_layer_to_its_width_and_reload(tmp_path):
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1)
+    example = torch.rand(1, 1, 16, 16)
+    res = prune_model(
+        model,
+        example,
+        criterion="l2",
+        widths={"layer1.0.conv1": 5, "layer3.0.shortcut.0": 40},
+        progress=False,
+    )
+    widths = conv_widths(res.model)
+    assert widths["layer1.0.conv1"] == 5
+    # the shortcut's group is the whole residual stage: every conv that writes it follows
+    assert widths["layer3.0.shortcut.0"] == widths["layer3.0.conv2"] == 40
+    assert widths["layer2.0.conv1"] == conv_widths(model)["layer2.0.conv1"]  # not named: untouched
+    assert res.macs_reduction > 1.0
+    path = tmp_path / "p.pt"
+    save_pruned(
+        res.model,
+        path,
+        arch="resnet_cifar8",
+        arch_kwargs={"num_classes": 5, "in_channels": 1},
+        history=res.history,
+        input_shape=(1, 16, 16),
+    )
+    loaded, _ = load_pruned(path)
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(loaded.eval()(x), res.model.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("widths", "match"),
+    [
+        ({"nope": 3}, "no conv or linear layer named 'nope'"),
+        ({"layer1.0.conv1": 0}, r"widths\['layer1.0.conv1'\] must be an int in \[2, 16\]"),
+        ({"layer1.0.conv1": 17}, r"must be an int in \[2, 16\]"),
+        ({"layer1.0.conv1": 2.5}, "must be an int"),
+        ({}, "non-empty dict"),
+    ],
+)
+def test_bad_widths_get_one_line(widths, match):
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1)
+    with pytest.raises(ConfigError, match=match):
+        prune_model(model, torch.rand(1, 1, 16, 16), widths=widths, progress=False)
+
+
+def test_allocation_is_validated():
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1)
+    example = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ConfigError, match="allocation must be one of"):
+        prune_model(model, example, allocation="fast", progress=False)
+    with pytest.raises(ConfigError, match="macs_reduction or latency_speedup target"):
+        prune_model(model, example, target=Target(params_reduction=2.0), allocation="latency", progress=False)
+
+
+def test_conv_latency_table_is_measured_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICNN_COMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(_layer_latency, "_MEMORY", {})
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    table = conv_latency_table(conv, (8, 8), batch=1, threads=1, repeats=2)
+    assert sorted(table) == [4, 8, 12] and all(v > 0 for v in table.values())
+    assert latency_table_cache().is_file()
+    monkeypatch.setattr(_layer_latency, "_MEMORY", {})  # a new process: only the disk cache is left
+    built = []
+    monkeypatch.setattr(_layer_latency, "_one_conv_model", lambda *a: built.append(a))
+    assert conv_latency_table(conv, (8, 8), batch=1, threads=1, repeats=2) == table
+    assert built == []
+    with pytest.raises(ValueError, match="vary must be one of"):
+        conv_latency_table(conv, (8, 8), vary="both")
+
+
+def test_latency_aware_widths_meet_a_macs_target_on_kernel_friendly_widths(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICNN_COMPRESS_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = models.create("vgg_small", num_classes=10, in_channels=1)
+    before = conv_widths(model)
+    res = prune_model(
+        model,
+        torch.rand(1, 1, 28, 28),
+        criterion="l1",
+        target=Target(macs_reduction=1.5, latency_batch=1, latency_threads=1),
+        allocation="latency",
+        progress=False,
+    )
+    assert res.macs_reduction >= 1.5
+    after = conv_widths(res.model)
+    changed = {n: w for n, w in after.items() if w != before[n]}
+    assert changed, "nothing was pruned"
+    assert all(w % 4 == 0 for w in changed.values()), changed
+    assert conv_widths(model) == before  # the caller's model is untouched

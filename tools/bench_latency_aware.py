@@ -1,0 +1,185 @@
+"""Latency-aware widths against multiples of 8, on trained models: accuracy, latency, landing.
+
+For each model (the Fashion-MNIST baselines of tools/bench_fashion.py, seed 0) and MACs level, the
+model is pruned with ``l2`` + compensation twice: uniform widths in multiples of 8
+(``round_to=8``, the default) and latency-aware widths (``allocation="latency"``, planned on this
+machine for ONNX Runtime at batch 32 and ``--threads``). Each pruned model gets its BatchNorm
+re-estimated on 20 probe batches (one-shot), is exported and timed in ONNX Runtime at batch 1 and 32
+(medians after warm-up; the unpruned model timed in the same run), scored on the first
+``--eval-size`` test images, then recovered (``--recover-steps`` SGD steps at lr 0.01, distilled
+from the unpruned model) and scored again. Then ``Target(latency_speedup=...)`` at each of
+``--speedups`` is pruned with latency-aware widths and its measured speedup compared with the target.
+
+Writes tools/results/latency_aware.json: ``summary.<model>.<level>.<rule>`` = {macs_reduction,
+speedup_b32, speedup_b1, speedup_over_macs_b32, speedup_over_macs_b1, oneshot, recovered} and
+``summary.<model>.latency_targets.<speedup>`` = {measured, error}.
+
+    .venv/bin/python tools/bench_latency_aware.py [--threads 2]   # ~15 min on 2 idle cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import baseline_path
+from torch.utils.data import DataLoader, RandomSampler, Subset
+
+import icnn_compress as ic
+from icnn_compress.export import export_onnx
+from icnn_compress.io import atomic_write_json, environment_info
+from icnn_compress.measure import ort_accuracy, ort_latency
+from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
+
+RULES = {"round_to=8": dict(round_to=8), "latency-aware": dict(allocation="latency")}
+
+
+def timed(model: torch.nn.Module, tmp: Path, name: str, eval_dl, a) -> dict:
+    """ONNX Runtime latency at batch 1 and 32 and top-1 of ``model`` exported to ``tmp``."""
+    path = tmp / f"{name}.onnx"
+    export_onnx(model.eval(), path, torch.rand(1, 1, 28, 28))
+    out = {"top1": ort_accuracy(path, eval_dl, threads=a.threads)}
+    for b in (1, 32):
+        out[f"ms_b{b}"] = ort_latency(path, b, threads=a.threads, warmup=10, repeats=a.repeats).median_ms
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="vgg_small,resnet_cifar20")
+    p.add_argument("--levels", default="2,3,4")
+    p.add_argument("--speedups", default="1.5,2,2.5")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--eval-size", type=int, default=5000)
+    p.add_argument("--recover-steps", type=int, default=150)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "latency_aware.json"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    train_dl, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
+    eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
+    plain = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
+    g = torch.Generator().manual_seed(0)
+    # the same 20 probe batches for every prune (a sampler would draw new ones each time)
+    probe = list(
+        DataLoader(plain, batch_size=64, sampler=RandomSampler(plain, num_samples=64 * 20, generator=g))
+    )
+    example = torch.rand(1, 1, 28, 28)
+    rows, summary = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for name in a.models.split(","):
+            weights = baseline_path(name, 6)
+            if not weights.is_file():
+                raise SystemExit(f"{weights} is missing: python tools/bench_fashion.py --model {name}")
+            base = ic.models.create(name, num_classes=10, in_channels=1, weights=str(weights)).eval()
+            ref = timed(base, tmp, f"{name}_base", eval_dl, a)
+            out = summary.setdefault(name, {"unpruned": ref})
+            print(name, "unpruned", ref, flush=True)
+            for level in a.levels.split(","):
+                for rule, kw in RULES.items():
+                    t0 = time.perf_counter()
+                    res = prune_model(
+                        base,
+                        example,
+                        criterion="l2",
+                        target=Target(macs_reduction=float(level), latency_threads=a.threads),
+                        data=probe,
+                        compensate=True,
+                        bn_batches=0,
+                        progress=False,
+                        **kw,
+                    )
+                    prune_s = time.perf_counter() - t0
+                    reestimate_batchnorm(res.model, probe, max_batches=20)
+                    one = timed(res.model, tmp, f"{name}_{level}_{rule}", eval_dl, a)
+                    _recover(res.model, base, train_dl, a.recover_steps)
+                    rec = timed(res.model, tmp, f"{name}_{level}_{rule}_rec", eval_dl, a)
+                    row = {
+                        "model": name,
+                        "level": f"{level}x",
+                        "rule": rule,
+                        "macs_reduction": res.macs_reduction,
+                        "widths": {
+                            n: m.out_channels
+                            for n, m in res.model.named_modules()
+                            if isinstance(m, torch.nn.Conv2d)
+                        },
+                        "speedup_b32": ref["ms_b32"] / one["ms_b32"],
+                        "speedup_b1": ref["ms_b1"] / one["ms_b1"],
+                        "oneshot": one["top1"],
+                        "recovered": rec["top1"],
+                        "prune_s": prune_s,
+                    }
+                    row["speedup_over_macs_b32"] = row["speedup_b32"] / row["macs_reduction"]
+                    row["speedup_over_macs_b1"] = row["speedup_b1"] / row["macs_reduction"]
+                    rows.append(row)
+                    out.setdefault(f"{level}x", {})[rule] = {
+                        k: v for k, v in row.items() if k not in ("model", "level", "rule", "widths")
+                    }
+                    print({k: v for k, v in row.items() if k != "widths"}, flush=True)
+            for s in a.speedups.split(","):
+                res = prune_model(
+                    base,
+                    example,
+                    criterion="l2",
+                    target=Target(latency_speedup=float(s), latency_threads=a.threads),
+                    allocation="latency",
+                    progress=False,
+                )
+                path = tmp / f"{name}_lat{s}.onnx"
+                export_onnx(res.model.eval(), path, example)
+                ms = ort_latency(path, 32, threads=a.threads, warmup=10, repeats=a.repeats).median_ms
+                measured = ref["ms_b32"] / ms
+                out.setdefault("latency_targets", {})[s] = {
+                    "measured": measured,
+                    "at_prune_time": res.latency_speedup,
+                    "error": measured / float(s) - 1,
+                    "macs_reduction": res.macs_reduction,
+                }
+                print(name, "latency target", s, out["latency_targets"][s], flush=True)
+    result = {
+        "benchmark": "latency_aware",
+        "command": f"python tools/bench_latency_aware.py --threads {a.threads}",
+        "environment": environment_info(),
+        "setup": {
+            **vars(a),
+            "criterion": "l2 + compensation",
+            "weights": "runs/baselines/<model>_fashion_e6.pt",
+        },
+        "rows": rows,
+        "summary": {
+            **summary,
+            "targets": {
+                "speedup_over_macs_b32": ">= 0.9",
+                "speedup_over_macs_b1": ">= 0.8",
+                "accuracy": "latency-aware >= round_to=8 - 0.2 point (one-shot and recovered)",
+                "latency_targets": "within 5%",
+            },
+        },
+    }
+    atomic_write_json(result, a.out)
+
+
+def _recover(model: torch.nn.Module, source: torch.nn.Module, train_dl, steps: int) -> None:
+    """``steps`` SGD steps at lr 0.01 distilled from ``source`` (the benchmark's recovery)."""
+    from _common import first_n_loader
+
+    dl = first_n_loader(train_dl, steps * train_dl.batch_size, train_dl.batch_size, 0)
+    ic.Trainer(
+        model.train(),
+        dl,
+        epochs=1,
+        lr=0.01,
+        seed=0,
+        progress=False,
+        distill=ic.Distillation(ic.frozen_copy(source)),
+    ).fit()
+    model.eval()
+
+
+if __name__ == "__main__":
+    main()
