@@ -20,6 +20,7 @@ speedup_b32, speedup_b1, speedup_over_macs_b32, speedup_over_macs_b1, oneshot, r
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +58,11 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=5000)
     p.add_argument("--recover-steps", type=int, default=150)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "latency_aware.json"))
+    p.add_argument("--render", action="store_true", help="only write the .md table from an existing --out")
     a = p.parse_args()
+    if a.render:
+        render(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".md"))
+        return
     torch.set_num_threads(a.threads)
     train_dl, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
     eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
@@ -162,6 +167,37 @@ def main() -> None:
         },
     }
     atomic_write_json(result, a.out)
+    render(result, Path(a.out).with_suffix(".md"))
+
+
+def render(result: dict, path: Path) -> None:
+    """The README's table 2c (markdown) from a latency_aware.json result."""
+    md = [
+        "| model | MACs target | widths | MACs reduction | speedup b32 / b1 | speedup per MACs b32 / b1 "
+        "| one-shot | recovered |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        md.append(
+            f"| {r['model']} | {r['level']} | {r['rule']} | {r['macs_reduction']:.2f}x | "
+            f"{r['speedup_b32']:.2f}x / {r['speedup_b1']:.2f}x | "
+            f"{r['speedup_over_macs_b32']:.2f} / {r['speedup_over_macs_b1']:.2f} | "
+            f"{r['oneshot']:.4f} | {r['recovered']:.4f} |"
+        )
+    md += [
+        "",
+        "| model | latency_speedup target | measured (b32) | error | MACs reduction |",
+        "|---|---|---|---|---|",
+    ]
+    for model, entry in result["summary"].items():
+        if model == "targets":
+            continue
+        for goal, t in entry.get("latency_targets", {}).items():
+            md.append(
+                f"| {model} | {float(goal):g}x | {t['measured']:.2f}x | {100 * t['error']:+.1f}% | "
+                f"{t['macs_reduction']:.2f}x |"
+            )
+    path.write_text("\n".join(md) + "\n")
 
 
 def _recover(model: torch.nn.Module, source: torch.nn.Module, train_dl, steps: int) -> None:

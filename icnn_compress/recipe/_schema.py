@@ -160,6 +160,11 @@ class PruneConfig(_Strict):
     latency_batch: int = Field(32, ge=1, le=4096, description="batch size of the latency_speedup target")
     compensate: bool = Field(True, description="fold what the kept channels reconstruct into the consumers")
     round_to: int | None = Field(8, ge=1, le=1024, description="keep widths multiples of this (fast kernels)")
+    allocation: Literal["uniform", "latency"] = Field(
+        "uniform",
+        description="channels per layer: uniform (round_to) or latency (planned from ONNX Runtime "
+        "latency tables measured on this machine; a macs_reduction or latency_speedup target)",
+    )
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="at most this share of a layer is removed")
     global_ranking: bool = Field(
         False, description="rank channels across layers (else the same ratio in each)"
@@ -189,6 +194,12 @@ class PruneConfig(_Strict):
                 f"give one target of {', '.join(TARGET_KEYS)}; got {' and '.join(given)} (set the other "
                 f"to null, e.g. --set prune.{given[0]}=null)"
             )
+        if self.allocation == "latency" and self.params_reduction is not None:
+            raise ValueError(
+                "allocation 'latency' plans for macs_reduction or latency_speedup, not params_reduction"
+            )
+        if self.allocation == "latency" and self.keep_classes is not None:
+            raise ValueError("allocation 'latency' does not combine with keep_classes; use 'uniform'")
         return self
 
     @property

@@ -194,6 +194,7 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
         data=ctx.loaders()[0],
         compensate=p.compensate,
         round_to=p.round_to,
+        allocation=p.allocation,
         max_layer_ratio=p.max_layer_ratio,
         global_ranking=p.global_ranking,
         ignored_layers=p.ignored_layers,

@@ -394,3 +394,20 @@ def test_quantize_command_writes_a_guarded_int8_copy(recipe, tmp_path, capsys):
     )
     assert "min_agreement must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (dict(macs_reduction=None, params_reduction=2.0), "params_reduction"),
+        (dict(keep_classes=[0, 1]), "keep_classes"),
+    ],
+)
+def test_latency_allocation_is_checked_when_the_recipe_is_read(extra, match):
+    data = json.loads(json.dumps(TINY))
+    data["prune"].update(allocation="latency", **extra)
+    with pytest.raises(ConfigError, match=rf"prune.*allocation 'latency'.*{match}"):
+        load_recipe(data)
+    data["prune"]["allocation"] = "fastest"
+    with pytest.raises(ConfigError, match=r"prune\.allocation"):
+        load_recipe(data)
