@@ -29,7 +29,13 @@ FAMILIES = (
     "googlenet,inception_v3,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,efficientnet_v2_s,"
     "regnet_x_400mf,shufflenet_v2_x0_5,mnasnet0_5,convnext_tiny"
 )
-MIN_SIZE = {"inception_v3": 96}  # its stem needs at least 75 px
+# inception_v3's stem needs at least 75 px; VGG and AlexNet end in an adaptive pool to 7x7 / 6x6
+# that ONNX can only export when it divides the map, i.e. at 224 px
+MIN_SIZE = {
+    "inception_v3": 96,
+    "alexnet": 224,
+    **{f"vgg{d}{bn}": 224 for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+}
 
 
 def case(name: str, criterion: str, size: int, probe_batches: int, threads: int) -> dict:
@@ -38,8 +44,7 @@ def case(name: str, criterion: str, size: int, probe_batches: int, threads: int)
 
     import icnn_compress as ic
     from icnn_compress.errors import IcnnCompressError
-    from icnn_compress.export import export_onnx
-    from icnn_compress.prune import load_pruned, prune_model, save_pruned
+    from icnn_compress.prune import prune_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -64,6 +69,21 @@ def case(name: str, criterion: str, size: int, probe_batches: int, threads: int)
     row["prune_s"] = time.perf_counter() - t0
     row["macs_reduction"] = res.macs_reduction
     pruned = res.model.eval()
+    try:
+        _export_and_reload(row, name, res, pruned, example, size)
+    except Exception as exc:  # a failure is a row of the table, not the end of the benchmark
+        row.update(ok=False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def _export_and_reload(row: dict, name: str, res, pruned, example, size: int) -> None:
+    """Export (parity) and save/reload the pruned model; fills ``row``."""
+    import torch
+
+    from icnn_compress.export import export_onnx
+    from icnn_compress.prune import load_pruned, save_pruned
+
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_onnx(pruned, Path(tmp) / "m.onnx", example)
         row["parity"] = exported.max_abs_diff
@@ -80,8 +100,6 @@ def case(name: str, criterion: str, size: int, probe_batches: int, threads: int)
         with torch.no_grad():
             row["reload_max_diff"] = float((loaded.eval()(example) - pruned(example)).abs().max())
     row["ok"] = row["reload_max_diff"] < 1e-4 and res.macs_reduction >= 2.0
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return row
 
 
 def main() -> None:

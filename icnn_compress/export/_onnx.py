@@ -58,6 +58,56 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+class _native_output:
+    """Capture what native code writes to file descriptors 1 and 2 during a block (torch's ONNX
+    exporter prints the whole IR graph to stdout on a failure, whatever its verbosity); replayed
+    after the block unless ``drop()`` was called."""
+
+    def __enter__(self) -> _native_output:
+        import sys
+
+        self.keep = True
+        self.saved: dict[int, tuple[int, object]] = {}
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            stream.flush()
+            buffer = tempfile.TemporaryFile()
+            self.saved[fd] = (os.dup(fd), buffer)
+            os.dup2(buffer.fileno(), fd)
+        return self
+
+    def drop(self) -> None:
+        self.keep = False
+
+    def __exit__(self, *exc) -> None:
+        import sys
+
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            stream.flush()
+            saved, buffer = self.saved[fd]
+            os.dup2(saved, fd)
+            os.close(saved)
+            if self.keep:
+                buffer.seek(0)
+                data = buffer.read()
+                if data:
+                    stream.write(data.decode(errors="replace"))
+            buffer.close()
+
+
+def _export_failure(exc: Exception, inputs) -> str:
+    """One line for a failure inside ``torch.onnx.export``."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    hint = ""
+    if "adaptive_avg_pool2d" in str(exc) or "adaptive_max_pool2d" in str(exc):
+        shape = tuple(inputs[0].shape) if inputs else "?"
+        hint = (
+            f" An adaptive pooling layer cannot be exported when its output size does not divide its "
+            f"input at this example size {shape} (torchvision's VGG/AlexNet pool to 7x7 and need "
+            "224 px inputs or more); export with a larger example, or set the pool to a divisor."
+        )
+    return f"torch.onnx could not export the model ({type(exc).__name__}: {text[:200]}).{hint}"
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -116,16 +166,21 @@ def export_onnx(
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                torch.onnx.export(
-                    model,
-                    inputs,
-                    tmp,
-                    input_names=input_names,
-                    output_names=output_names,
-                    dynamic_axes=axes,
-                    opset_version=opset,
-                    dynamo=False,
-                )
+                with _native_output() as native:
+                    try:
+                        torch.onnx.export(
+                            model,
+                            inputs,
+                            tmp,
+                            input_names=input_names,
+                            output_names=output_names,
+                            dynamic_axes=axes,
+                            opset_version=opset,
+                            dynamo=False,
+                        )
+                    except Exception as exc:  # the exporter's errors span pages: one line names the op
+                        native.drop()  # and the IR graph torch's C++ side printed goes too
+                        raise ExportError(_export_failure(exc, inputs)) from None
             _forward_tracer_warnings(caught)
             proto = onnx.load(tmp)
             props = {"producer": f"icnn-compress {__version__}"}
