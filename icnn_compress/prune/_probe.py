@@ -25,14 +25,23 @@ def collect_layer_inputs(
     store: dict[nn.Module, list[Tensor]] = {m: [] for m in modules}
 
     def hook(module, args):
-        x = args[0].detach().float()
+        x = args[0].detach()
         if x.dim() == 4:
-            x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        elif x.dim() > 2:
-            x = x.reshape(-1, x.shape[-1])
-        if x.shape[0] > rows_per_batch:
-            x = x[torch.randperm(x.shape[0], generator=g)[:rows_per_batch].to(x.device)]
-        store[module].append(x.cpu())
+            n, c, h, w = x.shape
+            if n * h * w > rows_per_batch:
+                # the same rows as permuting the whole map to (N*H*W, C) and sampling it, without
+                # copying the map: only the sampled positions are gathered
+                idx = torch.randperm(n * h * w, generator=g)[:rows_per_batch].to(x.device)
+                pos = idx % (h * w)
+                x = x[idx // (h * w), :, pos // w, pos % w]
+            else:
+                x = x.permute(0, 2, 3, 1).reshape(-1, c)
+        else:
+            if x.dim() > 2:
+                x = x.reshape(-1, x.shape[-1])
+            if x.shape[0] > rows_per_batch:
+                x = x[torch.randperm(x.shape[0], generator=g)[:rows_per_batch].to(x.device)]
+        store[module].append(x.float().cpu())
 
     handles = [m.register_forward_pre_hook(hook) for m in modules]
     device = next(model.parameters()).device
