@@ -257,11 +257,12 @@ def _first_reaching(plans: list, reached) -> int:
 
 def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, data, **kw):
     """``prune_model(..., allocation="latency")``: plan widths, prune to them, check, re-plan."""
-    from icnn_compress.prune._criteria import criterion_spec, make_importance
+    from icnn_compress.prune._criteria import criterion_spec
     from icnn_compress.prune._engine import (
         TargetError,
-        _classifier,
         _dependency_graph,
+        _ignored_modules,
+        _importance,
         _stats,
         _taylor_gradients,
         ignored_module_names,
@@ -279,16 +280,11 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
     spec = criterion_spec(kw["criterion"])
     if (spec.needs_data or kw["compensate"]) and data is None:
         raise ConfigError(f"criterion {kw['criterion']!r} / compensate=True needs data= (probe batches).")
-    options = {"probe_batches": kw["probe_batches"]} if "probe_batches" in spec.options else {}
-    importance = make_importance(kw["criterion"], **{**options, **(kw["criterion_options"] or {})})
+    importance = _importance(spec, kw["criterion"], kw["probe_batches"], kw["criterion_options"])
     work = copy.deepcopy(model)  # scores and groups are read from a copy; the caller's model is untouched
     device = next(work.parameters()).device
     example = example_inputs.to(device)
-    named = dict(work.named_modules())
-    ignored = [named[n] for n in ignored_module_names(work, kw["ignored_layers"])]
-    clf = _classifier(work)
-    if kw["keep_classifier"] and clf is not None and clf not in ignored:
-        ignored.append(clf)
+    ignored = _ignored_modules(work, ignored_module_names(work, kw["ignored_layers"]), kw["keep_classifier"])
     pruner = _dependency_graph(
         lambda: tp.pruner.MetaPruner(work, example, importance=importance, ignored_layers=ignored), work
     )
@@ -312,13 +308,16 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
             curve[w] = sum(latency.conv_ms(c, c.in_channels, w) for c in g.out_convs) + sum(
                 latency.conv_ms(c, w, c.out_channels) for c in g.in_convs
             )
-        g.menu = _efficient(curve, g.min_width) if (g.out_convs or g.in_convs) else sorted(curve)
+        g.menu = (
+            _efficient(curve, g.min_width)
+            if (g.out_convs or g.in_convs)
+            else [w for w in sorted(curve) if w >= g.min_width]
+        )
     macs0, _ = _stats(work, example[:1])
     plans = plan_latency_widths(groups, latency, spatial, base_macs=macs0)
     if not plans:
         raise TargetError(f"Target {target.kind}={target.value:g}: no layer can be narrowed.")
     timer = _SpeedupTimer(work, example, target) if target.kind == "latency_speedup" else None
-    work.to(device)
     common = dict(
         max_layer_ratio=kw["max_layer_ratio"],
         ignored_layers=kw["ignored_layers"],

@@ -330,6 +330,22 @@ def _track_absorbed(
                 out.setdefault(name, {})[orig[chans[0]]] = [(orig[c], w) for c, (_, w) in zip(chans[1:], ks)]
 
 
+def _importance(spec, criterion: str, probe_batches: int, criterion_options: dict | None):
+    """The criterion's importance object, with ``probe_batches`` when it takes that option."""
+    options = {"probe_batches": probe_batches} if "probe_batches" in spec.options else {}
+    return make_importance(criterion, **{**options, **(criterion_options or {})})
+
+
+def _ignored_modules(model: nn.Module, ignored_names: list[str], keep_classifier: bool) -> list[nn.Module]:
+    """The modules torch-pruning must leave alone: the named ones, and the classifier if kept."""
+    named = dict(model.named_modules())
+    ignored = [named[n] for n in ignored_names]
+    clf = _classifier(model)
+    if keep_classifier and clf is not None and clf not in ignored:
+        ignored.append(clf)
+    return ignored
+
+
 def _prepare_step(model, importance, spec, data, probe_batches: int, compensate: bool) -> dict:
     """Before a pruning step: refresh data-driven scores (and gradients for Taylor); returns the
     consumers' inputs on the probe batches when compensating (else ``{}``)."""
@@ -569,18 +585,14 @@ def prune_model(
             else "keep_classes"
         )
         raise ConfigError(f"{what} needs data= (a DataLoader of probe batches).")
-    options = {"probe_batches": probe_batches} if "probe_batches" in spec.options else {}
-    importance = make_importance(criterion, **{**options, **(criterion_options or {})})
+    importance = _importance(spec, criterion, probe_batches, criterion_options)
     # modules of the caller's model are matched by name before the copy, so they keep meaning
     ignored_names = ignored_module_names(model, ignored_layers)
     model = model if inplace else copy.deepcopy(model)
     device = next(model.parameters()).device
     example_inputs = example_inputs.to(device)
-    named = dict(model.named_modules())
-    ignored = [named[n] for n in ignored_names]
+    ignored = _ignored_modules(model, ignored_names, keep_classifier)
     clf = _classifier(model)
-    if keep_classifier and clf is not None and clf not in ignored:
-        ignored.append(clf)
     if keep_classes is not None:
         keep_classes = check_keep_classes(keep_classes, clf)
         responses = class_responses(model, data, probe_batches)

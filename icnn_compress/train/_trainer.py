@@ -351,7 +351,6 @@ class Trainer:
             self.train_loader, progress=self.progress, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False
         )
         lr = self.lr
-        steps = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
         for i, batch in enumerate(bar):
             x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
             lr = self._set_lr()
@@ -390,7 +389,7 @@ class Trainer:
             seen += n
             if step_hooks:  # a callback that wants every step's loss pays for reading it
                 self._call("on_step_end", self.global_step, float(values[0]))
-            if (i + 1) % SYNC_EVERY == 0 or (steps is not None and i + 1 == steps):
+            if (i + 1) % SYNC_EVERY == 0:  # (the epoch's last steps are checked after the loop)
                 self._raise_if_not_finite(first_bad, bad_values, epoch)
                 bar.set_postfix(loss=f"{float(values[1]):.3f}", lr=f"{lr:.2e}")
         self._raise_if_not_finite(first_bad, bad_values, epoch)
