@@ -5,9 +5,11 @@
     .venv/bin/python tools/bench.py --only criteria,summary
 
 Stages: the Fashion-MNIST baselines (trained once, cached in runs/baselines), the loss's
-training-step overhead, interpretability on synthetic parts, ONNX Runtime latency, the pruning
-criteria, where the loss's accuracy cost comes from (bench_icnn_cost.py) and the interpretable route
-over two independently trained bases (bench_route.py), then ``tools/bench_summary.py``
+training-step overhead, interpretability on synthetic parts, ONNX Runtime latency, latency-aware
+widths on trained models (bench_latency_aware.py), INT8, the torchvision model zoo
+(bench_zoo.py), the pruning criteria, where the loss's accuracy cost comes from
+(bench_icnn_cost.py) and the interpretable route over two independently trained bases
+(bench_route.py), then ``tools/bench_summary.py``
 (results/summary.json, results/summary.md, the accuracy-vs-latency plot and, for the full run,
 the table in README.md). Every stage caches what it trains under runs/ and the criteria, cost and
 route stages resume row by row, so a re-run skips finished work.
@@ -107,6 +109,34 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
             ]
         ],
         (60.0, 30.0),
+    ),
+    "latency_aware": (
+        [["bench_latency_aware.py", "--threads", "2", "--out", "{results}/latency_aware.json"]],
+        [
+            [
+                "bench_latency_aware.py",
+                "--models",
+                "vgg_small",
+                "--levels",
+                "3",
+                "--speedups",
+                "2",
+                "--eval-size",
+                "500",
+                "--recover-steps",
+                "10",
+                "--repeats",
+                "10",
+                "--out",
+                "{results}/latency_aware.json",
+            ]
+        ],
+        (900.0, 120.0),
+    ),
+    "zoo": (
+        [["bench_zoo.py", "--out", "{results}/zoo.json"]],
+        [["bench_zoo.py", "--models", "resnet18", "--criteria", "l2", "--out", "{results}/zoo.json"]],
+        (3600.0, 30.0),
     ),
     "cli": (
         [["bench_cli.py", "--out", "{results}/cli.json"]],
