@@ -238,7 +238,7 @@ def _forward_tracer_warnings(caught: list) -> None:
 def _parity(model, file, inputs, input_name, atol, rtol, ort) -> tuple[float, float]:
     sess = ort.InferenceSession(file, providers=["CPUExecutionProvider"])
     worst, agree, rows = 0.0, 0.0, 0
-    for x in inputs:
+    for i, x in enumerate(inputs):
         with torch.no_grad():
             ref = model(x)
         ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu().numpy()
@@ -246,12 +246,22 @@ def _parity(model, file, inputs, input_name, atol, rtol, ort) -> tuple[float, fl
         if got.shape != ref.shape:
             raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}.")
         diff = float(np.abs(got - ref).max())
-        if not np.isfinite(diff) or diff > atol + rtol * float(np.abs(ref).max()):
+        peak = float(np.abs(ref).max())
+        if not np.isfinite(diff) or diff > atol + rtol * peak:
+            why = (
+                "the exported graph computes something else than the PyTorch model (data-dependent "
+                "Python control flow, or an operator exported differently)"
+            )
+            if peak >= 1e3:  # rounding grows with the activations: say so, it is often the reason
+                why += (
+                    f"; or, as its outputs reach {peak:.3g} on this input, an ill-conditioned model "
+                    "(e.g. BatchNorm variances near zero) amplifies float32 rounding: check parity "
+                    "on inputs like your data with parity_inputs=[...]"
+                )
             raise ExportError(
-                f"Parity check failed: max |onnx - torch| = {diff:.3g} on a batch of {x.shape[0]} "
-                f"(allowed {atol:g} + {rtol:g} * max|torch| = {atol + rtol * float(np.abs(ref).max()):.3g}). "
-                "The exported graph computes something else than the PyTorch model (data-dependent "
-                "Python control flow, or an operator exported differently)."
+                f"Parity check failed: max |onnx - torch| = {diff:.3g} on parity input {i + 1} of "
+                f"{len(inputs)} (a batch of {x.shape[0]}; allowed {atol:g} + {rtol:g} * max|torch| = "
+                f"{atol + rtol * peak:.3g}); {why}."
             )
         worst = max(worst, diff)
         if ref.ndim == 2:
