@@ -224,10 +224,30 @@ def conv_signatures(model: nn.Module, loader, batches: int, *, used: bool = True
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     points = map_points(model, convs) if used else {n: layer_maps_point(model, n) for n in convs}
     size = getattr(loader, "batch_size", None) or 64
-    sigs = filter_signatures(
-        model, loader, sorted(set(points.values())), progress=False, max_images=batches * size
-    )
-    return points, sigs
+    spatial = _spatial_points(model, sorted(set(points.values())), next(iter(loader))[0].shape[1:])
+    sigs = filter_signatures(model, loader, spatial, progress=False, max_images=batches * size)
+    return {n: p for n, p in points.items() if p in set(spatial)}, sigs
+
+
+def _spatial_points(model: nn.Module, points: list[str], input_size: tuple[int, ...]) -> list[str]:
+    """The points whose maps have a receptive field: the convs after a pooling to 1x1 (the
+    squeeze-excitation blocks of EfficientNet, MobileNet v3...) have none, and get no signature
+    (their groups are ranked without clusters). One trace when every point is spatial."""
+    from icnn_compress.analysis import receptive_fields
+    from icnn_compress.errors import ConfigError
+
+    try:
+        receptive_fields(model, points, tuple(input_size))
+        return points
+    except ConfigError:
+        out = []
+        for point in points:
+            try:
+                receptive_fields(model, [point], tuple(input_size))
+                out.append(point)
+            except ConfigError:
+                continue
+        return out
 
 
 @register_criterion("icnn-cluster", needs_data=True)
@@ -317,9 +337,9 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         handle_cats = self.handle.filter_categories if self.handle is not None else {}
         self.labels, self.categories, self.depth = {}, {}, {}
         for depth, (name, conv) in enumerate(convs.items()):
-            sig = sigs[points[name]]
-            if sig.num_filters != conv.out_channels:
-                continue
+            sig = sigs.get(points.get(name))
+            if sig is None or sig.num_filters != conv.out_channels:
+                continue  # not spatial (no signature), or the map is not the conv's own width
             cats = handle_cats.get(name)
             ok = cats is not None and cats.numel() == conv.out_channels and bool((cats >= 0).all())
             self.labels[conv] = clustered[points[name]]

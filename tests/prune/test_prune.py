@@ -401,3 +401,34 @@ def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_line():
     ):
         prune_model(model, torch.rand(1, 3, 32, 32), target=1.5, progress=False, inplace=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_icnn_cluster_prunes_a_model_with_squeeze_excitation_blocks():
+    """The convs after a pooling to 1x1 (squeeze-excitation) have no receptive field: their groups
+    are ranked without clusters instead of failing (EfficientNet, MobileNet v3, in the zoo)."""
+    from torchvision.ops import SqueezeExcitation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        SqueezeExcitation(16, 8),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(8, 3, 16, 16, generator=g), torch.arange(8) % 4) for _ in range(2)]
+    res = prune_model(
+        model,
+        torch.rand(1, 3, 16, 16),
+        criterion="icnn-cluster",
+        target=1.5,
+        data=data,
+        compensate=True,
+        progress=False,
+    )
+    assert res.macs_reduction >= 1.5
+    assert res.model(torch.rand(2, 3, 16, 16)).shape == (2, 4)
