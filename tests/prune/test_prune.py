@@ -18,6 +18,8 @@ from icnn_compress.prune import (
     save_pruned,
 )
 
+from ._reload import save_and_reload_resnet_cifar8
+
 TWINS = {8: 0, 9: 1, 10: 2, 11: 3}  # copy -> original, in layer "3" (16 filters)
 
 
@@ -245,18 +247,9 @@ def test_save_load_is_exact(tmp_path):
     model = models.create("resnet_cifar8", num_classes=5, in_channels=1)
     res = prune_model(model, torch.rand(1, 1, 16, 16), criterion="l2", target=2.0, progress=False)
     path = tmp_path / "pruned.pt"
-    save_pruned(
-        res.model,
-        path,
-        arch="resnet_cifar8",
-        arch_kwargs={"num_classes": 5, "in_channels": 1},
-        history=res.history,
-        input_shape=(1, 16, 16),
-        metadata={"criterion": "l2"},
-    )
+    loaded, meta = save_and_reload_resnet_cifar8(res, path, metadata={"criterion": "l2"})
     record = torch.load(path, weights_only=True)  # plain tensors and strings only
     assert record["format"].startswith("icnn-compress-pruned")
-    loaded, meta = load_pruned(path)
     x = torch.rand(3, 1, 16, 16)
     res.model.eval()
     loaded.eval()

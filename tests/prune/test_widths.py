@@ -10,7 +10,9 @@ from torch import nn
 from icnn_compress import ConfigError, models
 from icnn_compress.measure import _layer_latency
 from icnn_compress.measure._layer_latency import conv_latency_table, latency_table_cache
-from icnn_compress.prune import Target, load_pruned, prune_model, save_pruned
+from icnn_compress.prune import Target, prune_model
+
+from ._reload import save_and_reload_resnet_cifar8
 
 
 def conv_widths(model: nn.Module) -> dict[str, int]:
@@ -33,16 +35,7 @@ def test_widths_prune_each_named_layer_to_its_width_and_reload(tmp_path):
     assert widths["layer3.0.shortcut.0"] == widths["layer3.0.conv2"] == 40
     assert widths["layer2.0.conv1"] == conv_widths(model)["layer2.0.conv1"]  # not named: untouched
     assert res.macs_reduction > 1.0
-    path = tmp_path / "p.pt"
-    save_pruned(
-        res.model,
-        path,
-        arch="resnet_cifar8",
-        arch_kwargs={"num_classes": 5, "in_channels": 1},
-        history=res.history,
-        input_shape=(1, 16, 16),
-    )
-    loaded, _ = load_pruned(path)
+    loaded, _ = save_and_reload_resnet_cifar8(res, tmp_path / "p.pt")
     x = torch.rand(2, 1, 16, 16)
     assert torch.equal(loaded.eval()(x), res.model.eval()(x))
 
