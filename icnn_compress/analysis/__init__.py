@@ -24,6 +24,7 @@ from icnn_compress.analysis._signatures import (
     filter_parts,
     filter_signatures,
     layer_maps_point,
+    layer_maps_points,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "filter_signatures",
     "ground_truth_parts",
     "layer_maps_point",
+    "layer_maps_points",
     "location_instability",
     "part_interpretability",
     "plot_cluster_overview",

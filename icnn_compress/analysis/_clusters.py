@@ -69,16 +69,14 @@ def filter_distances(
     d_resp = (1 - corr.clamp(-1, 1)) / 2
     h, w = sig.image_size
     wts = v / v.max(0).values.clamp_min(1e-12)  # (N, C) in [0, 1]
-    xy = sig.peak_xy.double()  # (N, C, 2)
-    c = v.shape[1]
-    num = torch.zeros(c, c, dtype=torch.float64)
-    den = torch.zeros(c, c, dtype=torch.float64)
-    for start in range(0, v.shape[0], 256):  # chunks of images bound the (n, C, C) temporaries
-        sl = slice(start, start + 256)
-        pair_w = wts[sl, :, None] * wts[sl, None, :]
-        dist = (xy[sl, :, None, :] - xy[sl, None, :, :]).norm(dim=-1)
-        num += (pair_w * dist).sum(0)
-        den += pair_w.sum(0)
+    den = wts.t() @ wts  # (C, C) sum over images of the pair weights
+    # the weighted distances one image at a time: (C, C) temporaries, never (N, C, C)
+    xy, w32 = sig.peak_xy.float(), wts.float()  # (N, C, 2), (N, C)
+    num32 = torch.zeros(v.shape[1], v.shape[1])
+    for k in range(v.shape[0]):
+        d = torch.cdist(xy[k], xy[k], compute_mode="donot_use_mm_for_euclid_dist")
+        num32.addcmul_(d, torch.outer(w32[k], w32[k]))
+    num = num32.double()
     d_loc = (num / den.clamp_min(1e-12)) / math.hypot(h, w)
     d_loc[den <= 1e-12] = 1.0 * location_scale  # never fire together: no evidence of a shared part
     dist = w_response * d_resp + w_location * (d_loc / location_scale).clamp(max=1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -12,8 +13,9 @@ from icnn_compress._progress import progress_bar
 from icnn_compress.analysis._receptive_field import RF, receptive_fields
 from icnn_compress.errors import ConfigError, ICNNError
 from icnn_compress.icnn import ICNNHandle, find_activation
+from icnn_compress.icnn._attach import trace_graph
 
-__all__ = ["LayerSignature", "filter_parts", "filter_signatures", "layer_maps_point"]
+__all__ = ["LayerSignature", "filter_parts", "filter_signatures", "layer_maps_point", "layer_maps_points"]
 
 
 @dataclass
@@ -58,13 +60,18 @@ class LayerSignature:
 
 def layer_maps_point(model: nn.Module, layer: str) -> str:
     """The module whose output holds ``layer``'s post-ReLU maps (the ReLU after a conv)."""
-    module = model.get_submodule(layer)
-    if isinstance(module, nn.Conv2d):
-        try:
-            return find_activation(model, layer)
-        except ICNNError:
-            return layer  # maps are then clamped at 0 by filter_signatures
-    return layer
+    return layer_maps_points(model, [layer])[layer]
+
+
+def layer_maps_points(model: nn.Module, layers: list[str]) -> dict[str, str]:
+    """``layer_maps_point`` of several layers, with at most one trace of the model."""
+    convs = [n for n in layers if isinstance(model.get_submodule(n), nn.Conv2d)]
+    graph = trace_graph(model) if convs else None
+    out = {name: name for name in layers}  # not a conv, or no ReLU: maps clamped at 0 later
+    for name in convs:
+        with contextlib.suppress(ICNNError):
+            out[name] = find_activation(model, name, graph=graph)
+    return out
 
 
 @torch.no_grad()
@@ -101,7 +108,7 @@ def filter_signatures(
     if not names:
         raise ConfigError("filter_signatures needs at least one layer name.")
     device = torch.device(device) if device else next(model.parameters()).device
-    points = {name: layer_maps_point(model, name) for name in names}
+    points = layer_maps_points(model, names)
     captured: dict[str, Tensor] = {}
     hooks = [
         model.get_submodule(point).register_forward_hook(

@@ -14,7 +14,7 @@ from icnn_compress.icnn._loss import FilterLossState
 from icnn_compress.icnn._mask import ICNNMask
 from icnn_compress.icnn._options import ICNNOptions
 
-__all__ = ["ICNNHandle", "attach_icnn", "find_activation", "last_conv_name", "top_layers"]
+__all__ = ["ICNNHandle", "attach_icnn", "find_activation", "last_conv_name", "top_layers", "trace_graph"]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
@@ -60,20 +60,30 @@ def top_layers(model: nn.Module, k: int = 1) -> list[str]:
     return convs[-k:]
 
 
-def find_activation(model: nn.Module, conv_name: str) -> str:
+def trace_graph(model: nn.Module) -> torch.fx.Graph | None:
+    """The model's ``torch.fx`` graph, or ``None`` when it cannot be traced symbolically."""
+    try:
+        return torch.fx.symbolic_trace(model).graph
+    except Exception:  # data-dependent control flow and the like
+        return None
+
+
+_TRACE = object()  # find_activation's default: trace the model itself
+
+
+def find_activation(model: nn.Module, conv_name: str, *, graph=_TRACE) -> str:
     """Name of the ReLU module that takes a conv's output (through an optional BatchNorm).
 
-    Traced with ``torch.fx`` where possible; otherwise the conv's next siblings in an
-    ``nn.Sequential``. Raises ``ICNNError`` when no single-use ReLU module follows.
+    Traced with ``torch.fx`` where possible (``graph``: a ``trace_graph(model)`` already made, so
+    that many convs cost one trace); otherwise the conv's next siblings in an ``nn.Sequential``.
+    Raises ``ICNNError`` when no single-use ReLU module follows.
     """
     hint = (
         f"name the activation module after {conv_name!r}, or a block whose output is post-ReLU "
         "(for example torchvision ResNet's 'layer4')"
     )
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # untraceable model: fall back to nn.Sequential order
-        graph = None
+    if graph is _TRACE:
+        graph = trace_graph(model)  # None: untraceable, fall back to nn.Sequential order
     if graph is not None:
         uses: dict[str, int] = {}
         for node in graph.nodes:

@@ -279,7 +279,10 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         cluster_maps: ``"used"`` (default: clusters of a residual group from the stream map
             nearest the output) or ``"own"`` (the maps of the group's root conv).
 
-    Call ``refresh(model, loader)`` before scoring (``prune_model`` does, at every step).
+    Call ``refresh(model, loader)`` before scoring (``prune_model`` does, at every step). Under
+    per-layer ranking ``prune_model`` also sets ``step_bound``: the elimination then stops once the
+    channels a step can remove are ranked, which gives them the same lowest scores as ranking
+    every channel, at a fraction of the cost on wide layers.
     """
 
     def __init__(
@@ -308,43 +311,54 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         self.ridge = ridge
         self.probe_batches = probe_batches
         self.handle = handle
-        self.labels: dict[nn.Module, Tensor] = {}
+        self._points: dict[nn.Module, str] = {}  # conv -> where its maps are read
+        self._sigs: dict = {}  # point -> LayerSignature
+        self._clustered: dict[str, Tensor] = {}  # point -> cluster labels, filled on first use
         self.categories: dict[nn.Module, Tensor] = {}
         self.depth: dict[nn.Module, int] = {}
         self.inputs: dict[nn.Module, Tensor] = {}
         self.out_scale: dict[nn.Module, Tensor] = {}
+        # set by prune_model before a step of per-layer ranking: group -> the most channels the
+        # step can remove from it (None: rank them all); only the lowest scores are then exact
+        self.step_bound: Callable[[object], int | None] | None = None
 
     def refresh(self, model: nn.Module, loader: DataLoader) -> None:
         """Recompute signatures, clusters and consumer inputs from the current model.
 
         A conv's filters are described where their maps are used: after its ReLU, or, for a conv
         that feeds a residual addition, after the ReLU that follows the addition."""
-        from icnn_compress.analysis import cluster_filters
-
         convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
         consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.inputs = collect_layer_inputs(model, loader, consumers, max_batches=self.probe_batches)
         self.out_scale = following_bn_scales(model) if self.consumer_units == "normalised" else {}
         points, sigs = conv_signatures(model, loader, self.probe_batches, used=self.cluster_maps == "used")
-        clustered: dict[str, Tensor] = {}
-        for point, sig in sigs.items():
-            found = cluster_filters(sig, distance_threshold=self.distance_threshold, ari=False)
-            labels = found.labels.clone()
-            # dead filters (-1) each form their own cluster: they add nothing, their energy is ~0
-            dead = torch.nonzero(labels < 0).flatten()
-            labels[dead] = labels.max() + 1 + torch.arange(dead.numel())
-            clustered[point] = labels
         handle_cats = self.handle.filter_categories if self.handle is not None else {}
-        self.labels, self.categories, self.depth = {}, {}, {}
+        self.categories, self.depth = {}, {}
+        self._points, self._sigs, self._clustered = {}, sigs, {}
         for depth, (name, conv) in enumerate(convs.items()):
             sig = sigs.get(points.get(name))
             if sig is None or sig.num_filters != conv.out_channels:
                 continue  # not spatial (no signature), or the map is not the conv's own width
             cats = handle_cats.get(name)
             ok = cats is not None and cats.numel() == conv.out_channels and bool((cats >= 0).all())
-            self.labels[conv] = clustered[points[name]]
+            self._points[conv] = points[name]
             self.categories[conv] = cats.cpu().clone() if ok else sig.category.clone()
             self.depth[conv] = depth
+
+    def cluster_labels(self, conv: nn.Module) -> Tensor:
+        """Cluster labels ``(C,)`` of a conv's filters, clustered on first use (a group's labels
+        come from one of its convs, so most maps are never clustered)."""
+        point = self._points[conv]
+        if point not in self._clustered:
+            from icnn_compress.analysis import cluster_filters
+
+            found = cluster_filters(self._sigs[point], distance_threshold=self.distance_threshold, ari=False)
+            labels = found.labels.clone()
+            # dead filters (-1) each form their own cluster: they add nothing, their energy is ~0
+            dead = torch.nonzero(labels < 0).flatten()
+            labels[dead] = labels.max() + 1 + torch.arange(dead.numel())
+            self._clustered[point] = labels
+        return self._clustered[point]
 
     def _group_labels(self, group, n: int) -> tuple[Tensor | None, Tensor | None]:
         """Cluster labels and categories ``(n,)`` in the root's channel numbering, from the deepest
@@ -352,7 +366,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         best = None
         for k, (dep, idxs) in enumerate(group):
             module = dep.target.module
-            if dep.pruning_fn != tp.prune_conv_out_channels or module not in self.labels:
+            if dep.pruning_fn != tp.prune_conv_out_channels or module not in self._points:
                 continue
             if self.cluster_maps == "own" and k > 0:
                 continue  # the root's own maps only
@@ -361,11 +375,12 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         if best is None:
             return None, None
         module, idxs, root_idxs = best
+        found = self.cluster_labels(module)
         labels = torch.full((n,), -1, dtype=torch.long)
         cats = torch.full((n,), -1, dtype=torch.long)
         for i, r in zip(idxs, root_idxs):
-            if 0 <= r < n and i < self.labels[module].numel():
-                labels[r] = self.labels[module][i]
+            if 0 <= r < n and i < found.numel():
+                labels[r] = found[i]
                 cats[r] = self.categories[module][i]
         if bool((labels < 0).any()):
             return None, None
@@ -376,12 +391,17 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         n = len(group[0].idxs)
         scores = torch.zeros(n, dtype=torch.float64)
         used = 0
-        labels, cats = self._group_labels(group, n)
         if not isinstance(group[0].dep.target.module, nn.Conv2d):
             # hidden units of a Linear layer are not filters with maps: rank them by magnitude (and
             # the elimination below would cost O(width^3) on a 4096-wide classifier layer)
             return tp.importance.GroupMagnitudeImportance(p=2)(group)
-        for module, idxs, root_idxs in consumer_deps(group):
+        labels, cats = self._group_labels(group, n)
+        consumers = list(consumer_deps(group))
+        # ranking stops early only where that is exact: one consumer (the lowest scores of a sum
+        # over consumers need every consumer's full ranking) and no rescaling per category
+        exact_early = self.step_bound is not None and len(consumers) == 1 and not self.balance_categories
+        bound = self.step_bound(group) if exact_early else None
+        for module, idxs, root_idxs in consumers:
             acts = self.inputs.get(module)
             if acts is None or (isinstance(module, nn.Conv2d) and module.groups > 1):
                 continue
@@ -406,7 +426,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             a[:, order] = acts[:, idxs].double()
             w2 = torch.zeros(n, dtype=torch.float64)
             w2[order] = w.transpose(0, 1)[idxs].flatten(1).pow(2).sum(1)
-            scores += self._score(a, w2, labels, self.ridge)
+            scores += self._score(a, w2, labels, self.ridge, bound)
             used += 1
         if used == 0:  # no probe for this group: fall back to the L2 magnitude
             return tp.importance.GroupMagnitudeImportance(p=2)(group)
@@ -428,36 +448,62 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         return (scores / scores.mean().clamp_min(1e-12)).float()
 
     @staticmethod
-    def _score(a: Tensor, w2: Tensor, labels: Tensor | None, ridge: float = 1e-5) -> Tensor:
+    def _score(
+        a: Tensor, w2: Tensor, labels: Tensor | None, ridge: float = 1e-5, bound: int | None = None
+    ) -> Tensor:
         """Per channel: the consumer's output energy that the other channels cannot reconstruct.
         ``a``: ``(rows, n)`` consumer inputs; ``w2``: ``(n,)`` squared norms of the consumer
-        weights that read each channel; ``labels``: ``(n,)`` cluster of each channel."""
+        weights that read each channel; ``labels``: ``(n,)`` cluster of each channel.
+
+        ``bound``: stop the elimination once this many channels that are not the last of their
+        cluster are ranked (the most a step can remove); the channels still kept then score their
+        current cost above every ranked one. The lowest ``bound`` scores are the same as with the
+        full elimination, at ``O(n * bound^2)`` instead of ``O(n^3)`` after the inverse."""
         a = a - a.mean(0)  # a constant part is absorbed by the consumer's bias (compensation does it)
         cov = a.t() @ a / a.shape[0]
         cov += ridge * (cov.diagonal().mean() + 1e-30) * torch.eye(cov.shape[0], dtype=cov.dtype)
         # backward elimination: the residual variance of channel i regressed on the channels still
-        # kept is 1 / (P)_ii with P = cov^-1 restricted to them; remove the cheapest, update P by a
-        # rank-one downdate, repeat. Twins: the first goes at ~0 cost, the second is then expensive.
+        # kept is 1 / (P)_ii with P = cov^-1 restricted to them; remove the cheapest, downdate P by
+        # rank one, repeat. Twins: the first goes at ~0 cost, the second is then expensive.
+        # The downdates are kept as the columns of u (P = cov^-1 - u u^T): each removal costs one
+        # matrix-vector product with the removals so far, and only P's diagonal is kept whole.
         prec = torch.linalg.inv(cov)
-        left = torch.ones(out_n := w2.numel(), dtype=torch.bool)
-        out = torch.zeros(out_n, dtype=torch.float64)
-        running = 0.0
-        for _ in range(out_n):
-            cost = w2 / prec.diagonal().clamp_min(1e-30)
-            cost[~left] = float("inf")
+        n = w2.numel()
+        diag = prec.diagonal().clone()
+        w2_left = w2.clone()  # a removed channel's weight becomes inf, so it is never picked again
+        members = torch.bincount(labels).tolist() if labels is not None else None
+        cluster = labels.tolist() if labels is not None else None
+        limit = n if bound is None else min(n, max(int(bound), 0))
+        u = torch.zeros(n, min(n, 2 * limit + 8), dtype=torch.float64)
+        order: list[int] = []
+        values: list[float] = []
+        running, ranked, t = 0.0, 0, 0
+        while ranked < limit and t < n:
+            if t == u.shape[1]:  # many representatives on the way: room for more removals
+                u = torch.cat([u, torch.zeros(n, min(u.shape[1], n - t), dtype=u.dtype)], 1)
+            cost = w2_left / diag.clamp_min(1e-30)
             i = int(cost.argmin())
             running = max(running * (1 + 1e-9), float(cost[i]))  # increasing in the order of removal
-            out[i] = running
-            left[i] = False
-            p_i = prec[:, i].clone()
-            prec -= torch.outer(p_i, p_i) / p_i[i].clamp_min(1e-30)
-            prec[i, :] = 0
-            prec[:, i] = 0
-            prec[i, i] = 1.0
-        if labels is not None:
-            reps = torch.zeros(out.numel(), dtype=torch.bool)
-            for cl in labels.unique():
-                members = torch.nonzero(labels == cl).flatten()
-                reps[members[out[members].argmax()]] = True
-            out[reps] += out.max()
+            order.append(i)
+            values.append(running)
+            w2_left[i] = float("inf")
+            col = torch.addmv(prec[:, i], u[:, :t], u[i, :t], alpha=-1)  # column i of the current P
+            piv = max(float(col[i]), 1e-30)
+            torch.mul(col, piv**-0.5, out=u[:, t])
+            diag.addcmul_(col, col, value=-1.0 / piv)
+            t += 1
+            if members is None:
+                ranked += 1
+            else:  # the last of its cluster becomes the representative, never removed by a step
+                members[cluster[i]] -= 1
+                ranked += members[cluster[i]] > 0
+        out = w2 / diag.clamp_min(1e-30)  # stopped early: the channels left rank above, in order
+        out = running * (1 + 1e-6) + out.clamp_min(0)
+        out[order] = torch.tensor(values, dtype=torch.float64)
+        if labels is not None:  # each cluster's representative: its first highest-scoring member
+            k = int(labels.max()) + 1
+            top = torch.full((k,), -float("inf"), dtype=out.dtype).scatter_reduce(0, labels, out, "amax")
+            at_top = torch.nonzero(out == top[labels]).flatten()
+            first = torch.full((k,), n, dtype=torch.long).scatter_reduce(0, labels[at_top], at_top, "amin")
+            out[first[first < n]] += out.max()
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,6 +360,23 @@ def _prepare_step(model, importance, spec, data, probe_batches: int, compensate:
     return collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
 
 
+def _step_bound(ratio: float, round_to: int | None, first_widths: dict) -> Callable:
+    """``group -> int | None``: the most channels a step of per-layer ranking at channel ratio
+    ``ratio`` removes from a group, as torch-pruning counts them (from the group's width when it was
+    first scored, rounded to ``round_to``); ``None`` for groups with grouped convs, whose scores are
+    averaged over the groups before ranking."""
+
+    def bound(group) -> int | None:
+        modules = {dep.target.module for dep, _ in group}
+        if any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels for m in modules):
+            return None
+        n = len(group[0].idxs)
+        first = first_widths.setdefault(group[0].dep.source.module, n)
+        return max(0, n - int(first * (1 - ratio))) + (round_to - 1 if round_to else 0)
+
+    return bound
+
+
 def _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed) -> int:
     """Compensate (if asked), record and prune one dependency group; returns the layers compensated."""
     done = 0
@@ -644,6 +662,7 @@ def prune_model(
             model.to(device)
         reached = True
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
+    first_widths: dict = {}  # group root -> its width when first scored (torch-pruning's reference)
     loop_steps = 0 if widths is not None else steps_max + _FINE_STEPS  # widths: done above
     bar = progress_bar(
         total=loop_steps and steps_max, progress=progress, desc=f"prune {criterion}", leave=False
@@ -654,6 +673,8 @@ def prune_model(
             break
         ratio, approach = planned
         pruner.per_step_pruning_ratio[step] = ratio
+        if hasattr(importance, "step_bound") and not global_ranking:
+            importance.step_bound = _step_bound(ratio, round_to, first_widths)
         inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
         # on the approach to the target, check it after every group and stop there, since all
         # layers' widths move in whole channels at once and would overshoot together

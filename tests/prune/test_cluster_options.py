@@ -40,10 +40,10 @@ def test_residual_group_uses_the_clusters_of_the_deepest_stream_map():
     group = graph.get_pruning_group(model.conv1, tp.prune_conv_out_channels, idxs=list(range(16)))
     labels, cats = imp._group_labels(group, 16)
     deepest = model.layer1[-1].conv2  # the stem's channels are carried to the end of stage 1
-    assert torch.equal(labels, imp.labels[deepest]) and torch.equal(cats, imp.categories[deepest])
+    assert torch.equal(labels, imp.cluster_labels(deepest)) and torch.equal(cats, imp.categories[deepest])
     own = make_importance("icnn-cluster", probe_batches=3, cluster_maps="own")
     own.refresh(model, data)
-    assert torch.equal(own._group_labels(group, 16)[0], own.labels[model.conv1])
+    assert torch.equal(own._group_labels(group, 16)[0], own.cluster_labels(model.conv1))
     scores = imp(group)
     assert scores.shape == (16,) and bool(torch.isfinite(scores).all())
 

@@ -1,0 +1,125 @@
+"""icnn-cluster's ranking, made cheap without changing what it removes: the backward elimination
+against a brute-force reference, early stopping where a step cannot reach further, the location
+distances against their direct formula, and one trace of the model for all its maps."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import icnn_compress.prune._engine as engine
+from icnn_compress import models
+from icnn_compress.analysis import filter_distances, layer_maps_points
+from icnn_compress.prune import prune_model
+from icnn_compress.prune._criteria import ClusterRedundancyImportance
+
+score = ClusterRedundancyImportance._score
+
+
+def brute_force_order(a: torch.Tensor, w2: torch.Tensor, ridge: float = 1e-5) -> list[int]:
+    """Backward elimination by definition: refit every remaining channel on the others each time."""
+    a = a - a.mean(0)
+    cov = a.t() @ a / a.shape[0]
+    cov += ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    left, order = list(range(w2.numel())), []
+    while left:
+        prec = torch.linalg.inv(cov[left][:, left])
+        cost = w2[left] / prec.diagonal()
+        order.append(left.pop(int(cost.argmin())))
+    return order
+
+
+def redundant_inputs(n: int, rows: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, n)`` inputs where the second half are noisy scaled copies of the first, and weights."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, n - n // 2, generator=g, dtype=torch.float64)
+    twins = 2 * base[:, : n // 2] + 0.05 * torch.randn(rows, n // 2, generator=g, dtype=torch.float64)
+    return torch.cat([base, twins], 1), torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+
+
+def test_elimination_order_is_the_brute_force_order():
+    a, w2 = redundant_inputs(12)
+    scores = score(a, w2, labels=None)
+    assert scores.argsort().tolist() == brute_force_order(a, w2)
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_stopping_early_keeps_the_lowest_scores(with_labels):
+    a, w2 = redundant_inputs(96, rows=600, seed=1)
+    labels = torch.arange(96) % 30 if with_labels else None
+    full = score(a, w2, labels)
+    for bound in (1, 5, 17):
+        early = score(a, w2, labels, bound=bound)
+        assert torch.equal(early.argsort()[:bound], full.argsort()[:bound]), bound
+        assert torch.allclose(early.sort().values[:bound], full.sort().values[:bound])
+    if with_labels:  # no cluster loses its last member to a step
+        lowest = set(score(a, w2, labels, bound=17).argsort()[:17].tolist())
+        assert all(not set(torch.nonzero(labels == cl).flatten().tolist()) <= lowest for cl in range(30))
+
+
+def test_prune_model_removes_the_same_channels_with_and_without_early_stopping(monkeypatch):
+    def run():
+        torch.manual_seed(0)
+        model = models.create("resnet_cifar8", num_classes=4, in_channels=1).eval()
+        g = torch.Generator().manual_seed(0)
+        ds = TensorDataset(torch.rand(48, 1, 16, 16, generator=g), torch.randint(0, 4, (48,), generator=g))
+        return prune_model(
+            model,
+            torch.rand(1, 1, 16, 16),
+            criterion="icnn-cluster",
+            target=2.0,
+            data=DataLoader(ds, batch_size=16),
+            compensate=True,
+            probe_batches=3,
+            step_ratio=0.1,
+            round_to=None,
+            progress=False,
+        )
+
+    bounds: list = []
+    real = engine._step_bound
+
+    def spy(*args):
+        bound = real(*args)
+        return lambda group: bounds.append(bound(group)) or bounds[-1]
+
+    monkeypatch.setattr(engine, "_step_bound", spy)
+    early = run()
+    assert any(b is not None and b < 8 for b in bounds)  # the early stop did happen
+    monkeypatch.setattr(engine, "_step_bound", lambda *args: lambda group: None)
+    full = run()
+    assert early.removed == full.removed and early.macs_after == full.macs_after
+
+
+def test_location_distances_match_their_formula():
+    g = torch.Generator().manual_seed(0)
+    n, c, size = 20, 7, (16, 16)
+    value = torch.rand(n, c, generator=g) * (torch.rand(n, c, generator=g) > 0.3)
+    xy = torch.rand(n, c, 2, generator=g) * 16
+    # the fields filter_distances reads
+    sig = SimpleNamespace(
+        peak_value=value, peak_xy=xy, category=torch.zeros(c, dtype=torch.long), image_size=size
+    )
+    got = filter_distances(sig, w_response=0.0, w_location=1.0, location_scale=1.0).double()
+    wts = value.double() / value.double().max(0).values
+    expected = torch.zeros(c, c, dtype=torch.float64)
+    for i in range(c):
+        for j in range(c):
+            pw = wts[:, i] * wts[:, j]
+            d = (xy[:, i].double() - xy[:, j].double()).norm(dim=1)
+            expected[i, j] = 0.0 if i == j else float((pw * d).sum() / pw.sum()) / math.hypot(*size)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_maps_of_many_convs_cost_one_trace(monkeypatch):
+    model = models.create("resnet_cifar8", num_classes=4, in_channels=1)
+    traces = []
+    real = torch.fx.symbolic_trace
+    monkeypatch.setattr(torch.fx, "symbolic_trace", lambda m, *a, **k: traces.append(1) or real(m, *a, **k))
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    points = layer_maps_points(model, convs)
+    assert len(traces) == 1
+    assert points["conv1"] == "relu" and points["layer1.0.conv1"] == "layer1.0.relu1"
