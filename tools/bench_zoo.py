@@ -6,8 +6,9 @@ batches, ``export_onnx`` (checker + parity against PyTorch in ONNX Runtime), and
 ``save_pruned``/``load_pruned`` (the reloaded model must give the same outputs). Each case runs in
 its own process, so ``peak_rss_mb`` is that case's peak resident memory. A model that cannot be
 pruned is recorded with the one-line reason the library gives.
-Writes tools/results/zoo.json with ``summary.<model>.<criterion>`` = {ok, macs_reduction, prune_s,
-peak_rss_mb, parity, reason}.
+timm models (``timm:<name>``, the optional extra) are in the default list. Writes
+tools/results/zoo.json with ``summary.<model>.<criterion>`` = {ok, macs_reduction, prune_s,
+peak_rss_mb, parity, reason}; a run of some models replaces only their rows.
 
     .venv/bin/python tools/bench_zoo.py [--models resnet18,...] [--criteria l2,icnn-cluster]
 """
@@ -28,6 +29,11 @@ FAMILIES = (
     "resnet18,resnet50,resnext50_32x4d,wide_resnet50_2,vgg11,vgg11_bn,alexnet,squeezenet1_0,densenet121,"
     "googlenet,inception_v3,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,efficientnet_v2_s,"
     "regnet_x_400mf,shufflenet_v2_x0_5,mnasnet0_5,convnext_tiny"
+)
+# the common timm CNN families (random init; the optional extra icnn-compress[timm])
+TIMM_FAMILIES = (
+    "timm:resnet50,timm:efficientnet_b0,timm:convnext_nano,timm:regnety_002,timm:mobilenetv3_large_100,"
+    "timm:cspdarknet53,timm:darknet53,timm:cspresnet50"
 )
 # inception_v3's stem needs at least 75 px; VGG and AlexNet end in an adaptive pool to 7x7 / 6x6
 # that ONNX can only export when it divides the map, i.e. at 224 px
@@ -102,9 +108,26 @@ def _export_and_reload(row: dict, name: str, res, pruned, example, size: int) ->
     row["ok"] = row["reload_max_diff"] < 1e-4 and res.macs_reduction >= 2.0
 
 
+def _earlier(out: Path) -> tuple[list, dict]:
+    """The rows and summary already in ``out``: a run of some models replaces only their rows
+    (each row keeps the command that measured it)."""
+    import json
+
+    if not out.is_file():
+        return [], {}
+    try:
+        old = json.loads(out.read_text())
+    except ValueError:
+        return [], {}
+    if old.get("benchmark") != "zoo":
+        return [], {}
+    rows = [{"command": old.get("command"), **r} for r in old.get("rows", [])]
+    return rows, dict(old.get("summary", {}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=FAMILIES)
+    p.add_argument("--models", default=f"{FAMILIES},{TIMM_FAMILIES}")
     p.add_argument("--criteria", default="l2,icnn-cluster")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--probe-batches", type=int, default=4)
@@ -113,7 +136,8 @@ def main() -> None:
     a = p.parse_args()
     from icnn_compress.io import atomic_write_json, environment_info
 
-    rows, summary = [], {}
+    rows, summary = _earlier(Path(a.out))
+    command = command_line("bench_zoo.py", a, skip=("out",))
     ctx = mp.get_context("spawn")
     for name in a.models.split(","):
         for crit in a.criteria.split(","):
@@ -129,7 +153,8 @@ def main() -> None:
                         "reason": f"{type(exc).__name__}: {first}",
                         "raw_exception": True,
                     }
-            rows.append(row)
+            row["command"] = command
+            rows = [r for r in rows if (r.get("model"), r.get("criterion")) != (name, crit)] + [row]
             summary.setdefault(name, {})[crit] = {
                 k: row.get(k) for k in ("ok", "macs_reduction", "prune_s", "peak_rss_mb", "parity", "reason")
             }
@@ -141,7 +166,7 @@ def main() -> None:
             atomic_write_json(
                 {
                     "benchmark": "zoo",
-                    "command": command_line("bench_zoo.py", a, skip=("out",)),
+                    "command": command,
                     "environment": environment_info(),
                     "setup": {
                         **vars(a),

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from icnn_compress.models._registry import register_model
-from icnn_compress.models._weights import load_weights, torchvision_weights_state_dict
+from icnn_compress.models._weights import load_matching_weights, load_weights, torchvision_weights_state_dict
 
 __all__ = ["TORCHVISION_MODELS"]
 
@@ -59,13 +59,8 @@ def _build(arch: str, *, num_classes=10, in_channels=3, small_input=False, weigh
     if weights is None:
         return model
     if weights.isupper() or weights == "DEFAULT":  # a torchvision weights name, from the local cache
-        state = torchvision_weights_state_dict(arch, weights)
-        own = model.state_dict()
         # the classifier / stem may have been changed: keep what fits, report the rest
-        keep = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-        model.load_state_dict(keep, strict=False)
-        model.icnn_skipped_weights = sorted(set(own) - set(keep))  # type: ignore[attr-defined]
-        return model
+        return load_matching_weights(model, torchvision_weights_state_dict(arch, weights))
     return load_weights(model, weights, strict=strict)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from icnn_compress.errors import ConfigError
 
-__all__ = ["load_weights", "torchvision_weights_state_dict"]
+__all__ = ["load_matching_weights", "load_weights", "torchvision_weights_state_dict"]
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike | dict, *, strict: bool = True) -> nn.Module:
@@ -52,6 +52,17 @@ def load_weights(model: nn.Module, source: str | os.PathLike | dict, *, strict: 
             + ". Check num_classes/in_channels, or pass strict=False to skip missing/unexpected keys."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return model
+
+
+def load_matching_weights(model: nn.Module, state: dict) -> nn.Module:
+    """Load the tensors of ``state`` whose name and shape fit ``model`` (pretrained weights into a
+    model whose classifier or stem was changed); the names left at their init are listed in
+    ``model.icnn_skipped_weights``."""
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(keep, strict=False)
+    model.icnn_skipped_weights = sorted(set(own) - set(keep))  # type: ignore[attr-defined]
     return model
 
 

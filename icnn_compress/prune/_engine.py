@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import tempfile
+import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +25,8 @@ from icnn_compress.prune._classes import KeepClassesImportance, check_keep_class
 from icnn_compress.prune._compensation import compensate_group
 from icnn_compress.prune._criteria import criterion_spec, make_importance
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "PruneResult",
@@ -45,35 +51,62 @@ class UnsupportedModelError(ConfigError):
 
 def _dependency_graph(build, model: nn.Module):
     """Run ``build()`` (which traces ``model`` with torch-pruning) and turn a failure inside
-    torch-pruning into one line that names the operation it stopped at."""
-    try:
+    torch-pruning into one line that names the operation it stopped at. Free parameters such as
+    ConvNeXt's layer scales, ``(C,)`` or ``(C, 1, 1)``, are pruned along their channels without
+    torch-pruning's warning about them."""
+    with _torch_pruning_errors(
+        model,
+        "trace the channel dependencies of",
+        "reshapes that mix channels, such as ShuffleNet's channel shuffle, are not supported; "
+        "nothing was changed",
+    ):
         return build()
+
+
+@contextlib.contextmanager
+def _torch_pruning_errors(model: nn.Module, doing: str, advice: str):
+    """A raw exception raised inside torch-pruning becomes one ``UnsupportedModelError`` line
+    naming the layer it was handling; exceptions from elsewhere pass through unchanged."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            yield
     except IcnnCompressError:
         raise
     except Exception as exc:
-        import traceback
-
-        where, names = "", {m: n for n, m in model.named_modules()}
-        for frame, _ in traceback.walk_tb(exc.__traceback__):
-            node = frame.f_locals.get("node")
-            if node is None or not hasattr(node, "inputs"):
-                continue
-            # name the operation by the nearest layer of the model that feeds it
-            seen, todo = set(), [node]
-            while todo and not where:
-                cur = todo.pop(0)
-                if id(cur) in seen:
-                    continue
-                seen.add(id(cur))
-                if names.get(getattr(cur, "module", None)):
-                    where = f" after layer {names[cur.module]!r}"
-                todo.extend(getattr(cur, "inputs", []))
+        frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+        if not frames or "torch_pruning" not in frames[-1].f_code.co_filename:
+            raise
         text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise UnsupportedModelError(
-            f"torch-pruning cannot trace the channel dependencies of this model{where} "
-            f"({type(exc).__name__}{': ' + text if text else ''}); reshapes that mix channels, such as "
-            "ShuffleNet's channel shuffle, are not supported; nothing was changed."
+            f"torch-pruning cannot {doing} this model{_failing_layer(frames, model)} "
+            f"({type(exc).__name__}{': ' + text if text else ''}); {advice}."
         ) from None
+
+
+def _failing_layer(frames: list, model: nn.Module) -> str:
+    """`` after layer 'name'`` for the nearest layer of the model feeding the graph node that the
+    failing torch-pruning frames were tracing, else `` at layer 'name'`` for the innermost layer
+    they were handling."""
+    names = {m: n for n, m in model.named_modules()}
+    for frame in frames:
+        node = frame.f_locals.get("node")
+        if node is None or not hasattr(node, "inputs"):
+            continue
+        seen, todo = set(), [node]
+        while todo:
+            cur = todo.pop(0)
+            if id(cur) in seen:
+                continue
+            seen.add(id(cur))
+            if names.get(getattr(cur, "module", None)):
+                return f" after layer {names[cur.module]!r}"
+            todo.extend(getattr(cur, "inputs", []))
+    for frame in reversed(frames):
+        for key in ("layer", "module"):
+            if names.get(frame.f_locals.get(key)):
+                return f" at layer {names[frame.f_locals[key]]!r}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -360,6 +393,47 @@ def _prepare_step(model, importance, spec, data, probe_batches: int, compensate:
     return collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
 
 
+def _leave_unfollowed_splits(pruner) -> list[nn.Module]:
+    """Add to the pruner's ignored layers the convs of every dependency group that maps a channel
+    past the end of one of its layers (torch-pruning does not follow some channel splits, such as
+    CSP blocks splitting a conv's output in two: pruning those groups fails or corrupts the model).
+    Returns the convs so left unpruned."""
+    dg, left = pruner.DG, []
+    for group in dg.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        if any(_past_the_end(dg, dep, idxs) for dep, idxs in group):
+            left += [
+                dep.target.module
+                for dep, _ in group
+                if isinstance(dep.target.module, nn.Conv2d)
+                and dg.is_out_channel_pruning_fn(dep.handler)
+                and dep.target.module not in left
+            ]
+    pruner.ignored_layers.extend(left)
+    return left
+
+
+def _past_the_end(dg, dep, idxs) -> bool:
+    """Whether a dependency indexes channels that its layer does not have."""
+    module = dep.target.module
+    if not idxs or not isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        return False
+    size = (
+        dg.get_out_channels(module)
+        if dg.is_out_channel_pruning_fn(dep.handler)
+        else dg.get_in_channels(module)
+    )
+    return size is not None and max(idxs) >= size
+
+
+_STEP_ADVICE = (
+    "its graph maps a channel past the end of that layer, which happens with channel splits it "
+    "does not follow (such as CSP blocks splitting a layer's channels in two); ignore that layer "
+    "(ignored_layers) or choose another model"
+)
+
+
 def _step_bound(ratio: float, round_to: int | None, first_widths: dict) -> Callable:
     """``group -> int | None``: the most channels a step of per-layer ranking at channel ratio
     ``ratio`` removes from a group, as torch-pruning counts them (from the group's width when it was
@@ -635,6 +709,14 @@ def prune_model(
         model,
     )
     names = {m: n for n, m in model.named_modules()}
+    unfollowed = _leave_unfollowed_splits(pruner)
+    if unfollowed:
+        _log.warning(
+            "%d layers are left unpruned: torch-pruning does not follow the channel split after them "
+            "(as in CSP blocks): %s",
+            len(unfollowed),
+            ", ".join(names[m] for m in unfollowed[:8]) + (" ..." if len(unfollowed) > 8 else ""),
+        )
     alive = {n: list(range(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     if keep_classes is not None:
         importance.bind(names, alive)
@@ -650,10 +732,15 @@ def prune_model(
         bar = progress_bar(total=steps, progress=progress, desc=f"prune {criterion}", leave=False)
         for step in range(1, steps + 1):
             inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
-            for root, c0, width in roots.values():
-                group = _step_group(pruner.DG, root, importance, c0 - math.floor((c0 - width) * step / steps))
-                if group is not None:
-                    compensated += _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed)
+            with _torch_pruning_errors(model, "rank and remove the channels of", _STEP_ADVICE):
+                for root, c0, width in roots.values():
+                    group = _step_group(
+                        pruner.DG, root, importance, c0 - math.floor((c0 - width) * step / steps)
+                    )
+                    if group is not None:
+                        compensated += _remove(
+                            group, inputs, ridge, compensate, names, alive, removed, absorbed
+                        )
             bar.update(1)
         bar.close()
         macs, params = _stats(model, example_inputs)
@@ -678,13 +765,15 @@ def prune_model(
         inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
         # on the approach to the target, check it after every group and stop there, since all
         # layers' widths move in whole channels at once and would overshoot together
-        for group in pruner.step(interactive=True):
-            compensated += _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed)
-            if (
-                approach
-                and _reduction(target, (macs0, params0), _stats(model, example_inputs)) >= target.value
-            ):
-                break
+        # groups come one at a time: each is built on the model as the ones before it left it
+        with _torch_pruning_errors(model, "rank and remove the channels of", _STEP_ADVICE):
+            for group in pruner.step(interactive=True):
+                compensated += _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed)
+                if (
+                    approach
+                    and _reduction(target, (macs0, params0), _stats(model, example_inputs)) >= target.value
+                ):
+                    break
         macs, params = _stats(model, example_inputs)
         bar.update(1)
         bar.set_postfix(macs=f"{macs0 / max(macs, 1):.2f}x")

@@ -75,6 +75,7 @@ def rebuild_pruned(record: dict) -> nn.Module:
     """The model of a verified ``read_pruned_record`` record (``load_pruned`` without reading twice)."""
     from icnn_compress import models
     from icnn_compress.icnn import attach_icnn
+    from icnn_compress.prune._engine import _dependency_graph
 
     model = models.create(record["arch"], **json.loads(record["arch_kwargs"]))
     if record["icnn"]:
@@ -83,7 +84,9 @@ def rebuild_pruned(record: dict) -> nn.Module:
         handle.freeze()
     example = torch.zeros(1, *record["input_shape"])
     model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph = _dependency_graph(
+        lambda: tp.DependencyGraph().build_dependency(model, example_inputs=example), model
+    )
     graph.load_pruning_history([(n, o, idx) for n, o, idx in json.loads(record["history"])])
     state = record["state_dict"]
     modules = dict(model.named_modules())

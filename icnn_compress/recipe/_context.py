@@ -178,9 +178,11 @@ class RunContext:
         if r.data.name not in ic.data.list_datasets():
             known = ", ".join(ic.data.list_datasets())
             raise ConfigError(f"data.name: unknown dataset {r.data.name!r}; available: {known}.")
-        if r.model.name not in ic.models.list_models():
+        if r.model.name not in ic.models.list_models() and not r.model.name.startswith("timm:"):
             known = ", ".join(ic.models.list_models())
-            raise ConfigError(f"model.name: unknown model {r.model.name!r}; available: {known}.")
+            raise ConfigError(
+                f"model.name: unknown model {r.model.name!r}; available: {known}, or 'timm:<name>'."
+            )
         from icnn_compress.prune import list_criteria
 
         if r.prune.criterion not in list_criteria():
@@ -190,7 +192,7 @@ class RunContext:
             )
         if r.model.weights is not None:
             w = Path(r.model.weights)
-            looks_like_path = w.suffix in (".pt", ".pth", ".bin") or "/" in r.model.weights
+            looks_like_path = w.suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in r.model.weights
             if looks_like_path and not w.is_file():
                 raise ConfigError(f"model.weights: file {r.model.weights!r} does not exist.")
         try:

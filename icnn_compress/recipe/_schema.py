@@ -56,11 +56,15 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """The network."""
 
-    name: str = Field("vgg_small", description="registry name (icnn_compress.models.list_models())")
+    name: str = Field(
+        "vgg_small", description="registry name (icnn_compress.models.list_models()), or 'timm:<name>'"
+    )
     in_channels: int = Field(3, ge=1, le=4096, description="input channels (1 for Fashion-MNIST)")
     small_input: bool | None = Field(None, description="adapt torchvision stems to ~32 px inputs")
     weights: str | None = Field(
-        None, description="local state-dict file (weights_only) or torchvision weights name"
+        None,
+        description="local state-dict file (weights_only), a torchvision weights name, or 'pretrained' "
+        "(timm: from the local Hugging Face cache)",
     )
 
 
