@@ -188,22 +188,46 @@ def _stages(text: str | None) -> list[str] | None:
 
 
 def _cmd_run(a) -> int:
+    """Under ``torchrun`` the process group is joined here: every rank trains (DDP), rank 0
+    analyses, prunes, exports, measures and writes the run directory; only rank 0 speaks."""
+    from icnn_compress import _dist
     from icnn_compress.recipe import Runner, load_recipe
 
     recipe = load_recipe(a.recipe, a.set)
     out = a.out or f"runs/{recipe.name}"
-    run_dir = Runner(
-        recipe,
-        out,
-        resume=a.resume,
-        force=a.force,
-        stages=_stages(a.stages),
-        device=a.device,
-        progress=not a.quiet,
-    ).run()
+    joined = _dist.init_from_env(a.device)
+    lead = _dist.rank() == 0
+    if not lead:  # the other ranks only report warnings and errors of their own
+        for handler in logging.getLogger("icnn_compress").handlers:
+            handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        run_dir = Runner(
+            recipe,
+            out,
+            resume=a.resume,
+            force=a.force,
+            stages=_stages(a.stages),
+            device=_rank_device(a.device) if joined else a.device,
+            progress=not a.quiet and lead,
+        ).run()
+    finally:
+        if joined:
+            _dist.leave()
     report = Runner.report_file(run_dir)
-    print(f"run finished: {run_dir}" + (f"\nreport: {report}" if report.is_file() else ""))
+    if lead:
+        print(f"run finished: {run_dir}" + (f"\nreport: {report}" if report.is_file() else ""))
     return EXIT_OK
+
+
+def _rank_device(device: str | None) -> str | None:
+    """Under torchrun on CUDA, each process uses the GPU of its ``LOCAL_RANK``."""
+    import os
+
+    import torch
+
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 def _cmd_compare(a) -> int:
@@ -464,6 +488,10 @@ def _main(argv: list[str] | None) -> int:
 
         if a.debug:
             traceback.print_exc()
+        from icnn_compress.recipe._runner import RankStopped
+
+        if isinstance(exc, RankStopped):  # rank 0 reports the error; the others only stop
+            return EXIT_FAILED
         if isinstance(exc, LockError):
             code = EXIT_LOCKED
         elif isinstance(exc, (ConfigError, DataError, _Usage)):
@@ -484,6 +512,12 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _dispatch(a) -> int:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.command != "run":
+        raise _Usage(
+            f"only 'prune-recipe run' runs under torchrun, not {a.command!r}; start it without torchrun."
+        )
     if a.command in ("validate", "show"):
         import yaml
 

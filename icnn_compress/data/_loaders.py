@@ -110,13 +110,16 @@ def loaders(
     seed: int = 0,
     train_subset: int | None = None,
     val_batch_size: int | None = None,
+    distributed: bool | None = None,
     **options,
 ) -> tuple[DataLoader, DataLoader]:
     """``(train_loader, val_loader)`` for a dataset name.
 
     Shuffling is driven by a seeded generator (or, under torch.distributed, a DistributedSampler
     seeded with ``seed``; call ``sampler.set_epoch``, which the Trainer does), so runs and resumed
-    runs see the same order. ``options`` go to the dataset (``root``, ``image_size``, ...).
+    runs see the same order. ``distributed``: each rank reads its shard of both splits (``None``:
+    when a process group with several ranks is initialised; ``False``: every rank reads all of
+    it, for work done on one rank). ``options`` go to the dataset (``root``, ``image_size``, ...).
 
     Example:
         >>> train_dl, val_dl = loaders("synthetic-parts", batch_size=64)
@@ -129,7 +132,7 @@ def loaders(
     common = dict(
         num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available()
     )
-    if is_distributed():
+    if is_distributed() if distributed is None else distributed:
         train_dl = DataLoader(
             train,
             batch_size=batch_size,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import icnn_compress as ic
+from icnn_compress import _dist
 from icnn_compress.errors import ConfigError, IcnnCompressError
 from icnn_compress.recipe._schema import Recipe
 
@@ -49,8 +50,11 @@ class RunContext:
         self.recipe = recipe
         self.device = resolve_device(device)
         self.progress = progress
-        self._loaders = None
-        self._kept_loaders = None
+        # under torchrun the training stages read one shard per rank (``shard``, set by the
+        # runner); every other stage runs on rank 0 alone and reads all the data
+        self.shard = False
+        self._loaders: dict[bool, tuple] = {}
+        self._kept_loaders: dict[bool, tuple] = {}
 
     # ----- seeds -----
     def stage_seed(self, stage: str) -> int:
@@ -64,8 +68,8 @@ class RunContext:
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        for pair in (self._loaders, self._kept_loaders):
-            gen = getattr(pair[0], "generator", None) if pair is not None else None
+        for pair in (*self._loaders.values(), *self._kept_loaders.values()):
+            gen = getattr(pair[0], "generator", None)
             if gen is not None:
                 gen.manual_seed(seed)
         return seed
@@ -73,7 +77,8 @@ class RunContext:
     # ----- data and models -----
     def loaders(self):
         """``(train_loader, val_loader)`` of the recipe's data (built once)."""
-        if self._loaders is None:
+        shard = self.shard and _dist.is_distributed()
+        if shard not in self._loaders:
             d = self.recipe.data
             opts = {
                 "num_classes": d.num_classes,
@@ -85,10 +90,15 @@ class RunContext:
             }
             if d.root:
                 opts["root"] = d.root
-            self._loaders = ic.data.loaders(
-                d.name, batch_size=d.batch_size, num_workers=d.num_workers, seed=d.seed, **opts
+            self._loaders[shard] = ic.data.loaders(
+                d.name,
+                batch_size=d.batch_size,
+                num_workers=d.num_workers,
+                seed=d.seed,
+                distributed=shard,
+                **opts,
             )
-        return self._loaders
+        return self._loaders[shard]
 
     def kept_loaders(self):
         """``(train_loader, val_loader)`` restricted to ``prune.keep_classes`` (labels renumbered
@@ -96,28 +106,27 @@ class RunContext:
         kept = self.recipe.prune.keep_classes
         if kept is None:
             return self.loaders()
-        if self._kept_loaders is None:
-            from torch.utils.data import DataLoader
+        shard = self.shard and _dist.is_distributed()
+        if shard not in self._kept_loaders:
+            from torch.utils.data import DataLoader, DistributedSampler
 
             train_dl, val_dl = self.loaders()
             d = self.recipe.data
-            gen = torch.Generator().manual_seed(d.seed)
-            self._kept_loaders = (
+            train = ic.data.ClassSubset(train_dl.dataset, kept)
+            val = ic.data.ClassSubset(val_dl.dataset, kept)
+            if shard:
+                train_opts: dict = {"sampler": DistributedSampler(train, seed=d.seed)}
+                val_opts: dict = {"sampler": DistributedSampler(val, shuffle=False)}
+            else:
+                train_opts = {"shuffle": True, "generator": torch.Generator().manual_seed(d.seed)}
+                val_opts = {}
+            self._kept_loaders[shard] = (
                 DataLoader(
-                    ic.data.ClassSubset(train_dl.dataset, kept),
-                    batch_size=d.batch_size,
-                    shuffle=True,
-                    drop_last=True,
-                    generator=gen,
-                    num_workers=d.num_workers,
+                    train, batch_size=d.batch_size, drop_last=True, num_workers=d.num_workers, **train_opts
                 ),
-                DataLoader(
-                    ic.data.ClassSubset(val_dl.dataset, kept),
-                    batch_size=val_dl.batch_size,
-                    num_workers=d.num_workers,
-                ),
+                DataLoader(val, batch_size=val_dl.batch_size, num_workers=d.num_workers, **val_opts),
             )
-        return self._kept_loaders
+        return self._kept_loaders[shard]
 
     def example(self) -> torch.Tensor:
         """One validation image ``(1, C, H, W)``."""

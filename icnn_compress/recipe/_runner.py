@@ -13,25 +13,39 @@ the key too, so a resumed stage continues exactly where it was killed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 
+from icnn_compress import _dist
 from icnn_compress._io import atomic_write_json
-from icnn_compress.errors import ConfigError
+from icnn_compress.errors import ConfigError, IcnnCompressError
 from icnn_compress.recipe._context import RunContext
 from icnn_compress.recipe._load import recipe_hash
 from icnn_compress.recipe._rundir import RESOLVED, LockError, RunDirectory
 from icnn_compress.recipe._schema import Recipe
 from icnn_compress.recipe._stages import STAGE_FUNCTIONS
 
-__all__ = ["DEPENDS", "SECTIONS", "STAGES", "LockError", "Runner", "run_recipe"]
+__all__ = [
+    "DEPENDS",
+    "SECTIONS",
+    "STAGES",
+    "TRAINING_STAGES",
+    "LockError",
+    "RankStopped",
+    "Runner",
+    "run_recipe",
+]
 
 log = logging.getLogger(__name__)
 
+# the stages every rank runs under torchrun (DDP); the others run on rank 0 alone
+TRAINING_STAGES = ("finetune", "recover")
 STAGES = ("finetune", "analyse", "prune", "recover", "export", "quantize", "measure", "report")
 # the stages whose outputs a stage reads, and the recipe sections it reads
 DEPENDS: dict[str, tuple[str, ...]] = {
@@ -157,27 +171,91 @@ class Runner:
         self._check_plan()
 
     def run(self) -> Path:
-        """Check, then run the stages; returns the run directory."""
+        """Check, then run the stages; returns the run directory. Under ``torchrun`` (a process
+        group of several ranks) see ``_run_ranks``."""
+        if _dist.is_distributed():
+            return self._run_ranks()
         self.check()
         with self.dir:
-            self.dir.open(force=self.force)
-            atomic_write_json(self.recipe.model_dump(mode="json"), self.run_dir / RESOLVED)
+            self._start()
             for stage in self.stages:
-                key = self.stage_key(stage)
-                done, why = self.dir.finished(stage, key)
-                if done:
-                    self._say(f"[{stage}] finished earlier, checksums verified: skipped")
-                    continue
-                if (self.stage_dir(stage) / "manifest.json").exists():
-                    self._say(f"[{stage}] {why}: running the stage again")
-                t0 = time.perf_counter()
-                out = self.dir.begin_stage(stage, key)
-                self.ctx.start_stage(stage)
-                files, info = STAGE_FUNCTIONS[stage](self.ctx, self.dir, out, key)
-                seconds = time.perf_counter() - t0
-                self.dir.finish_stage(stage, key, files, info, seconds, self.hash)
-                self._say(f"[{stage}] done in {seconds:.1f} s -> {out}")
+                key = self._plan(stage)
+                if key is not None:
+                    self._call_and_finish(stage, key)
         return self.run_dir
+
+    def _start(self) -> None:
+        self.dir.open(force=self.force)
+        atomic_write_json(self.recipe.model_dump(mode="json"), self.run_dir / RESOLVED)
+
+    def _plan(self, stage: str) -> str | None:
+        """The stage's key and a fresh stage folder, or ``None`` when it finished earlier."""
+        key = self.stage_key(stage)
+        done, why = self.dir.finished(stage, key)
+        if done:
+            self._say(f"[{stage}] finished earlier, checksums verified: skipped")
+            return None
+        if (self.stage_dir(stage) / "manifest.json").exists():
+            self._say(f"[{stage}] {why}: running the stage again")
+        self._t0 = time.perf_counter()
+        self.dir.begin_stage(stage, key)
+        return key
+
+    def _call(self, stage: str, key: str) -> tuple[list[str], dict]:
+        self.ctx.start_stage(stage)
+        return STAGE_FUNCTIONS[stage](self.ctx, self.dir, self.stage_dir(stage), key)
+
+    def _call_and_finish(self, stage: str, key: str) -> None:
+        self._finish(stage, key, *self._call(stage, key))
+
+    def _finish(self, stage: str, key: str, files: list[str], info: dict) -> None:
+        seconds = time.perf_counter() - self._t0
+        self.dir.finish_stage(stage, key, files, info, seconds, self.hash)
+        self._say(f"[{stage}] done in {seconds:.1f} s -> {self.stage_dir(stage)}")
+
+    def _run_ranks(self) -> Path:
+        """Under ``torchrun``: rank 0 checks, locks the run directory, writes every file and runs
+        the stages that do not train; all ranks run the training stages (``finetune``,
+        ``recover``) together with DDP, each on its shard of the data; the others wait in
+        between. Rank 0 broadcasts the outcome of every step, so an error stops all ranks."""
+        lead = _dist.rank() == 0
+
+        def agreed(step) -> object:
+            """Run ``step`` on rank 0; every rank gets its result, or stops on its error."""
+            outcome, error = None, None
+            if lead:
+                try:
+                    outcome = ("ok", step())
+                except Exception as exc:  # every rank stops on rank 0's error
+                    outcome, error = ("error", f"{type(exc).__name__}: {exc}"), exc
+            status, value = _dist.broadcast(outcome)
+            if status == "error":
+                if error is not None:
+                    raise error
+                raise RankStopped(f"rank 0 stopped ({value})")
+            return value
+
+        agreed(self.check)
+        with self.dir if lead else contextlib.nullcontext():
+            agreed(self._start)
+            for stage in self.stages:
+                key = agreed(partial(self._plan, stage))
+                if key is None:
+                    continue
+                if stage in TRAINING_STAGES:
+                    self.ctx.shard = True
+                    try:
+                        result = self._call(stage, key)
+                    finally:
+                        self.ctx.shard = False
+                    agreed(partial(self._finish, stage, key, *result))
+                else:
+                    agreed(partial(self._call_and_finish, stage, key))
+        return self.run_dir
+
+
+class RankStopped(IcnnCompressError):
+    """A rank other than 0 stops because rank 0 met an error (rank 0 reports it)."""
 
 
 def run_recipe(recipe: Recipe, run_dir, **kwargs) -> Path:

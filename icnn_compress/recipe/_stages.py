@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 import icnn_compress as ic
+from icnn_compress import _dist
 from icnn_compress._artefact import save_artefact
 from icnn_compress._io import atomic_write_json
 from icnn_compress.recipe._context import RunContext
@@ -112,12 +113,13 @@ def finetune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         info["filter_categories"] = {k: v.tolist() for k, v in handle.filter_categories.items()}
         info["skipped_images"] = handle.skipped_images
         handle.freeze()
-    save_artefact(
-        {"state_dict": model.cpu().state_dict()},
-        out / "model.pt",
-        kind="finetuned-model",
-        model=ctx.recipe.model.name,
-    )
+    if _dist.rank() == 0:  # under torchrun every rank trains, rank 0 writes
+        save_artefact(
+            {"state_dict": model.cpu().state_dict()},
+            out / "model.pt",
+            kind="finetuned-model",
+            model=ctx.recipe.model.name,
+        )
     return ["model.pt"], info
 
 
@@ -274,7 +276,8 @@ def recover(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         )
     history = [tuple(h) for h in json.loads(record["history"])]
     spec = json.loads(record["icnn"]) if record["icnn"] else None
-    _save_pruned(ctx, model, history, out / "recovered.pt", spec, meta)
+    if _dist.rank() == 0:  # under torchrun every rank trains, rank 0 writes
+        _save_pruned(ctx, model, history, out / "recovered.pt", spec, meta)
     return ["recovered.pt"], info
 
 

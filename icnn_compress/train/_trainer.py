@@ -338,7 +338,7 @@ class Trainer:
             sampler.set_epoch(epoch)
         if self._extra_state is not None and hasattr(self._extra_state, "set_epoch"):
             self._extra_state.set_epoch(epoch)
-        t0 = time.perf_counter()
+        t0, first_step = time.perf_counter(), self.global_step
         # the running sums, the non-finite guard and the progress bar live on the device and are
         # read every SYNC_EVERY steps: the host never waits for the device inside a step
         dev = self.device
@@ -401,6 +401,8 @@ class Trainer:
             "train_loss": total["loss"] / seen,
             "train_extra_loss": total["extra_loss"] / seen,
             "train_acc": total["correct"] / seen,
+            "steps": self.global_step - first_step,  # optimizer steps (each rank takes as many)
+            "images": int(total["seen"]),  # training images seen, all ranks together
             "lr": lr,
             "seconds": time.perf_counter() - t0,
         }
