@@ -79,7 +79,9 @@ def receptive_field(model: nn.Module, layer: str, input_size: tuple[int, ...]) -
     return receptive_fields(model, [layer], input_size)[layer]
 
 
-def receptive_fields(model: nn.Module, layers: list[str], input_size: tuple[int, ...]) -> dict[str, RF]:
+def receptive_fields(
+    model: nn.Module, layers: list[str], input_size: tuple[int, ...], *, strict: bool = True
+) -> dict[str, RF]:
     """Receptive field of the output of module ``layer`` for inputs of ``input_size``.
 
     Composes kernel, stride, padding and dilation of every conv/pool on the traced paths from
@@ -91,6 +93,9 @@ def receptive_fields(model: nn.Module, layers: list[str], input_size: tuple[int,
         model: an fx-traceable model (torchvision models are).
         layer: module name, e.g. ``"features.28"`` (VGG-16 conv5_3: size 196, stride 16).
         input_size: ``(C, H, W)`` or ``(N, C, H, W)``.
+        strict: a layer without a field (not spatial, e.g. a squeeze-excitation conv after a
+            pooling to 1x1) raises ``ConfigError``; ``False``: it is left out of the result
+            (one trace for any number of layers).
 
     Example:
         >>> receptive_field(torchvision.models.vgg16(), "features.28", (3, 224, 224)).size
@@ -145,13 +150,20 @@ def receptive_fields(model: nn.Module, layers: list[str], input_size: tuple[int,
                 and tuple(meta_in.shape[-2:]) == tuple(meta_out.shape[-2:])
             )
             if not same:
-                if node.op == "call_module" and node.target in layers:
+                if strict and node.op == "call_module" and node.target in layers:
                     raise ConfigError(
                         f"{node.target!r} does not produce a spatial map, so it has no receptive field."
                     )
                 continue  # a head op (pooling to 1x1, flatten, linear): not on a path to a spatial layer
         rf[node] = (float(size), float(stride), float(offset))
-    return {layer: _layer_rf(gm, rf, layer) for layer in layers}
+    out = {}
+    for layer in layers:
+        try:
+            out[layer] = _layer_rf(gm, rf, layer)
+        except ConfigError:
+            if strict:
+                raise
+    return out
 
 
 def _layer_rf(gm: fx.GraphModule, rf: dict, layer: str) -> RF:

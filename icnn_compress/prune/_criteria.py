@@ -232,22 +232,11 @@ def conv_signatures(model: nn.Module, loader, batches: int, *, used: bool = True
 def _spatial_points(model: nn.Module, points: list[str], input_size: tuple[int, ...]) -> list[str]:
     """The points whose maps have a receptive field: the convs after a pooling to 1x1 (the
     squeeze-excitation blocks of EfficientNet, MobileNet v3...) have none, and get no signature
-    (their groups are ranked without clusters). One trace when every point is spatial."""
+    (their groups are ranked without clusters). One trace of the model."""
     from icnn_compress.analysis import receptive_fields
-    from icnn_compress.errors import ConfigError
 
-    try:
-        receptive_fields(model, points, tuple(input_size))
-        return points
-    except ConfigError:
-        out = []
-        for point in points:
-            try:
-                receptive_fields(model, [point], tuple(input_size))
-                out.append(point)
-            except ConfigError:
-                continue
-        return out
+    found = receptive_fields(model, points, tuple(input_size), strict=False)
+    return [point for point in points if point in found]
 
 
 @register_criterion("icnn-cluster", needs_data=True)
