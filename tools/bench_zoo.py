@@ -8,7 +8,8 @@ its own process, so ``peak_rss_mb`` is that case's peak resident memory. A model
 pruned is recorded with the one-line reason the library gives.
 timm models (``timm:<name>``, the optional extra) are in the default list. Writes
 tools/results/zoo.json with ``summary.<model>.<criterion>`` = {ok, macs_reduction, prune_s,
-peak_rss_mb, parity, reason}; a run of some models replaces only their rows.
+peak_rss_mb, prune_peak_rss_mb, parity, reason} (``prune_peak_rss_mb``: the peak up to the end of
+pruning, before export and reload); a run of some models replaces only their rows.
 
     .venv/bin/python tools/bench_zoo.py [--models resnet18,...] [--criteria l2,icnn-cluster]
 """
@@ -73,6 +74,8 @@ def case(name: str, criterion: str, size: int, probe_batches: int, threads: int)
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return row
     row["prune_s"] = time.perf_counter() - t0
+    # the peak so far: building the model and pruning it (export and reload come next)
+    row["prune_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["macs_reduction"] = res.macs_reduction
     pruned = res.model.eval()
     try:
@@ -156,7 +159,8 @@ def main() -> None:
             row["command"] = command
             rows = [r for r in rows if (r.get("model"), r.get("criterion")) != (name, crit)] + [row]
             summary.setdefault(name, {})[crit] = {
-                k: row.get(k) for k in ("ok", "macs_reduction", "prune_s", "peak_rss_mb", "parity", "reason")
+                k: row.get(k)
+                for k in ("ok", "macs_reduction", "prune_s", "peak_rss_mb", "prune_peak_rss_mb", "parity", "reason")
             }
             if row["ok"]:
                 shown = f"{row['macs_reduction']:.2f}x in {row['prune_s']:.1f} s, {row['peak_rss_mb']:.0f} MB"

@@ -21,6 +21,7 @@ __all__ = [
     "consumer_deps",
     "conv_signatures",
     "criterion_spec",
+    "input_energy",
     "list_criteria",
     "make_importance",
     "register_criterion",
@@ -133,6 +134,23 @@ def consumer_deps(group) -> list[tuple[nn.Module, list[int], list[int]]]:
         if dep.pruning_fn in IN_CHANNEL_FNS:
             out.append((dep.target.module, list(idxs), list(group[i].root_idxs)))
     return out
+
+
+def input_energy(weight: Tensor, scale: Tensor | None = None, *, block: int = 1 << 22) -> Tensor:
+    """``(C_in,)`` float64: the squared norm of the weights that read each input channel (or
+    feature), summed over outputs and kernel positions; ``scale`` ``(out,)`` weighs each output's
+    share. Summed over blocks of ``block`` elements of output rows, so that a large layer is never
+    copied whole in float64."""
+    w = weight.detach()
+    rows = max(1, block // max(1, w[0].numel()))
+    out = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[0], rows):
+        squares = w[start : start + rows].double().pow(2)
+        part = squares.flatten(2).sum(2) if squares.dim() > 2 else squares  # (rows, C_in)
+        if scale is not None:
+            part = part * scale[start : start + rows].to(part).view(-1, 1)
+        out += part.sum(0)
+    return out.cpu()
 
 
 def flattened_channels(
@@ -396,25 +414,26 @@ class ClusterRedundancyImportance(tp.importance.Importance):
                 continue
             if max(idxs) >= acts.shape[1]:
                 continue  # stale probe (layer changed since refresh)
-            w = module.weight.detach().double()
+            c_in = module.weight.shape[1]
             scale = self.out_scale.get(module)
-            if scale is not None and scale.numel() == w.shape[0]:
-                # in the units the network sees: what the consumer's BatchNorm makes of its output
-                w = w * scale.double().sqrt().view(-1, *([1] * (w.dim() - 1)))
-            flat = flattened_channels(module, idxs, root_idxs, w.shape[1])
+            if scale is not None and scale.numel() != module.weight.shape[0]:
+                scale = None
+            # in the units the network sees where scaled: what the consumer's BatchNorm makes of it
+            energy = input_energy(module.weight, scale)
+            flat = flattened_channels(module, idxs, root_idxs, c_in)
             if flat is not None:
                 # a Linear over a flattened map: one row per (image, position), one column per
                 # channel, never a matrix as wide as the flattened features
                 k, _ = flat
-                acts = acts.reshape(acts.shape[0], -1, k).permute(0, 2, 1).reshape(-1, w.shape[1] // k)
-                w = w.reshape(w.shape[0], -1, k).permute(0, 2, 1).reshape(-1, w.shape[1] // k)
+                acts = acts.reshape(acts.shape[0], -1, k).permute(0, 2, 1).reshape(-1, c_in // k)
+                energy = energy.view(-1, k).sum(1)
                 pairs = sorted({(int(i) // k, int(r)) for i, r in zip(idxs, root_idxs)})
                 idxs, root_idxs = [i for i, _ in pairs], [r for _, r in pairs]
             order = torch.as_tensor(root_idxs)
             a = torch.zeros(acts.shape[0], n, dtype=torch.float64)
             a[:, order] = acts[:, idxs].double()
             w2 = torch.zeros(n, dtype=torch.float64)
-            w2[order] = w.transpose(0, 1)[idxs].flatten(1).pow(2).sum(1)
+            w2[order] = energy[idxs]
             scores += self._score(a, w2, labels, self.ridge, bound)
             used += 1
         if used == 0:  # no probe for this group: fall back to the L2 magnitude
