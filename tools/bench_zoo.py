@@ -12,6 +12,7 @@ peak_rss_mb, prune_peak_rss_mb, parity, reason} (``prune_peak_rss_mb``: the peak
 pruning, before export and reload); a run of some models replaces only their rows.
 
     .venv/bin/python tools/bench_zoo.py [--models resnet18,...] [--criteria l2,icnn-cluster]
+        [--readme README.md]      # also writes tools/results/zoo.md (--write-only: just the table)
 """
 
 from __future__ import annotations
@@ -128,6 +129,55 @@ def _earlier(out: Path) -> tuple[list, dict]:
     return rows, dict(old.get("summary", {}))
 
 
+def table(rows: list[dict], criteria: tuple[str, ...] = ("l2", "icnn-cluster")) -> str:
+    """The coverage table (Markdown): one line per model, one cell per criterion."""
+    by_model: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["criterion"]] = row
+    head = "| model | input | " + " | ".join(f"`{c}` + compensation" for c in criteria) + " |"
+    lines = [head, "|" + "---|" * (2 + len(criteria))]
+    for model, cells in by_model.items():
+        size = next((r["size"] for r in cells.values() if r.get("size")), None)
+        shown = []
+        for crit in criteria:
+            r = cells.get(crit)
+            if r is None:
+                shown.append("not run")
+            elif r.get("ok"):
+                shown.append(
+                    f"ok, {r['macs_reduction']:.2f}x, {r['prune_s']:.1f} s, "
+                    f"{r['peak_rss_mb'] / 1024:.1f} GB{_pruning_peak(r)}, "
+                    f"parity {r['parity']:.0e}"
+                )
+            else:
+                reason = " ".join(str(r.get("reason", "")).split()).replace("|", "/")
+                shown.append(f"**refused/failed**: {reason[:160]}")
+        lines.append(f"| {model} | {size} px | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pruning_peak(row: dict) -> str:
+    peak = row.get("prune_peak_rss_mb")
+    return f" ({peak / 1024:.1f} GB to the end of pruning)" if peak else ""
+
+
+def write_table(out: Path, readme: str | None) -> None:
+    """``<name>.md`` beside ``out`` (``<name>.json``) and, with ``readme``, the block between
+    ``<!-- <name>:start -->`` and ``<!-- <name>:end -->`` of that file."""
+    import json
+
+    text = table(json.loads(out.read_text())["rows"])
+    out.with_suffix(".md").write_text(text)
+    if readme:
+        path = Path(readme)
+        body = path.read_text()
+        start, end = f"<!-- {out.stem}:start -->\n", f"<!-- {out.stem}:end -->"
+        if start not in body or end not in body:
+            raise SystemExit(f"{readme} has no {start.strip()} ... {end} block to replace")
+        head, rest = body.split(start, 1)
+        path.write_text(head + start + text + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=f"{FAMILIES},{TIMM_FAMILIES}")
@@ -136,8 +186,14 @@ def main() -> None:
     p.add_argument("--probe-batches", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "zoo.json"))
+    p.add_argument("--write-only", action="store_true", help="only write the table from --out")
+    p.add_argument("--readme", default=None, help="replace the zoo block of this file with the table")
     a = p.parse_args()
     from icnn_compress.io import atomic_write_json, environment_info
+
+    if a.write_only:
+        write_table(Path(a.out), a.readme)
+        return
 
     rows, summary = _earlier(Path(a.out))
     command = command_line("bench_zoo.py", a, skip=("out",))
@@ -160,7 +216,15 @@ def main() -> None:
             rows = [r for r in rows if (r.get("model"), r.get("criterion")) != (name, crit)] + [row]
             summary.setdefault(name, {})[crit] = {
                 k: row.get(k)
-                for k in ("ok", "macs_reduction", "prune_s", "peak_rss_mb", "prune_peak_rss_mb", "parity", "reason")
+                for k in (
+                    "ok",
+                    "macs_reduction",
+                    "prune_s",
+                    "peak_rss_mb",
+                    "prune_peak_rss_mb",
+                    "parity",
+                    "reason",
+                )
             }
             if row["ok"]:
                 shown = f"{row['macs_reduction']:.2f}x in {row['prune_s']:.1f} s, {row['peak_rss_mb']:.0f} MB"
@@ -182,6 +246,7 @@ def main() -> None:
                 },
                 a.out,
             )
+    write_table(Path(a.out), a.readme)
 
 
 if __name__ == "__main__":
