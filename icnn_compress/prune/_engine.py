@@ -393,6 +393,55 @@ def _prepare_step(model, importance, spec, data, probe_batches: int, compensate:
     return collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
 
 
+class _ApproachCheck:
+    """Whether the target is reached, asked after every group of an approach step. The full count
+    (``_stats``: a copy of the model counted by torch-pruning) is the judge, but it costs a copy
+    per group; the convs' and linears' own MACs and parameters, from their current widths and
+    their output sizes (fixed by the input), cost nothing and move with it. Scaled to the full
+    count at the start of the step, they skip the full count while the target is clearly (2%)
+    out of reach."""
+
+    MARGIN = 0.98
+
+    def __init__(self, model: nn.Module, example: Tensor) -> None:
+        self.positions: dict[nn.Module, int] = {}  # output positions per sample
+
+        def hook(module, args, out) -> None:
+            self.positions[module] = out[0].numel() // module.weight.shape[0]
+
+        layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        handles = [m.register_forward_hook(hook) for m in layers]
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(example[:1])
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        self.scale = (1.0, 1.0)
+
+    def _layers(self) -> tuple[float, float]:
+        macs = params = 0.0
+        for m, positions in self.positions.items():
+            weights = m.weight.numel()  # one multiply-accumulate per weight at every output position
+            macs += positions * weights
+            params += weights + (m.bias.numel() if m.bias is not None else 0)
+        return macs, params
+
+    def start(self, model: nn.Module, counted: tuple[int, int]) -> None:
+        """At the start of a step: scale the layers' own counts to the full ``(macs, params)``."""
+        macs, params = self._layers()
+        self.scale = (counted[0] / max(macs, 1.0), counted[1] / max(params, 1.0))
+
+    def reached(self, model: nn.Module, target: Target, before: tuple[int, int], example: Tensor) -> bool:
+        macs, params = self._layers()
+        estimate = (macs * self.scale[0], params * self.scale[1])
+        if _reduction(target, before, estimate) < target.value * self.MARGIN:
+            return False
+        return _reduction(target, before, _stats(model, example)) >= target.value
+
+
 def _leave_unfollowed_splits(pruner) -> list[nn.Module]:
     """Add to the pruner's ignored layers the convs of every dependency group that maps a channel
     past the end of one of its layers (torch-pruning does not follow some channel splits, such as
@@ -749,6 +798,7 @@ def prune_model(
             model.to(device)
         reached = True
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
+    check = None  # the target check of approach steps, built on the first one
     first_widths: dict = {}  # group root -> its width when first scored (torch-pruning's reference)
     loop_steps = 0 if widths is not None else steps_max + _FINE_STEPS  # widths: done above
     bar = progress_bar(
@@ -765,14 +815,14 @@ def prune_model(
         inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
         # on the approach to the target, check it after every group and stop there, since all
         # layers' widths move in whole channels at once and would overshoot together
+        if approach:
+            check = check or _ApproachCheck(model, example_inputs)
+            check.start(model, (macs, params))
         # groups come one at a time: each is built on the model as the ones before it left it
         with _torch_pruning_errors(model, "rank and remove the channels of", _STEP_ADVICE):
             for group in pruner.step(interactive=True):
                 compensated += _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed)
-                if (
-                    approach
-                    and _reduction(target, (macs0, params0), _stats(model, example_inputs)) >= target.value
-                ):
+                if approach and check.reached(model, target, (macs0, params0), example_inputs):
                     break
         macs, params = _stats(model, example_inputs)
         bar.update(1)

@@ -425,3 +425,27 @@ def test_icnn_cluster_prunes_a_model_with_squeeze_excitation_blocks():
     )
     assert res.macs_reduction >= 1.5
     assert res.model(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+
+
+def test_approach_steps_count_macs_in_full_only_near_the_target(monkeypatch):
+    """The layers' own counts skip the full count while the target is out of reach; the channels
+    removed and the MACs reached are those of a full count after every group."""
+    import icnn_compress.prune._engine as engine
+
+    calls = []
+    real = engine._stats
+    monkeypatch.setattr(engine, "_stats", lambda *a: calls.append(1) or real(*a))
+
+    def run(margin):
+        monkeypatch.setattr(engine._ApproachCheck, "MARGIN", margin)
+        calls.clear()
+        torch.manual_seed(0)
+        model = models.create("resnet_cifar8", num_classes=5, in_channels=3)
+        res = prune_model(
+            model, torch.rand(1, 3, 16, 16), target=2.0, round_to=None, step_ratio=0.2, progress=False
+        )
+        return res, len(calls)
+
+    (full, n_full), (quick, n_quick) = run(0.0), run(0.98)
+    assert quick.removed == full.removed and quick.macs_after == full.macs_after
+    assert n_quick < n_full, (n_quick, n_full)
