@@ -30,7 +30,13 @@ from icnn_compress.measure._latency import ort_latency, ort_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["conv_input_sizes", "conv_io_sizes", "conv_latency_table", "latency_table_cache"]
+__all__ = [
+    "conv_input_sizes",
+    "conv_io_sizes",
+    "conv_latency_table",
+    "latency_table_cache",
+    "layer_io_shapes",
+]
 
 _MEMORY: dict[str, dict[int, float]] = {}
 VARY = ("out", "in")
@@ -42,17 +48,17 @@ def latency_table_cache() -> Path:
     return root / "latency_tables.json"
 
 
-def conv_io_sizes(
-    model: nn.Module, example: Tensor
-) -> dict[nn.Conv2d, tuple[tuple[int, int], tuple[int, int]]]:
-    """``{conv: (input (H, W), output (H, W))}`` of every ``Conv2d`` for one forward pass of
-    ``example`` ``(1, C, H, W)`` in eval mode."""
-    sizes: dict = {}
+def layer_io_shapes(
+    model: nn.Module, example: Tensor, types: tuple[type, ...] = (nn.Conv2d,)
+) -> dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{layer: (input shape, output shape)}`` of every module of ``types`` for one forward pass
+    of ``example`` in eval mode (a layer called twice keeps its first call)."""
+    shapes: dict = {}
 
     def record(module, args, output) -> None:
-        sizes.setdefault(module, (tuple(args[0].shape[-2:]), tuple(output.shape[-2:])))
+        shapes.setdefault(module, (tuple(args[0].shape), tuple(output.shape)))
 
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, types)]
     was = model.training
     try:
         model.eval()
@@ -62,7 +68,15 @@ def conv_io_sizes(
         model.train(was)
         for h in hooks:
             h.remove()
-    return sizes
+    return shapes
+
+
+def conv_io_sizes(
+    model: nn.Module, example: Tensor
+) -> dict[nn.Conv2d, tuple[tuple[int, int], tuple[int, int]]]:
+    """``{conv: (input (H, W), output (H, W))}`` of every ``Conv2d`` for one forward pass of
+    ``example`` ``(1, C, H, W)`` in eval mode."""
+    return {conv: (i[-2:], o[-2:]) for conv, (i, o) in layer_io_shapes(model, example).items()}
 
 
 def conv_input_sizes(model: nn.Module, example: Tensor) -> dict[nn.Conv2d, tuple[int, int]]:

@@ -177,9 +177,10 @@ def flattened_channels(
 def following_bn_scales(model: nn.Module) -> dict[nn.Module, Tensor]:
     """For each conv/linear whose output goes straight into a BatchNorm: ``gamma^2 / (var + eps)``
     per output channel, the factor by which that BatchNorm scales the energy of the output."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # untraceable model: no rescaling
+    from icnn_compress.icnn._attach import trace_graph
+
+    graph = trace_graph(model)
+    if graph is None:  # untraceable model: no rescaling
         return {}
     out: dict[nn.Module, Tensor] = {}
     for node in graph.nodes:
@@ -203,12 +204,12 @@ def map_points(model: nn.Module, convs: list[str]) -> dict[str, str]:
     """Conv name -> the module whose output holds its filters' maps as they are used: the ReLU
     after it (through BatchNorm), or for a conv that feeds a residual addition, the ReLU after
     the addition; the conv itself when neither is found (maps clamped at 0 by the signatures)."""
-    from icnn_compress.analysis import layer_maps_point
+    from icnn_compress.analysis import layer_maps_points
+    from icnn_compress.icnn._attach import trace_graph
 
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # untraceable model: the conv's own ReLU where it has one
-        return {n: layer_maps_point(model, n) for n in convs}
+    graph = trace_graph(model)
+    if graph is None:  # untraceable model: the conv's own ReLU where it has one
+        return layer_maps_points(model, convs)
     calls: dict[str, int] = {}
     nodes = {}
     for node in graph.nodes:
@@ -237,10 +238,10 @@ def conv_signatures(model: nn.Module, loader, batches: int, *, used: bool = True
     """Signatures of every conv's filters on at most ``batches`` batches, read where the maps are
     used (``map_points``; ``used=False``: each conv's own ReLU). Returns ``(conv name -> point,
     point -> LayerSignature)``."""
-    from icnn_compress.analysis import filter_signatures, layer_maps_point
+    from icnn_compress.analysis import filter_signatures, layer_maps_points
 
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    points = map_points(model, convs) if used else {n: layer_maps_point(model, n) for n in convs}
+    points = map_points(model, convs) if used else layer_maps_points(model, convs)
     size = getattr(loader, "batch_size", None) or 64
     spatial = _spatial_points(model, sorted(set(points.values())), next(iter(loader))[0].shape[1:])
     sigs = filter_signatures(model, loader, spatial, progress=False, max_images=batches * size)

@@ -404,21 +404,11 @@ class _ApproachCheck:
     MARGIN = 0.98
 
     def __init__(self, model: nn.Module, example: Tensor) -> None:
-        self.positions: dict[nn.Module, int] = {}  # output positions per sample
+        from icnn_compress.measure._layer_latency import layer_io_shapes
 
-        def hook(module, args, out) -> None:
-            self.positions[module] = out[0].numel() // module.weight.shape[0]
-
-        layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        handles = [m.register_forward_hook(hook) for m in layers]
-        was_training = model.training
-        try:
-            with torch.no_grad():
-                model.eval()(example[:1])
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
+        # output positions per sample: all but the batch and the channel (feature) dimension
+        shapes = layer_io_shapes(model, example[:1], (nn.Conv2d, nn.Linear))
+        self.positions = {m: math.prod(out[1:]) // m.weight.shape[0] for m, (_, out) in shapes.items()}
         self.scale = (1.0, 1.0)
 
     def _layers(self) -> tuple[float, float]:
