@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from _common import command_line, top1
+from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
@@ -140,15 +141,17 @@ def subset_loader(dataset, n: int, seed: int, batch_size: int = 64) -> DataLoade
 def train_base(
     model_name: str, dataset, in_channels: int, classes: int, a, seed: int, path: Path
 ) -> nn.Module:
-    """A base model trained from scratch (cached): ``--base-epochs`` epochs of ``--base-images``."""
+    """A base model trained from scratch (cached): ``--base-epochs`` epochs of ``--base-images``.
+    Processes that need the same base wait for the one that trains it (a lock beside ``path``)."""
     torch.manual_seed(seed)
     model = ic.models.create(model_name, num_classes=classes, in_channels=in_channels)
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
-        return model.to(a.train_kw["device"])
-    dl = subset_loader(dataset, a.base_images, seed)
-    ic.Trainer(model, dl, epochs=a.base_epochs, lr=0.05, seed=seed, progress=False, **a.train_kw).fit()
-    atomic_save(model.state_dict(), path)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+            return model.to(a.train_kw["device"])
+        dl = subset_loader(dataset, a.base_images, seed)
+        ic.Trainer(model, dl, epochs=a.base_epochs, lr=0.05, seed=seed, progress=False, **a.train_kw).fit()
+        atomic_save(model.state_dict(), path)
     return model
 
 
@@ -349,19 +352,25 @@ def summarise(rows: dict, a) -> dict:
     return summary
 
 
-def write_results(rows: dict, a, out_dir: Path) -> None:
+def write_results(rows: dict, a, out_dir: Path, merged: list[dict] | None = None) -> None:
+    """Summarise ``rows`` and write ``<name>.json`` / ``.md``. ``merged``: the result files whose
+    rows were added (``--merge``); the record keeps each one's command and environment, and the
+    environment of the newest one (the machine that measured the rows) as its own."""
     summary = summarise(rows, a)
+    skip = ("cache", "out_dir", "write_only", "train_kw", "worker", "merge")
     result = {
         "benchmark": "icnn_cost",
-        "command": command_line("bench_icnn_cost.py", a, skip=("cache", "out_dir", "write_only", "train_kw")),
-        "environment": environment_info(),
-        "setup": {
-            k: v for k, v in vars(a).items() if k not in ("cache", "out_dir", "write_only", "train_kw")
-        },
+        "command": command_line("bench_icnn_cost.py", a, skip=skip),
+        "environment": merged[-1]["environment"] if merged else environment_info(),
+        "setup": {k: v for k, v in vars(a).items() if k not in skip},
         "variants": VARIANTS,
         "rows": rows,
         "summary": summary,
     }
+    if merged:
+        result["merged_from"] = [
+            {"command": m["command"], "environment": m["environment"], "rows": len(m["rows"])} for m in merged
+        ]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out_dir / f"{a.name}.json")
     md = []
@@ -415,9 +424,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="where to train: cpu, cuda (float32, no AMP)")
     p.add_argument("--base-index", type=int, default=None, help="only this base (one process per base)")
+    p.add_argument(
+        "--worker",
+        default="",
+        help="name of this process's rows file (several processes on one base, each its own variants)",
+    )
     p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / "runs" / "bench_icnn_cost"))
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--write-only", action="store_true")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="with --write-only: add the rows of these result files (e.g. runs on another machine)",
+    )
     p.add_argument("--name", default="icnn_cost", help="results file stem in --out-dir")
     p.add_argument(
         "--part",
@@ -441,6 +462,7 @@ def main() -> None:
         for model_name in a.models.split(","):
             suffix = "" if a.part == "all" else f"_{a.part}"
             suffix += "" if a.base_index is None else f"_b{a.base_index}"
+            suffix += f"_{a.worker}" if a.worker else ""
             rows_path = cache / f"rows_{model_name}{suffix}.json"
             own = {k: v for k, v in rows.items() if k.startswith(f"{model_name}/")}  # done in any part
             own.update(load_rows(rows_path))
@@ -451,9 +473,12 @@ def main() -> None:
                     model_name, a, own, cache, rows_path, [v for v in variants if VARIANTS[v]["icnn"]]
                 )
             rows.update(own)
+    merged = [json.loads(Path(f).read_text()) for f in a.merge or []]
+    for m in merged:
+        rows.update(m["rows"])
     if not rows:
         raise SystemExit(f"no results in {cache}: nothing written (run without --write-only first)")
-    write_results(rows, a, Path(a.out_dir))
+    write_results(rows, a, Path(a.out_dir), merged)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def main() -> None:
         "amp": trainer.amp,
         "train": {"steps": a.steps, "seconds": train_s, "steps_per_s": a.steps / train_s, **metrics},
         "icnn_layers": convs,
+        "loss_statistics_fused": ic.icnn.use_fused(handle.options.fuse, torch.device(device)),
         "last_mi": handle.last_mi,
         "onnx": {
             "available_providers": available,

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # For a lent GPU machine: the loss-cost benchmark (tools/bench_icnn_cost.py) at its full budget
 # (bases of 6 epochs x 60 000 Fashion-MNIST images, fine-tune epochs of 60 000 images, the 10 000
-# test images), float32 on CUDA, one process per (model, base) and one synthetic-parts process per
-# model, all at once. Rows are cached in $CACHE as they finish, so a run cut short keeps what it
-# measured and a second run resumes. Results: $OUT/icnn_cost_gpu.{json,md}.
+# test images), float32 on CUDA, one process per (model, base, variant group) and one
+# synthetic-parts process per model, all at once; processes on one base wait for the one that
+# trains it. Rows are cached in $CACHE as they finish, so a run cut short keeps what it measured
+# and a second run resumes. Results: $OUT/icnn_cost_gpu.{json,md}.
 #
 #     BASES=3 DEADLINE=420 bash tools/gpu_cost.sh
+#
+# Settings (environment): MODELS (comma-separated), BASES (how many), FIRST_BASE (the first base's
+# index and training seed: 3 adds bases 3, 4, ... to a table made of bases 0-2), VARIANT_GROUPS (variant
+# groups separated by ';', each run by its own process per base; default: the lists below, one
+# group), SYNTHETIC=0 (no location-instability rows), DEADLINE (seconds), CACHE, OUT, PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-tools/results}
 CACHE=${CACHE:-runs/bench_icnn_cost_gpu}
+MODELS=${MODELS:-vgg_small,resnet_cifar20}
 BASES=${BASES:-3}
+FIRST_BASE=${FIRST_BASE:-0}
+SYNTHETIC=${SYNTHETIC:-1}
 DEADLINE=${DEADLINE:-420}  # seconds for the training processes; rows finished by then are kept
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -22,19 +31,31 @@ LATE=plain@e3,top1+unmask-ce@e3,mask-only@e1,loss-only@e1
 # EXTRA: more options for every process (a later option wins), e.g. a tiny budget for a dry run
 # on the CPU: EXTRA="--device cpu --base-epochs 1 --base-images 256 --ft-images 128 ..."
 read -r -a extra <<<"${EXTRA:-}"
-common=(--device cuda --threads 2 --bases "$BASES" --cache "$CACHE" "${extra[@]}")
+common=(--device cuda --threads 2 --cache "$CACHE" "${extra[@]}")
 part=(--out-dir "$CACHE/partial")  # each worker's own summary; the merged one goes to $OUT
-for m in vgg_small resnet_cifar20; do
-  v=$VARIANTS
-  [ "$m" = resnet_cifar20 ] && v=$v,$RESNET_EXTRA
-  v=$v,$LATE
-  for ((b = 0; b < BASES; b++)); do
-    timeout "$DEADLINE" "$PY" tools/bench_icnn_cost.py "${common[@]}" "${part[@]}" --models "$m" --variants "$v" \
-      --part fashion --base-index "$b" >"$CACHE/log_${m}_b$b.txt" 2>&1 &
+IFS=, read -r -a models <<<"$MODELS"
+for m in "${models[@]}"; do
+  if [ -n "${VARIANT_GROUPS:-}" ]; then
+    IFS=';' read -r -a groups <<<"$VARIANT_GROUPS"
+  else
+    v=$VARIANTS
+    [ "$m" = resnet_cifar20 ] && v=$v,$RESNET_EXTRA
+    groups=("$v,$LATE")
+  fi
+  for ((b = FIRST_BASE; b < FIRST_BASE + BASES; b++)); do
+    for g in "${!groups[@]}"; do
+      timeout "$DEADLINE" "$PY" tools/bench_icnn_cost.py "${common[@]}" "${part[@]}" --models "$m" \
+        --variants "${groups[$g]}" --part fashion --base-index "$b" --worker "g$g" \
+        >"$CACHE/log_${m}_b${b}_g$g.txt" 2>&1 &
+    done
   done
-  timeout "$DEADLINE" "$PY" tools/bench_icnn_cost.py "${common[@]}" "${part[@]}" --models "$m" --variants "$v" \
-    --part synthetic >"$CACHE/log_${m}_synthetic.txt" 2>&1 &
+  if [ "$SYNTHETIC" != 0 ]; then
+    all=$(IFS=,; echo "${groups[*]}")
+    timeout "$DEADLINE" "$PY" tools/bench_icnn_cost.py "${common[@]}" "${part[@]}" --models "$m" \
+      --variants "$all" --part synthetic >"$CACHE/log_${m}_synthetic.txt" 2>&1 &
+  fi
 done
 wait
 tail -n 3 "$CACHE"/log_*.txt
-"$PY" tools/bench_icnn_cost.py "${common[@]}" --write-only --name icnn_cost_gpu --out-dir "$OUT"
+"$PY" tools/bench_icnn_cost.py "${common[@]}" --models "$MODELS" --bases $((FIRST_BASE + BASES)) \
+  --write-only --name icnn_cost_gpu --out-dir "$OUT"

@@ -6,10 +6,11 @@ Public API:
     attach_icnn, ICNNHandle, ICNNOptions: masks + loss on named layers of any model, through hooks,
         and the loss's options as one typed object.
     approximate_gradient, assign_categories, FilterLossState: the pieces of the loss.
+    use_fused: whether the loss statistics run compiled (``ICNNOptions.fuse``) on a device.
 """
 
 from icnn_compress.icnn._attach import ICNNHandle, attach_icnn, find_activation, last_conv_name, top_layers
-from icnn_compress.icnn._loss import FilterLossState, approximate_gradient, assign_categories
+from icnn_compress.icnn._loss import FilterLossState, approximate_gradient, assign_categories, use_fused
 from icnn_compress.icnn._mask import ICNNMask
 from icnn_compress.icnn._options import ICNNOptions
 from icnn_compress.icnn._templates import (
@@ -38,4 +39,5 @@ __all__ = [
     "mutual_information",
     "template_scores",
     "top_layers",
+    "use_fused",
 ]

@@ -11,19 +11,67 @@ gradient by a constant, so the estimate (and hence training) does not depend on 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from icnn_compress._dist import all_reduce_
+from icnn_compress._dist import all_reduce_, is_distributed
 from icnn_compress.errors import ICNNError
 from icnn_compress.icnn._options import ICNNOptions
 from icnn_compress.icnn._templates import cached_templates, log_template_prior, template_scores
 
 __all__ = ["FilterLossState", "approximate_gradient", "assign_categories"]
+
+log = logging.getLogger("icnn_compress")
+
+
+class _Fusable:
+    """A pure tensor function run as it is, or compiled with ``torch.compile`` so that its few
+    dozen small operations become a handful of fused kernels (on a GPU a small model's step is
+    bound by kernel launches). A compile that fails is logged once; the function then runs as
+    it is for the rest of the process. ``ICNN_COMPRESS_COMPILE_MODE`` in the environment picks
+    ``torch.compile``'s ``mode`` (default: its default)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self._compiled = None
+        self.failed = False
+
+    def __call__(self, fused: bool, *args, **kwargs):
+        if fused and not self.failed:
+            try:
+                if self._compiled is None:
+                    mode = os.environ.get("ICNN_COMPRESS_COMPILE_MODE") or None
+                    self._compiled = torch.compile(self.fn, dynamic=None, mode=mode)
+                return self._compiled(*args, **kwargs)
+            except Exception as exc:  # any backend error: the eager function computes the same
+                self.failed = True
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                log.warning("Fusing the filter-loss statistics failed (%s); they run op by op.", first)
+        return self.fn(*args, **kwargs)
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except Exception:  # an import error or a broken Triton install both mean: no fused kernels
+        return False
+
+
+def use_fused(fuse: str, device: torch.device) -> bool:
+    """Whether the loss statistics run compiled: ``fuse="on"`` always (one process), ``"auto"`` on
+    CUDA with Triton, ``"off"`` never. Never under ``torch.distributed`` (its collectives stay
+    between the compiled parts' inputs and outputs only in eager mode)."""
+    if fuse == "off" or is_distributed():
+        return False
+    return fuse == "on" or (device.type == "cuda" and _has_triton())
 
 
 class _InjectGradient(torch.autograd.Function):
@@ -54,15 +102,25 @@ class _GradientTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        g = grad_out.detach().float()
-        sum_sq = g.pow(2).sum(dim=(0, 2, 3))
-        # a non-finite gradient must not poison the running RMS: it counts as nothing seen, decided
-        # on the device (reading the flag on the host would wait for the backward pass)
-        finite = torch.isfinite(sum_sq).all()
-        ctx.state.add_task_gradient(
-            torch.where(finite, sum_sq, torch.zeros_like(sum_sq)), finite.to(torch.float64) * g[:, 0].numel()
-        )
+        state = ctx.state
+        state.fold_task_gradient(grad_out.detach())
         return grad_out, None
+
+
+def _task_gradient_sums(g: Tensor, pending_sq: Tensor, pending_count: Tensor) -> tuple[Tensor, Tensor]:
+    """``pending_sq + sum over (N, h, w) of g**2`` per filter ``(C,)``, and ``pending_count + the
+    number of elements behind each``. A non-finite gradient must not poison the running RMS: it
+    counts as nothing seen, decided on the device (reading a flag on the host would wait for the
+    backward pass)."""
+    g = g.float()
+    sum_sq = g.pow(2).sum(dim=(0, 2, 3))
+    finite = torch.isfinite(sum_sq).all()
+    sum_sq = torch.where(finite, sum_sq, torch.zeros_like(sum_sq))
+    count = finite.to(torch.float64) * (g.shape[0] * g.shape[2] * g.shape[3])
+    return pending_sq + sum_sq.to(pending_sq.dtype), pending_count + count
+
+
+_fused_task_gradient_sums = _Fusable(_task_gradient_sums)
 
 
 def approximate_gradient(
@@ -159,7 +217,8 @@ class FilterLossState:
         self._pending_sq = torch.zeros(num_filters, dtype=torch.float64)
         self._pending_count = torch.zeros((), dtype=torch.float64)  # gradient elements behind it
         self._pending_calls = 0  # backward passes seen since the last step (known on the host)
-        self.loss_scale = 1.0  # multiplier of the loss seen in the last backward
+        self.loss_scale: Tensor | float = 1.0  # multiplier of the loss seen in the last backward
+        self.fuse = options.fuse  # "auto", "on" or "off": see use_fused
 
     # ----- task-gradient bookkeeping (balance="grad") -----
     @property
@@ -167,99 +226,34 @@ class FilterLossState:
         """Images left out so far because their maps were not finite (reading it syncs the device)."""
         return int(self._skipped)
 
-    def add_task_gradient(self, sum_sq: Tensor, count: Tensor | float) -> None:
-        """Fold one backward pass's per-filter sum of squared task gradients ``(C,)`` and the
-        number of gradient elements behind each (a device scalar; 0 = nothing seen) in."""
-        if self._pending_sq.device != sum_sq.device:
-            self._pending_sq = self._pending_sq.to(sum_sq.device)
-            self._pending_count = self._pending_count.to(sum_sq.device)
-        self._pending_sq += sum_sq.to(self._pending_sq.dtype)
-        self._pending_count = self._pending_count + count
+    def fold_task_gradient(self, grad: Tensor) -> None:
+        """Fold one backward pass's task gradient at this layer, ``(N, C, h, w)``, into the pending
+        per-filter sums (on the device; no host synchronisation)."""
+        if self._pending_sq.device != grad.device:
+            self._pending_sq = self._pending_sq.to(grad.device)
+            self._pending_count = self._pending_count.to(grad.device)
+        self._pending_sq, self._pending_count = _fused_task_gradient_sums(
+            use_fused(self.fuse, grad.device), grad, self._pending_sq, self._pending_count
+        )
         self._pending_calls += 1
 
-    def _consume_task_gradient(self, device: torch.device) -> Tensor | None:
-        """The running mean square of the task gradient per filter, ``(C,)``, on ``device``
-        (``None`` before any task gradient was seen). No host synchronisation."""
-        if self._pending_sq.device != device:
-            self._pending_sq = self._pending_sq.to(device)
-            self._pending_count = self._pending_count.to(device)
-        packed = torch.cat([self._pending_sq, self._pending_count.reshape(1).to(self._pending_sq)])
-        packed = all_reduce_(packed)
-        seen = self._pending_calls > 0  # the same on every rank: each ran the same backward passes
-        self._pending_sq = torch.zeros_like(self._pending_sq)
-        self._pending_count = torch.zeros_like(self._pending_count)
-        self._pending_calls = 0
-        if seen:
-            scale = torch.as_tensor(self.loss_scale, device=device, dtype=torch.float64).clamp_min(1e-30)
-            count = packed[-1]
-            ms = packed[:-1] / count.clamp_min(1.0) / scale**2
-            if self.task_grad_ms is None:  # zeros until a finite gradient arrives: no loss gradient
-                self.task_grad_ms = torch.zeros_like(ms)
-                self._ms_seen = torch.zeros((), dtype=torch.bool, device=device)
-            old = self.task_grad_ms.to(device)
-            ms_seen = (
-                self._ms_seen.to(device)
-                if self._ms_seen is not None
-                else torch.ones_like(count, dtype=torch.bool)
-            )
-            blended = torch.where(ms_seen, 0.9 * old + 0.1 * ms, ms)
-            self.task_grad_ms = torch.where(count > 0, blended, old)
-            self._ms_seen = ms_seen | (count > 0)
-        return self.task_grad_ms
-
-    # ----- statistics -----
-    def update_categories(self, per_image: Tensor, targets: Tensor, weights: Tensor | None = None) -> None:
-        """Fold one batch of per-image statistics ``(N, C)`` into the class statistics (on the
-        device of ``per_image``; no host synchronisation except the balanced re-assignment).
-        ``weights``: ``(N,)`` 1 for the images that count, 0 for those left out."""
-        k = self.num_classes
-        device = per_image.device
+    def _place(self, device: torch.device) -> None:
+        """Move the running state to ``device`` (once, at the first step there)."""
         if self.class_stats.device != device:
             self.class_stats = self.class_stats.to(device)
             self.class_seen = self.class_seen.to(device)
             self.categories = self.categories.to(device)
-        # (N, K); F.one_hot would read the targets' range on the host (a sync on every step)
-        onehot = (targets[:, None] == torch.arange(k, device=targets.device)).to(per_image.dtype)
-        if weights is not None:
-            onehot = onehot * weights[:, None].to(onehot.dtype)
-        packed = torch.cat([per_image.t() @ onehot, onehot.sum(0, keepdim=True)], dim=0).double()
-        packed = all_reduce_(packed)
-        sums, counts = packed[:-1], packed[-1]
-        present = counts > 0
-        mean = sums / counts.clamp_min(1.0)
-        m = self.stat_momentum
-        fresh = (present & ~self.class_seen)[None, :]
-        old = (present & self.class_seen)[None, :]
-        blended = (1 - m) * self.class_stats + m * mean
-        self.class_stats = torch.where(fresh, mean, torch.where(old, blended, self.class_stats))
-        self.class_seen = self.class_seen | present
-        if self.mode != "single" and (self.updates % self.refresh_every == 0 or not self._assigned):
-            self.categories = assign_categories(self.class_stats, self.mode).to(device)
-            self._assigned = True
-
-    def update_log_z(self, scores: Tensor, weights: Tensor | None = None) -> Tensor:
-        """Fold one batch of scores ``(N, C, T)`` into the running ``log Z_T``; returns it.
-        ``weights``: ``(N,)`` 1 for the images that count, 0 for those left out (a batch where none
-        counts leaves the estimate as it was)."""
-        with torch.no_grad():
-            peak = all_reduce_(scores.amax(dim=0), "max")
-            e = torch.exp(scores - peak)
-            if weights is None:
-                count = scores.new_tensor([scores.shape[0]])
-            else:
-                e = e * weights[:, None, None]
-                count = weights.sum().reshape(1).to(scores.dtype)
-            packed = all_reduce_(torch.cat([e.sum(dim=0).flatten(), count]))
-            total = packed[-1]
-            batch = (
-                peak + torch.log(packed[:-1].view_as(peak).clamp_min(1e-38)) - torch.log(total.clamp_min(1.0))
-            )
-            m = self.z_momentum
-            fresh = self.log_z is None or self.log_z.shape != batch.shape
-            old = batch if fresh else self.log_z.to(batch)
-            new = batch if fresh or m >= 1 else torch.logaddexp(old + math.log1p(-m), batch + math.log(m))
-            self.log_z = torch.where(total > 0, new, old)
-        return self.log_z
+        if self._pending_sq.device != device:
+            self._pending_sq = self._pending_sq.to(device)
+            self._pending_count = self._pending_count.to(device)
+        if not torch.is_tensor(self.loss_scale) or self.loss_scale.device != device:
+            self.loss_scale = torch.as_tensor(self.loss_scale, dtype=torch.float32).to(device)
+        if self.task_grad_ms is not None:
+            self.task_grad_ms = self.task_grad_ms.to(device)
+            seen = self._ms_seen if self._ms_seen is not None else torch.ones((), dtype=torch.bool)
+            self._ms_seen = seen.to(device)
+        if self.log_z is not None:
+            self.log_z = self.log_z.to(device)
 
     # ----- the loss -----
     def loss(
@@ -285,49 +279,63 @@ class FilterLossState:
             ``(loss, mi)``: a float32 scalar whose value is ``-weight * sum_f MI_f`` and whose
             backward is the (weighted or balanced) approximate gradient, and the MI estimate ``(C,)``.
         """
-        n, c, h, w = maps.shape
-        x = maps.detach().float()
-        # an image whose maps hold NaN/inf (a bad pixel, an overflow) gets weight 0: the running
-        # estimates never see it, its maps get no filter-loss gradient, and it is counted. Done
-        # with weights rather than indexing, so the step never waits for the device.
-        finite = torch.isfinite(x).flatten(1).all(dim=1)  # (N,)
-        weights = finite.to(torch.float32)
-        x = torch.where(finite[:, None, None, None], x, torch.zeros((), device=x.device))
-        self._skipped = self._skipped + (~finite).sum()
+        _, c, h, w = maps.shape
+        device = maps.device
+        fused = use_fused(self.fuse, device)
+        self._place(device)
+        refresh = self.mode != "single" and (self.updates % self.refresh_every == 0 or not self._assigned)
+        templates = cached_templates(h, w, tau, beta, device)
+        seen = balance and self._pending_calls > 0  # the same on every rank: same backward passes
+        if seen:
+            self._pending_calls = 0
         # the statistics need float32 even under autocast (exp/log-sum-exp of template scores)
-        with torch.no_grad(), torch.autocast(maps.device.type, enabled=False):
-            flat = x.reshape(n, c, h * w)
-            peak_val, peak_idx = flat.max(dim=2)  # (N, C)
-            stat = x.sum(dim=(2, 3)) if self.category_stat == "sum" else peak_val
-            self.update_categories(stat, targets, weights)
-            valid = weights.sum().reshape(1)
-            if normalize:
-                packed = all_reduce_(torch.cat([(peak_val * weights[:, None]).sum(0), valid]))
-                scale = (packed[:-1] / packed[-1].clamp_min(1.0)).clamp_min(1e-6)  # (C,) mean of max x
-            else:
-                scale = torch.ones(c, device=x.device)
-            xn = x / scale[None, :, None, None]
-            templates = cached_templates(h, w, tau, beta, x.device)
-            scores = template_scores(xn, templates)
-            log_z = self.update_log_z(scores, weights)
-            cats = self.categories.to(x.device)
-            own = targets[:, None] == cats[None, :]
-            t_hat = torch.where(own, peak_idx, torch.full_like(peak_idx, h * w))
-            grad, mi = approximate_gradient(scores, log_z, templates, t_hat, weights)
-            grad = grad.reshape(n, c, h, w) / scale[None, :, None, None]
-            if balance:
-                task_ms = self._consume_task_gradient(x.device)
-                if task_ms is None:  # no task gradient seen yet: no filter-loss gradient this step
-                    factor = torch.zeros(c, device=x.device)
-                else:
-                    own_ms = all_reduce_(torch.cat([grad.pow(2).sum(dim=(0, 2, 3)), valid * (h * w)]))
-                    own_rms = (own_ms[:-1] / own_ms[-1].clamp_min(1.0)).sqrt().clamp_min(1e-30)
-                    factor = weight * task_ms.to(x.device).float().sqrt() / own_rms
-            else:
-                factor = torch.full((c,), float(weight), device=x.device)
-            grad = grad * factor[None, :, None, None]
-            # reported value: -lambda * sum_f MI_f (float32: lambda * MI can exceed float16's range)
-            value = -float(weight) * mi.sum()
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            x, weights, peak_val, peak_idx, self.class_stats, self.class_seen, categories, bad = (
+                _fused_fold_maps(
+                    fused,
+                    maps.detach(),
+                    targets,
+                    self.class_stats,
+                    self.class_seen,
+                    self.categories,
+                    num_classes=self.num_classes,
+                    stat_sum=self.category_stat == "sum",
+                    momentum=self.stat_momentum,
+                    argmax_categories=refresh and self.mode == "multi",
+                )
+            )
+            if refresh and self.mode == "balanced":  # a Hungarian assignment on the host
+                categories = assign_categories(self.class_stats, self.mode).to(device)
+            self.categories = categories
+            if refresh:
+                self._assigned = True
+            self._skipped = self._skipped + bad
+            fresh_z = self.log_z is None or tuple(self.log_z.shape) != (c, templates.shape[0])
+            out = _fused_loss_terms(
+                fused,
+                x,
+                weights,
+                peak_val,
+                peak_idx,
+                targets,
+                self.categories,
+                None if fresh_z else self.log_z,
+                templates,
+                self._pending_sq,
+                self._pending_count,
+                self.task_grad_ms,
+                self._ms_seen,
+                self.loss_scale,
+                torch.full((), float(weight), device=device),  # a tensor: no recompile per value
+                normalize=normalize,
+                balance=balance,
+                seen=seen,
+                z_momentum=self.z_momentum,
+            )
+            grad, mi, value, self.log_z, task_ms, ms_seen, pending_sq, pending_count = out
+            if seen:
+                self.task_grad_ms, self._ms_seen = task_ms, ms_seen
+                self._pending_sq, self._pending_count = pending_sq, pending_count
         self.updates += 1
         loss = _InjectGradient.apply(maps, value, grad.to(maps.dtype), self)
         return loss, mi
@@ -374,3 +382,151 @@ class FilterLossState:
         seen = state.get("ms_seen", None if self.task_grad_ms is None else True)
         self._ms_seen = None if seen is None else torch.tensor(bool(seen))
         self.loss_scale = float(state["loss_scale"])
+
+
+def _fold_maps(
+    maps: Tensor,
+    targets: Tensor,
+    class_stats: Tensor,
+    class_seen: Tensor,
+    categories: Tensor,
+    *,
+    num_classes: int,
+    stat_sum: bool,
+    momentum: float,
+    argmax_categories: bool,
+):
+    """The per-image part of a loss step: finite maps, each map's peak, and the class statistics.
+
+    Args:
+        maps: ``(N, C, h, w)`` detached maps (any float dtype).
+        targets: ``(N,)`` class indices.
+        class_stats: ``(C, K)`` float64 running mean statistic per filter and class;
+            ``class_seen``: ``(K,)`` bool; ``categories``: ``(C,)`` long.
+        argmax_categories: re-assign each filter to the class of its largest statistic.
+
+    Returns:
+        ``(x, weights, peak_val, peak_idx, class_stats, class_seen, categories, bad)``: the float32
+        maps with non-finite images zeroed ``(N, C, h, w)``, ``(N,)`` 1 for the images that count,
+        the peak value and flat position per map ``(N, C)``, the new statistics, and how many images
+        were left out (a device scalar). An image whose maps hold NaN/inf (a bad pixel, an
+        overflow) gets weight 0: the running estimates never see it and its maps get no gradient.
+    """
+    x = maps.float()
+    n, c, h, w = x.shape
+    finite = torch.isfinite(x).flatten(1).all(dim=1)  # (N,)
+    weights = finite.to(torch.float32)
+    x = torch.where(finite[:, None, None, None], x, torch.zeros((), device=x.device))
+    peak_val, peak_idx = x.reshape(n, c, h * w).max(dim=2)  # (N, C)
+    stat = x.sum(dim=(2, 3)) if stat_sum else peak_val
+    # (N, K); F.one_hot would read the targets' range on the host (a sync on every step)
+    onehot = (targets[:, None] == torch.arange(num_classes, device=targets.device)).to(stat.dtype)
+    onehot = onehot * weights[:, None]
+    packed = all_reduce_(torch.cat([stat.t() @ onehot, onehot.sum(0, keepdim=True)], dim=0).double())
+    sums, counts = packed[:-1], packed[-1]
+    present = counts > 0
+    mean = sums / counts.clamp_min(1.0)
+    fresh = (present & ~class_seen)[None, :]
+    old = (present & class_seen)[None, :]
+    blended = (1 - momentum) * class_stats + momentum * mean
+    class_stats = torch.where(fresh, mean, torch.where(old, blended, class_stats))
+    class_seen = class_seen | present
+    if argmax_categories:
+        categories = class_stats.argmax(dim=1)
+    bad = (~finite).sum()
+    return x, weights, peak_val, peak_idx, class_stats, class_seen, categories, bad
+
+
+def _loss_terms(
+    x: Tensor,
+    weights: Tensor,
+    peak_val: Tensor,
+    peak_idx: Tensor,
+    targets: Tensor,
+    categories: Tensor,
+    log_z: Tensor | None,
+    templates: Tensor,
+    pending_sq: Tensor,
+    pending_count: Tensor,
+    task_ms: Tensor | None,
+    ms_seen: Tensor | None,
+    loss_scale: Tensor,
+    weight: Tensor,
+    *,
+    normalize: bool,
+    balance: bool,
+    seen: bool,
+    z_momentum: float,
+):
+    """The gradient and MI of one loss step, and the running estimates it updates.
+
+    Args:
+        x, weights, peak_val, peak_idx: from ``_fold_maps``; ``targets`` ``(N,)``;
+            ``categories`` ``(C,)``.
+        log_z: running ``log Z_T`` ``(C, T)``, ``None`` to start afresh from this batch.
+        templates: ``(T, h*w)``.
+        pending_sq, pending_count: the task gradient folded in since the last step (``(C,)`` and
+            a scalar, float64); ``seen``: whether any backward pass folded one in.
+        task_ms, ms_seen: the running mean square of the task gradient ``(C,)`` (``None`` before
+            the first) and whether a finite one was folded in (a bool scalar).
+        loss_scale: the multiplier of the loss in the last backward (a scalar tensor).
+        weight: lambda for this step (a scalar tensor).
+
+    Returns:
+        ``(grad, mi, value, log_z, task_ms, ms_seen, pending_sq, pending_count)``: ``dLoss/dmaps``
+        ``(N, C, h, w)`` float32, the MI estimate ``(C,)``, the reported value
+        ``-lambda * sum_f MI_f``, the new running estimates and the emptied pending sums.
+    """
+    n, c, h, w = x.shape
+    valid = weights.sum().reshape(1)
+    if normalize:
+        packed = all_reduce_(torch.cat([(peak_val * weights[:, None]).sum(0), valid]))
+        scale = (packed[:-1] / packed[-1].clamp_min(1.0)).clamp_min(1e-6)  # (C,) mean of max x
+    else:
+        scale = torch.ones(c, device=x.device)
+    xn = x / scale[None, :, None, None]
+    scores = template_scores(xn, templates)  # (N, C, T)
+    # the running log Z_T (log-mean-exp over the images that count; a batch where none counts
+    # leaves the estimate as it was)
+    peak = all_reduce_(scores.amax(dim=0), "max")
+    e = torch.exp(scores - peak) * weights[:, None, None]
+    packed = all_reduce_(torch.cat([e.sum(dim=0).flatten(), valid.to(scores.dtype)]))
+    total = packed[-1]
+    batch = peak + torch.log(packed[:-1].view_as(peak).clamp_min(1e-38)) - torch.log(total.clamp_min(1.0))
+    if log_z is None or z_momentum >= 1:
+        new = batch
+    else:
+        new = torch.logaddexp(log_z + math.log1p(-z_momentum), batch + math.log(z_momentum))
+    log_z = torch.where(total > 0, new, batch if log_z is None else log_z)
+    own = targets[:, None] == categories[None, :]
+    t_hat = torch.where(own, peak_idx, torch.full_like(peak_idx, h * w))
+    grad, mi = approximate_gradient(scores, log_z, templates, t_hat, weights)
+    grad = grad.reshape(n, c, h, w) / scale[None, :, None, None]
+    if balance:
+        if seen:
+            packed = all_reduce_(torch.cat([pending_sq, pending_count.reshape(1).to(pending_sq)]))
+            count = packed[-1]
+            ms = packed[:-1] / count.clamp_min(1.0) / loss_scale.double().clamp_min(1e-30) ** 2
+            if task_ms is None:  # zeros until a finite gradient arrives: no loss gradient
+                task_ms = torch.zeros_like(ms)
+                ms_seen = torch.zeros((), dtype=torch.bool, device=ms.device)
+            blended = torch.where(ms_seen, 0.9 * task_ms + 0.1 * ms, ms)
+            task_ms = torch.where(count > 0, blended, task_ms)
+            ms_seen = ms_seen | (count > 0)
+            pending_sq, pending_count = torch.zeros_like(pending_sq), torch.zeros_like(pending_count)
+        if task_ms is None:  # no task gradient seen yet: no filter-loss gradient this step
+            factor = torch.zeros(c, device=x.device)
+        else:
+            own_ms = all_reduce_(torch.cat([grad.pow(2).sum(dim=(0, 2, 3)), valid * (h * w)]))
+            own_rms = (own_ms[:-1] / own_ms[-1].clamp_min(1.0)).sqrt().clamp_min(1e-30)
+            factor = weight * task_ms.float().sqrt() / own_rms
+    else:
+        factor = weight.expand(c)
+    grad = grad * factor[None, :, None, None]
+    # reported value: -lambda * sum_f MI_f (float32: lambda * MI can exceed float16's range)
+    value = -weight * mi.sum()
+    return grad, mi, value, log_z, task_ms, ms_seen, pending_sq, pending_count
+
+
+_fused_fold_maps = _Fusable(_fold_maps)
+_fused_loss_terms = _Fusable(_loss_terms)
