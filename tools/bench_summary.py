@@ -36,6 +36,7 @@ SECTIONS = {
     "interpretability": "interpretability.json",
     "overhead": "icnn_overhead.json",
     "overhead_cuda": "icnn_overhead_cuda.json",
+    "overhead_cuda_resnet18": "icnn_overhead_cuda_resnet18.json",
     "gpu_check": "gpu_check.json",
     "fashion_vgg_small": "fashion_vgg_small.json",
     "fashion_resnet_cifar20": "fashion_resnet_cifar20.json",
@@ -265,36 +266,54 @@ def interpretability_md(it: dict) -> list[str]:
 
 def overhead_md(sections: dict) -> list[str]:
     md = [
-        "| where | step with / without the loss (top layer, the default) | on the top two | threads / device "
-        "| host syncs per step (with / without) | reproduce |",
-        "|---|---|---|---|---|---|",
+        "| where | model, input (batch) | step with / without the loss (top layer, the default) "
+        "| the loss op by op | on the top two | threads / device | host syncs per step (with / without) "
+        "| kernels per step (without / with) | reproduce |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
-    for key in ("overhead", "overhead_cuda"):
+    for key in ("overhead", "overhead_cuda", "overhead_cuda_resnet18"):
         o = sections.get(key)
         if o:
-            st = o.get("setup", {})
-            top1, top2 = o["summary"]["step_ratio"], o["summary"].get("step_ratio_top2")
+            st, su = o.get("setup", {}), o["summary"]
+            top1, top2 = su["step_ratio"], su.get("step_ratio_top2")
             if top2 is None and len(st.get("icnn_layers", [])) == 2:  # older runs measured the top two only
                 top1, top2 = None, top1
-            syncs = o["summary"].get("host_syncs_per_step")
+            unfused = su.get("step_ratio_unfused")
+            if unfused is None and not su.get("fused", False):
+                unfused = top1  # runs without the fused path: every step was op by op
+            syncs = su.get("host_syncs_per_step")
             sync_cell = f"{syncs['with']:g} / {syncs['without']:g}" if syncs else "—"
+            kern = su.get("kernels_per_step")
+            kern_cell = f"{kern['without']} / {kern['with']}" if kern else "—"
+            shape = st.get("input", [])
+            batch = shape[0] if shape else "?"
+            model_cell = f"{st.get('model', 'vgg_small')}, {'x'.join(map(str, shape[1:]))} ({batch})"
             md.append(
-                f"| {_machine(o['environment'])} | {'' if top1 is None else f'**{top1:.2f}x**'} | "
+                f"| {_machine(o['environment'])} | {model_cell} | "
+                f"{'' if top1 is None else f'**{top1:.2f}x**'} | "
+                f"{'' if unfused is None else f'{unfused:.2f}x'} | "
                 f"{'' if top2 is None else f'{top2:.2f}x'} | "
                 f"{st.get('threads', '?')} / {st.get('device', '?')} | "
-                f"{sync_cell} | `{o.get('command', '')}` |"
+                f"{sync_cell} | {kern_cell} | `{o.get('command', '')}` |"
             )
             if o.get("note"):
-                notes.append(f"{st.get('device', '?')}: {o['note']}")
-    md += ["", *notes] if notes else []
+                notes.append(f"{st.get('model', '')} on {st.get('device', '?')}: {o['note']}")
+    for note in notes:
+        md += ["", note]
     g = sections.get("gpu_check")
     if g:
         gs = g["summary"]
         md += [
             "",
             f"GPU check (`bash tools/gpu_check.sh` on a lent {gs['device']}): {g['train']['steps']} "
-            f"AMP training steps with the loss at {gs['train_steps_per_s']:.1f} steps/s, val acc "
+            f"AMP training steps with the loss at {gs['train_steps_per_s']:.1f} steps/s"
+            + (
+                " (its statistics fused: the rate includes compiling them)"
+                if g.get("loss_statistics_fused")
+                else ""
+            )
+            + f", val acc "
             f"{gs['val_acc']:.3f}; ONNX export max |diff| {gs['onnx_max_abs_diff']:.1e}; ONNX Runtime "
             f"provider used: {gs['ort_provider']} "
             f"(available: {', '.join(g['onnx']['available_providers'])}).",

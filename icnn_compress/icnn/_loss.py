@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import numpy as np
 import torch
@@ -34,8 +33,9 @@ class _Fusable:
     """A pure tensor function run as it is, or compiled with ``torch.compile`` so that its few
     dozen small operations become a handful of fused kernels (on a GPU a small model's step is
     bound by kernel launches). A compile that fails is logged once; the function then runs as
-    it is for the rest of the process. ``ICNN_COMPRESS_COMPILE_MODE`` in the environment picks
-    ``torch.compile``'s ``mode`` (default: its default)."""
+    it is for the rest of the process. (``mode="reduce-overhead"``, CUDA graphs, does not fit: the
+    running estimates a step returns are the next step's inputs, and a graph's replay overwrites
+    its previous outputs; measured on an H200, it failed on the second step.)"""
 
     def __init__(self, fn) -> None:
         self.fn = fn
@@ -46,8 +46,7 @@ class _Fusable:
         if fused and not self.failed:
             try:
                 if self._compiled is None:
-                    mode = os.environ.get("ICNN_COMPRESS_COMPILE_MODE") or None
-                    self._compiled = torch.compile(self.fn, dynamic=None, mode=mode)
+                    self._compiled = torch.compile(self.fn, dynamic=None)
                 return self._compiled(*args, **kwargs)
             except Exception as exc:  # any backend error: the eager function computes the same
                 self.failed = True

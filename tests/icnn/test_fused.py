@@ -27,13 +27,19 @@ def small_net() -> nn.Module:
     )
 
 
-def train(model: nn.Module, fuse: str, steps: int = 4):
+# on a machine with a GPU the CUDA path is checked too (CI's machine has none)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def train(model: nn.Module, fuse: str, device: str = "cpu", steps: int = 4):
+    model = model.to(device)
     handle = attach_icnn(model, ["2"], num_classes=4, warmup_steps=0, refresh_every=2, fuse=fuse)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     for i in range(steps):
         n = 6 if i < steps - 1 else 5  # a smaller last batch, as at the end of an epoch
         x, y = torch.rand(n, 1, 10, 10, generator=g), torch.randint(0, 4, (n,), generator=g)
+        x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(model(x), y) + handle.loss(y)
         opt.zero_grad()
         loss.backward()
@@ -42,10 +48,11 @@ def train(model: nn.Module, fuse: str, steps: int = 4):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_fused_statistics_match_the_eager_ones():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_statistics_match_the_eager_ones(device):
     base = small_net()
-    eager, h_eager, loss_eager = train(copy.deepcopy(base), "off")
-    fused, h_fused, loss_fused = train(copy.deepcopy(base), "on")
+    eager, h_eager, loss_eager = train(copy.deepcopy(base), "off", device)
+    fused, h_fused, loss_fused = train(copy.deepcopy(base), "on", device)
     assert not _loss._fused_loss_terms.failed and not _loss._fused_fold_maps.failed
     assert _loss._fused_loss_terms._compiled is not None  # the compiled path really ran
     assert loss_fused == pytest.approx(loss_eager, rel=1e-5, abs=1e-6)
@@ -55,7 +62,7 @@ def test_fused_statistics_match_the_eager_ones():
     for key in ("log_z", "class_stats", "categories", "task_grad_ms", "pending_sq"):
         ea = next(iter(s_e["sites"].values()))[key]
         fa = next(iter(s_f["sites"].values()))[key]
-        torch.testing.assert_close(fa, ea, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fa, ea, rtol=1e-5, atol=1e-5)
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
