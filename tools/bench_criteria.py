@@ -84,13 +84,20 @@ def finetune(
     handle=None,
     seed: int = 0,
     distill=None,
+    masked_epochs: int | None = None,
 ) -> None:
     """The same short fine-tune for everyone (SGD, cosine). With an ICNN ``handle``: masks and loss
-    for the first half of the epochs, then the masks off and cross-entropy only (the recipes'
-    ``icnn.unmask_epochs``); ``distill``: an ``ic.Distillation`` (recovery)."""
+    for ``masked_epochs`` (``None``: the first half of the epochs), then the masks off and
+    cross-entropy only (the recipes' ``icnn.unmask_epochs``); ``distill``: an ``ic.Distillation``
+    (recovery)."""
     if steps is not None:
         train_dl = first_n_loader(train_dl, steps * train_dl.batch_size, train_dl.batch_size, seed)
-    unmask = epochs // 2 if handle is not None and epochs >= 2 else 0
+    if handle is None:
+        unmask = 0
+    elif masked_epochs is None:
+        unmask = epochs // 2 if epochs >= 2 else 0
+    else:
+        unmask = epochs - masked_epochs
     if epochs - unmask:
         ic.Trainer(
             model,
@@ -135,6 +142,7 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
                 lr=0.01,
                 handle=handle,
                 seed=b,
+                masked_epochs=a.masked_epochs,
             )
             if handle is not None:
                 handle.set_masks(False)
@@ -205,6 +213,18 @@ def main() -> None:
     p.add_argument("--baseline-epochs", type=int, default=6)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--finetune-steps", type=int, default=None, help="cap the fine-tune (quick runs)")
+    p.add_argument(
+        "--masked-epochs",
+        type=int,
+        default=None,
+        help="fine-tune epochs with masks + loss (default: half); the rest without (use a new --cache)",
+    )
+    p.add_argument(
+        "--compensation",
+        choices=("both", "on", "off"),
+        default="both",
+        help="rows with compensation, without, or both (compensated first)",
+    )
     p.add_argument("--recover-steps", type=int, default=150)
     p.add_argument(
         "--no-kd", action="store_true", help="recover without distillation from the unpruned model"
@@ -222,6 +242,10 @@ def main() -> None:
     p.add_argument("--write-only", action="store_true", help="only write the results of the cached rows")
     p.add_argument("--out-dir", default=None, help="where criteria.json/.md go (default tools/results)")
     a = p.parse_args()
+    if a.masked_epochs is not None and not 1 <= a.masked_epochs <= a.finetune_epochs:
+        p.error(
+            f"--masked-epochs must be in [1, --finetune-epochs={a.finetune_epochs}]; got {a.masked_epochs}"
+        )
     torch.set_num_threads(a.threads)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -245,7 +269,7 @@ def main() -> None:
                 save_rows(cache, model_name, rows)
             print(model_name, f"base{b}", "unpruned", rows[key], flush=True)
         # the compensated rows first (the ones the recipes use), all bases of a row together
-        for comp in (True, False):
+        for comp in {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]:
             for level in a.levels.split(","):
                 for crit in a.criteria.split(","):
                     name = crit + ("+comp" if comp else "")
@@ -346,7 +370,8 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
             "recovery": f"{a.recover_steps} SGD steps (batch 64, lr 0.01, cosine) per seed"
             + ("" if a.no_kd else ", distilled from the unpruned model (KL, T=4, weight 0.5)"),
             "finetune": f"{a.finetune_epochs} epochs; with the loss: layers='auto', masks and loss for "
-            f"{a.finetune_epochs - a.finetune_epochs // 2}, then masks off and cross-entropy only",
+            f"{a.masked_epochs or a.finetune_epochs - a.finetune_epochs // 2}, then masks off and "
+            "cross-entropy only",
         },
         "bases": list(range(a.bases)),
         "seeds": list(range(a.seeds)),
