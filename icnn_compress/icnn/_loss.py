@@ -46,6 +46,11 @@ class _Fusable:
         if fused and not self.failed:
             try:
                 if self._compiled is None:
+                    log.info(
+                        "Compiling %s of the filter loss with torch.compile (the first steps take longer; "
+                        "fuse='off' runs it op by op).",
+                        self.fn.__name__.strip("_").replace("_", " "),
+                    )
                     self._compiled = torch.compile(self.fn, dynamic=None)
                 return self._compiled(*args, **kwargs)
             except Exception as exc:  # any backend error: the eager function computes the same
