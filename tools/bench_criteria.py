@@ -6,8 +6,9 @@ the interpretable filter loss (cached), the loss as the recipes apply it by defa
 layer (``layers="auto"``), masks and loss for the first half of the epochs, the second half with
 the masks off and cross-entropy only. The baselines prune the model fine-tuned without the loss;
 ``icnn-cluster`` is reported from both (``icnn-cluster`` = from the model fine-tuned with the loss,
-``icnn-cluster@plain`` = from the plain one). Each row is pruned to 2x, 3x and 4x fewer MACs and
-measured:
+``icnn-cluster@plain`` = from the plain one; any ``<criterion>@icnn``, e.g. ``l2@icnn``, prunes the
+model fine-tuned with the loss, to tell a fragile model from a poor ranking). Each row is pruned to
+2x, 3x and 4x fewer MACs and measured:
 
 * one-shot: pruned (compensated where ``+comp``), BatchNorm re-estimated on 20 batches, no
   training; over several seeds (probe subsets and the random criterion), mean and spread;
@@ -156,7 +157,8 @@ def run_row(
     variants: dict, crit: str, level: str, comp: bool, b: int, plain_train, train_dl, eval_dl, a
 ) -> dict:
     """One criterion at one level on one base: ``--seeds`` probe seeds, one-shot and recovered."""
-    source = variants["icnn" if crit == "icnn-cluster" else "plain"]
+    # icnn-cluster and any "<criterion>@icnn" prune the model fine-tuned with the loss
+    source = variants["icnn" if crit == "icnn-cluster" or crit.endswith("@icnn") else "plain"]
     oneshot, recovered, pre_bn, stats, lat = [], [], None, None, {}
     for seed in range(a.seeds):
         g = torch.Generator().manual_seed(1000 + 100 * b + seed)
