@@ -123,3 +123,37 @@ def test_maps_of_many_convs_cost_one_trace(monkeypatch):
     points = layer_maps_points(model, convs)
     assert len(traces) == 1
     assert points["conv1"] == "relu" and points["layer1.0.conv1"] == "layer1.0.relu1"
+
+
+def test_a_residual_stream_is_ranked_by_magnitude_with_its_clusters_kept():
+    import torch_pruning as tp
+
+    from icnn_compress.errors import ConfigError
+    from icnn_compress.prune._criteria import consumer_deps
+
+    with pytest.raises(ConfigError, match="stream_ranking"):
+        ClusterRedundancyImportance(stream_ranking="l2")
+    torch.manual_seed(0)
+    model = models.create("resnet_cifar8", num_classes=4, in_channels=1).eval()
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.rand(32, 1, 16, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
+    imp = ClusterRedundancyImportance(probe_batches=2)
+    imp.refresh(model, DataLoader(ds, batch_size=16))
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 1, 16, 16))
+    streams = [gr for gr in dg.get_all_groups() if len(list(consumer_deps(gr))) > 1]
+    assert streams  # resnet_cifar8 has residual streams
+    for group in streams:
+        got = imp(group)
+        l2 = tp.importance.GroupMagnitudeImportance(p=2)(group)
+        labels, _ = imp._group_labels(group, len(got))
+        reps = set()
+        if labels is not None:  # each cluster's strongest member by magnitude is kept last
+            for cl in labels.unique():
+                members = torch.nonzero(labels == cl).flatten()
+                reps.add(int(members[l2[members].argmax()]))
+        rest = [i for i in range(len(got)) if i not in reps]
+        assert sorted(rest, key=lambda i: float(got[i])) == sorted(rest, key=lambda i: float(l2[i]))
+        assert all(float(got[r]) > float(got[rest].max()) for r in reps) if rest and reps else True
+    redundancy = ClusterRedundancyImportance(probe_batches=2, stream_ranking="redundancy")
+    redundancy.refresh(model, DataLoader(ds, batch_size=16))
+    assert any(not torch.equal(redundancy(gr).argsort(), imp(gr).argsort()) for gr in streams)
