@@ -12,20 +12,7 @@ from torch import nn
 
 from icnn_compress import attach_icnn
 from icnn_compress.icnn import _loss
-
-
-def small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
-
+from tests.icnn.test_no_host_sync import small_net
 
 # on a machine with a GPU the CUDA path is checked too (CI's machine has none)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
