@@ -462,15 +462,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         """A residual stream's channels ``(n,)``: the group's L2 magnitude, each cluster's
         strongest member lifted above all (one filter per category and part kept last)."""
         scores = tp.importance.GroupMagnitudeImportance(p=2)(group).double()
-        if labels is not None:
-            n, k = scores.numel(), int(labels.max()) + 1
-            top = torch.full((k,), -float("inf"), dtype=scores.dtype).scatter_reduce(
-                0, labels, scores, "amax"
-            )
-            at_top = torch.nonzero(scores == top[labels]).flatten()
-            first = torch.full((k,), n, dtype=torch.long).scatter_reduce(0, labels[at_top], at_top, "amin")
-            scores[first[first < n]] += scores.max()
-        return scores
+        return _lift_representatives(scores, labels)
 
     def _finish(self, scores: Tensor, cats: Tensor | None) -> Tensor:
         """The category options, then scores scaled to mean 1 (float32)."""
@@ -544,10 +536,17 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         out = w2 / diag.clamp_min(1e-30)  # stopped early: the channels left rank above, in order
         out = running * (1 + 1e-6) + out.clamp_min(0)
         out[order] = torch.tensor(values, dtype=torch.float64)
-        if labels is not None:  # each cluster's representative: its first highest-scoring member
-            k = int(labels.max()) + 1
-            top = torch.full((k,), -float("inf"), dtype=out.dtype).scatter_reduce(0, labels, out, "amax")
-            at_top = torch.nonzero(out == top[labels]).flatten()
-            first = torch.full((k,), n, dtype=torch.long).scatter_reduce(0, labels[at_top], at_top, "amin")
-            out[first[first < n]] += out.max()
-        return out
+        return _lift_representatives(out, labels)
+
+
+def _lift_representatives(scores: Tensor, labels: Tensor | None) -> Tensor:
+    """Lift each cluster's representative (its first highest-scoring member) above every channel,
+    in place; ``scores`` and ``labels`` are ``(n,)``. ``labels=None``: unchanged."""
+    if labels is None:
+        return scores
+    n, k = scores.numel(), int(labels.max()) + 1
+    top = torch.full((k,), -float("inf"), dtype=scores.dtype).scatter_reduce(0, labels, scores, "amax")
+    at_top = torch.nonzero(scores == top[labels]).flatten()
+    first = torch.full((k,), n, dtype=torch.long).scatter_reduce(0, labels[at_top], at_top, "amin")
+    scores[first[first < n]] += scores.max()
+    return scores
