@@ -53,6 +53,13 @@ def main() -> None:
         help="first fine-tune each base as this variant of bench_icnn_cost.py (e.g. top1+unmask-ce@e2), "
         "on --ft-images training images",
     )
+    p.add_argument(
+        "--icnn",
+        action="store_true",
+        help="the weights are of a model fine-tuned with the loss (bench_criteria.py's *_icnn.pt): "
+        "attach the masks (switched off) before loading them",
+    )
+    p.add_argument("--round-to", type=int, default=0, help="widths multiples of this; 0: free widths")
     p.add_argument("--ft-images", type=int, default=5000)
     p.add_argument("--ft-lr", type=float, default=0.01)
     p.add_argument("--out", required=True)
@@ -64,7 +71,15 @@ def main() -> None:
     entries = [parse_entry(e) for e in a.entries.split(",")]
     rows: dict = {}
     for b, weights in enumerate(a.weights.split(",")):
-        model = ic.models.create(a.model, num_classes=10, in_channels=1, weights=weights).eval()
+        if a.icnn:
+            model = ic.models.create(a.model, num_classes=10, in_channels=1)
+            handle = ic.attach_icnn(model, "auto", num_classes=10)
+            handle.set_masks(False)
+            handle.freeze()
+            model.load_state_dict(torch.load(weights, weights_only=True))
+            model.eval()
+        else:
+            model = ic.models.create(a.model, num_classes=10, in_channels=1, weights=weights).eval()
         if a.source:
             train_ds = ic.data.loaders("fashion-mnist", batch_size=64)[0].dataset
             model = fine_tune(model, VARIANTS[a.source], train_ds, 10, a, 0)[0]
@@ -89,7 +104,7 @@ def main() -> None:
                         compensate=True,
                         step_ratio=a.step_ratio,
                         criterion_options={**options, "seed": seed} if criterion == "random" else options,
-                        round_to=None,  # free widths, as when the published numbers were measured
+                        round_to=a.round_to or None,  # default: free widths
                         progress=False,
                     )
                     pc = per_class_top1(res.model, eval_dl, 10)

@@ -112,6 +112,8 @@ class KeepClassesImportance(tp.importance.Importance):
 
     def bind(self, names: dict[nn.Module, str], alive: dict[str, list[int]]) -> None:
         self.names, self.alive = names, alive
+        if hasattr(self.inner, "bind"):
+            self.inner.bind(names, alive)
 
     def refresh(self, model: nn.Module, loader: DataLoader) -> None:
         if hasattr(self.inner, "refresh"):

@@ -389,8 +389,22 @@ def _prepare_step(model, importance, spec, data, probe_batches: int, compensate:
         _taylor_gradients(model, data, probe_batches)
     if not compensate:
         return {}
+    shared = _criterion_inputs(importance, probe_batches)
+    if shared is not None:
+        return shared
     consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
+
+
+def _criterion_inputs(importance, probe_batches: int) -> dict | None:
+    """The consumers' inputs that a data-driven criterion has just collected in ``refresh``, when
+    they are the rows compensation would collect (every conv and linear, the same number of probe
+    batches, the same sampling seed), so that a step reads the probe set once; else ``None``."""
+    inner = getattr(importance, "inner", importance)  # KeepClassesImportance wraps the criterion
+    inputs = getattr(inner, "inputs", None)
+    if not inputs or getattr(inner, "probe_batches", None) != probe_batches:
+        return None
+    return inputs
 
 
 class _ApproachCheck:
@@ -757,8 +771,9 @@ def prune_model(
             ", ".join(names[m] for m in unfollowed[:8]) + (" ..." if len(unfollowed) > 8 else ""),
         )
     alive = {n: list(range(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    if keep_classes is not None:
+    if hasattr(importance, "bind"):  # criteria that follow channels by their original numbers
         importance.bind(names, alive)
+    if keep_classes is not None:
         dropped = [i for i in range(clf.out_features) if i not in set(keep_classes)]
         if dropped:  # recorded in the pruner's history, so load_pruned rebuilds the smaller head
             pruner.DG.get_pruning_group(clf, tp.prune_linear_out_channels, idxs=dropped).prune()

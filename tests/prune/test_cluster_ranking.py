@@ -16,6 +16,8 @@ from icnn_compress.analysis import filter_distances, layer_maps_points
 from icnn_compress.prune import prune_model
 from icnn_compress.prune._criteria import ClusterRedundancyImportance
 
+from .test_cluster_options import resnet_and_probe
+
 score = ClusterRedundancyImportance._score
 
 
@@ -125,7 +127,7 @@ def test_maps_of_many_convs_cost_one_trace(monkeypatch):
     assert points["conv1"] == "relu" and points["layer1.0.conv1"] == "layer1.0.relu1"
 
 
-def test_a_residual_stream_is_ranked_by_magnitude_with_its_clusters_kept():
+def test_a_residual_stream_is_ranked_by_magnitude_optionally_with_its_clusters_kept():
     import torch_pruning as tp
 
     from icnn_compress.errors import ConfigError
@@ -133,18 +135,18 @@ def test_a_residual_stream_is_ranked_by_magnitude_with_its_clusters_kept():
 
     with pytest.raises(ConfigError, match="stream_ranking"):
         ClusterRedundancyImportance(stream_ranking="l2")
-    torch.manual_seed(0)
-    model = models.create("resnet_cifar8", num_classes=4, in_channels=1).eval()
-    g = torch.Generator().manual_seed(0)
-    ds = TensorDataset(torch.rand(32, 1, 16, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
-    imp = ClusterRedundancyImportance(probe_batches=2)
-    imp.refresh(model, DataLoader(ds, batch_size=16))
+    model, probe = resnet_and_probe()
+    imp = ClusterRedundancyImportance(probe_batches=2, stream_ranking="magnitude")
+    imp.refresh(model, probe)
+    only = ClusterRedundancyImportance(probe_batches=2)  # the default: magnitude alone
+    only.refresh(model, probe)
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 1, 16, 16))
     streams = [gr for gr in dg.get_all_groups() if len(list(consumer_deps(gr))) > 1]
     assert streams  # resnet_cifar8 has residual streams
     for group in streams:
         got = imp(group)
         l2 = tp.importance.GroupMagnitudeImportance(p=2)(group)
+        assert torch.equal(only(group).argsort(stable=True), l2.argsort(stable=True))
         labels, _ = imp._group_labels(group, len(got))
         reps = set()
         if labels is not None:  # each cluster's strongest member by magnitude is kept last
@@ -155,5 +157,57 @@ def test_a_residual_stream_is_ranked_by_magnitude_with_its_clusters_kept():
         assert sorted(rest, key=lambda i: float(got[i])) == sorted(rest, key=lambda i: float(l2[i]))
         assert all(float(got[r]) > float(got[rest].max()) for r in reps) if rest and reps else True
     redundancy = ClusterRedundancyImportance(probe_batches=2, stream_ranking="redundancy")
-    redundancy.refresh(model, DataLoader(ds, batch_size=16))
+    redundancy.refresh(model, probe)
     assert any(not torch.equal(redundancy(gr).argsort(), imp(gr).argsort()) for gr in streams)
+
+
+def test_first_step_signatures_are_carried_through_the_channels_still_alive(monkeypatch):
+    from icnn_compress.errors import ConfigError
+    from icnn_compress.prune import _criteria
+
+    with pytest.raises(ConfigError, match="signatures"):
+        ClusterRedundancyImportance(signatures="once")
+    model, probe = resnet_and_probe()
+    names = {m: n for n, m in model.named_modules()}
+    alive = {n: list(range(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    calls = []
+    real = _criteria.conv_signatures
+    monkeypatch.setattr(_criteria, "conv_signatures", lambda *a, **k: calls.append(1) or real(*a, **k))
+    imp = ClusterRedundancyImportance(probe_batches=2, signatures="first-step")
+    imp.bind(names, alive)
+    imp.refresh(model, probe)
+    conv = model.get_submodule("layer1.0.conv1")
+    first_labels, first_cats = imp.cluster_labels(conv).clone(), imp.categories[conv].clone()
+    # the engine renumbers the survivors after a step; a permutation of the same width stands in
+    alive["layer1.0.conv1"] = alive["layer1.0.conv1"][::-1]
+    imp.refresh(model, probe)
+    assert len(calls) == 1  # later steps read only the consumers' inputs
+    flipped = torch.arange(conv.out_channels - 1, -1, -1)
+    assert torch.equal(imp.cluster_labels(conv), first_labels[flipped])
+    assert torch.equal(imp.categories[conv], first_cats[flipped])
+    every = ClusterRedundancyImportance(probe_batches=2, signatures="every-step")
+    every.bind(names, alive)
+    every.refresh(model, probe)
+    every.refresh(model, probe)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("signatures", ["every-step", "first-step"])
+def test_compensation_reuses_the_inputs_the_criterion_collected(monkeypatch, signatures):
+    model, probe = resnet_and_probe()
+
+    def second_read(*args, **kwargs):
+        raise AssertionError("the probe was read twice in one step")
+
+    monkeypatch.setattr(engine, "collect_layer_inputs", second_read)
+    common = dict(target=1.5, data=probe, compensate=True, probe_batches=2, progress=False)
+    res = prune_model(
+        model,
+        torch.rand(1, 1, 16, 16),
+        criterion="icnn-cluster",
+        criterion_options={"signatures": signatures},
+        **common,
+    )
+    assert res.macs_reduction >= 1.5
+    with pytest.raises(AssertionError, match="read twice"):  # l2 has no inputs: the engine reads them
+        prune_model(model, torch.rand(1, 1, 16, 16), criterion="l2", **common)
