@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from sklearn.cluster import AgglomerativeClustering
-from sklearn.metrics import adjusted_rand_score
+from scipy.cluster import hierarchy
+from scipy.spatial.distance import squareform
 from torch import Tensor
 
 from icnn_compress.analysis._signatures import LayerSignature
@@ -123,7 +124,7 @@ def cluster_filters(
             without the interpretable loss.
         distance_threshold: merge clusters closer than this (``filter_distances`` units); or
         n_clusters: a fixed number of clusters (then ``distance_threshold`` is ignored).
-        linkage: ``"average"``, ``"complete"`` or ``"single"`` (scikit-learn).
+        linkage: ``"average"``, ``"complete"`` or ``"single"`` (SciPy's hierarchy).
         min_alive: filters that fire on fewer than this fraction of images are dead (label -1).
         gt_parts: ground-truth part per filter for the ARI (default: from the landmarks).
         ari: compute the ARI against ground-truth parts (when landmarks exist).
@@ -146,14 +147,9 @@ def cluster_filters(
             raise ConfigError(
                 f"n_clusters must be in [1, {alive.numel()}] (alive filters). Got {n_clusters}."
             )
-        sub = dist[alive][:, alive].double().numpy()
-        model = AgglomerativeClustering(
-            n_clusters=n_clusters,
-            distance_threshold=None if n_clusters else distance_threshold,
-            metric="precomputed",
-            linkage=linkage,
+        labels[alive] = torch.as_tensor(
+            _agglomerate(dist[alive][:, alive], distance_threshold, n_clusters, linkage)
         )
-        labels[alive] = torch.as_tensor(model.fit_predict(sub), dtype=torch.long)
     categories, medoids, spreads = {}, {}, {}
     for cl in sorted(set(labels.tolist()) - {-1}):
         idx = torch.nonzero(labels == cl).flatten()
@@ -167,6 +163,23 @@ def cluster_filters(
     if gt is not None:
         known = (gt >= 0) & (labels >= 0)
         if int(known.sum()) >= 2:
+            from sklearn.metrics import adjusted_rand_score  # its import costs a second: only here
+
             truth = (sig.category[known] * 1000 + gt[known]).numpy()
             ari_value = float(adjusted_rand_score(truth, labels[known].numpy()))
     return FilterClusters(sig.layer, labels, categories, medoids, spreads, dist, ari_value, gt)
+
+
+def _agglomerate(dist: Tensor, threshold: float | None, n_clusters: int | None, method: str) -> np.ndarray:
+    """Flat agglomerative clusters ``(n,)`` numbered from 0 in order of first appearance, from a
+    distance matrix ``(n, n)``: merged while the linkage distance stays at most ``threshold``, or
+    cut into ``n_clusters`` (SciPy's hierarchy, the same partitions as scikit-learn's
+    ``AgglomerativeClustering`` on a precomputed matrix, without its second of import time)."""
+    tree = hierarchy.linkage(squareform(dist.double().numpy(), checks=False), method=method)
+    if n_clusters is not None:
+        flat = hierarchy.cut_tree(tree, n_clusters=n_clusters).ravel()  # exactly n_clusters
+    else:
+        flat = hierarchy.fcluster(tree, t=threshold, criterion="distance")
+    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))  # renumber the clusters by their first member
+    return order[inverse].astype(np.int64)
