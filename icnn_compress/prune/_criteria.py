@@ -563,7 +563,8 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         # rank one, repeat. Twins: the first goes at ~0 cost, the second is then expensive.
         # The downdates are kept as the columns of u (P = cov^-1 - u u^T): each removal costs one
         # matrix-vector product with the removals so far, and only P's diagonal is kept whole.
-        prec = torch.linalg.inv(cov)
+        factor, info = torch.linalg.cholesky_ex(cov)  # SPD (ridge): half the time of an LU inverse
+        prec = torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)
         n = w2.numel()
         diag = prec.diagonal().clone()
         w2_left = w2.clone()  # a removed channel's weight becomes inf, so it is never picked again
