@@ -398,6 +398,8 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         """Later steps of ``signatures="first-step"``: the first step's descriptions, restricted
         to the channels still alive (the labels are indexed on use, in ``cluster_labels``)."""
         points, categories = self._first
+        # the signatures of the maps already clustered are not needed again
+        self._sigs = {p: sig for p, sig in self._sigs.items() if p not in self._labels}
         self._points, self.categories, self._alive_idx = {}, {}, {}
         for conv, point in points.items():
             alive = self.alive.get(self.names.get(conv, ""))
