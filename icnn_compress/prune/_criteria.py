@@ -299,7 +299,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             streams cost 2.9 / 6.6 points one-shot against magnitude. Keeping the clusters'
             strongest members last made the ranking depend on the probe (which members a probe's
             clusters name): on the loss-trained resnet_cifar20 it cost 1.6 / 2.2 / 5.1 points at
-            2x / 3x / 4x against magnitude alone, with a spread over probes 7-15x as wide
+            2x / 3x / 4x against magnitude alone, with a spread over probes 3-15x as wide
             (2 bases x 3 probe seeds; on the plain model -0.1 / +0.2 / +1.6).
         signatures: ``"first-step"`` (default: signatures, clusters and categories of the model
             before pruning, carried to later steps through the channels still alive, so a filter
