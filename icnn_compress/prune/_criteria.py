@@ -291,8 +291,9 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         cluster_maps: ``"used"`` (default: clusters of a residual group from the stream map
             nearest the output) or ``"own"`` (the maps of the group's root conv).
         stream_ranking: how the channels of a group read by several layers (a residual stream)
-            are ranked: ``"magnitude-only"`` (default: the group's L2 norm), ``"magnitude"`` (the
-            same, each cluster's strongest member kept last) or ``"redundancy"`` (the consumers'
+            are ranked: ``"magnitude-only"`` (default: the group's L2 norm; the category options
+            leave streams alone too), ``"magnitude"`` (the same, each cluster's strongest member
+            kept last) or ``"redundancy"`` (the consumers'
             reconstruction cost, as for every other group). The identity path carries a stream
             channel to every later block without weights, which the reconstruction cost at the
             consumers does not see: on resnet_cifar20 at 3x / 4x the redundancy ranking of the
@@ -480,8 +481,9 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         labels, cats = self._group_labels(group, n)
         consumers = list(consumer_deps(group))
         if self.stream_ranking != "redundancy" and len(consumers) > 1:
-            lift = self.stream_ranking == "magnitude"
-            return self._finish(self._stream_scores(group, labels if lift else None), cats)
+            if self.stream_ranking == "magnitude-only":  # no clusters, no category options
+                return self._finish(self._stream_scores(group, None), None)
+            return self._finish(self._stream_scores(group, labels), cats)
         # ranking stops early only where that is exact: one consumer (the lowest scores of a sum
         # over consumers need every consumer's full ranking) and no rescaling per category
         exact_early = self.step_bound is not None and len(consumers) == 1 and not self.balance_categories

@@ -140,6 +140,9 @@ def test_a_residual_stream_is_ranked_by_magnitude_optionally_with_its_clusters_k
     imp.refresh(model, probe)
     only = ClusterRedundancyImportance(probe_batches=2)  # the default: magnitude alone
     only.refresh(model, probe)
+    # magnitude alone means no category option reorders a stream either
+    guarded = ClusterRedundancyImportance(probe_batches=2, keep_categories=True, balance_categories=True)
+    guarded.refresh(model, probe)
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 1, 16, 16))
     streams = [gr for gr in dg.get_all_groups() if len(list(consumer_deps(gr))) > 1]
     assert streams  # resnet_cifar8 has residual streams
@@ -147,6 +150,7 @@ def test_a_residual_stream_is_ranked_by_magnitude_optionally_with_its_clusters_k
         got = imp(group)
         l2 = tp.importance.GroupMagnitudeImportance(p=2)(group)
         assert torch.equal(only(group).argsort(stable=True), l2.argsort(stable=True))
+        assert torch.equal(guarded(group).argsort(stable=True), l2.argsort(stable=True))
         labels, _ = imp._group_labels(group, len(got))
         reps = set()
         if labels is not None:  # each cluster's strongest member by magnitude is kept last
