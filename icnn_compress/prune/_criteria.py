@@ -478,11 +478,12 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             # hidden units of a Linear layer are not filters with maps: rank them by magnitude (and
             # the elimination below would cost O(width^3) on a 4096-wide classifier layer)
             return tp.importance.GroupMagnitudeImportance(p=2)(group)
-        labels, cats = self._group_labels(group, n)
         consumers = list(consumer_deps(group))
-        if self.stream_ranking != "redundancy" and len(consumers) > 1:
-            if self.stream_ranking == "magnitude-only":  # no clusters, no category options
-                return self._finish(self._stream_scores(group, None), None)
+        stream = self.stream_ranking != "redundancy" and len(consumers) > 1
+        if stream and self.stream_ranking == "magnitude-only":  # no clusters, no category options
+            return self._finish(self._stream_scores(group, None), None)
+        labels, cats = self._group_labels(group, n)  # clustered here, on first use
+        if stream:
             return self._finish(self._stream_scores(group, labels), cats)
         # ranking stops early only where that is exact: one consumer (the lowest scores of a sum
         # over consumers need every consumer's full ranking) and no rescaling per category
