@@ -162,6 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument(
         "--min-agreement", type=float, default=None, help="guard threshold 0..1 (default: the recipe's)"
     )
+    qz.add_argument(
+        "--keep-float",
+        default=None,
+        metavar="auto|none|NODE,...",
+        help="convolutions left in float: 'auto' (timed here), 'none', or Conv node names "
+        "(default: the recipe's quantize.keep_float)",
+    )
     qz.add_argument("--json", action="store_true", help="print the result as JSON")
     b = sub.add_parser("bench", help="ONNX Runtime latency of an ONNX file")
     b.add_argument("onnx", help="an .onnx file")
@@ -351,6 +358,7 @@ def _cmd_quantize(a) -> int:
         "method": a.method,
         "calibration_batches": a.calibration_batches,
         "min_agreement": a.min_agreement,
+        "keep_float": _keep_float(a.keep_float),
     }
     options = dataclasses.replace(
         recipe.quantize.options(), **{k: v for k, v in given.items() if v is not None}
@@ -369,6 +377,16 @@ def _cmd_quantize(a) -> int:
         print(f"prune-recipe: INT8 model refused: {res.reason}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _keep_float(text: str | None):
+    """``--keep-float``: None (the recipe's), "auto", "none" or comma-separated Conv node names."""
+    if text is None or text.strip() in ("auto", "none"):
+        return None if text is None else text.strip()
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise _Usage(f"--keep-float must be auto, none or Conv node names. Got {text!r}.")
+    return names
 
 
 def _cmd_bench(a) -> int:
@@ -429,7 +447,8 @@ def _setup_logging(a) -> None:
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.DEBUG)
-    quiet = a.log_quiet or getattr(a, "quiet", False)  # 'run --quiet' also silences the stage lines
+    # 'run --quiet' also silences the stage lines; --json keeps stdout for the JSON alone
+    quiet = a.log_quiet or getattr(a, "quiet", False) or getattr(a, "json", False)
     level = logging.WARNING if quiet else logging.DEBUG if a.verbose else logging.INFO
     out = logging.StreamHandler(sys.stdout)
     out.setLevel(level)

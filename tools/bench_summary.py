@@ -190,11 +190,18 @@ def int8_md(q: dict) -> list[str]:
         f"Machine: {_machine(q['environment'])}. Reproduce: `{q['command']}`.",
         "",
         "| model | MACs | fp32 top-1 | INT8 top-1 | INT8 agrees with fp32 | fp32 b1 / b32 ms "
-        "| INT8 b1 / b32 ms | INT8 over fp32, b32 | vs unpruned fp32, b32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| INT8 b1 / b32 ms | INT8 over fp32, b32 | vs unpruned fp32, b32 | convs left float "
+        "| every conv INT8: b32 ms (over fp32) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in q["rows"]:
-        f, i = r["fp32"], r.get("int8") or {}
+        f, i, a = r["fp32"], r.get("int8") or {}, r.get("int8_all") or {}
+        every = (
+            f"{a['b32']['median_ms']:.2f} ({f['b32']['median_ms'] / a['b32']['median_ms']:.2f}x)"
+            if a.get("accepted")
+            else ""
+        )
+        left = "" if "kept_float" not in i else str(len(i["kept_float"]))
         level = r["level"] if r["level"] == "1x" else f"{r['macs_reduction']:.2f}x"
         base = next(u for u in q["rows"] if u["model"] == r["model"] and u["level"] == "1x")["fp32"]
         cells = [r["model"], level, f"{f['top1']:.4f}"]
@@ -206,6 +213,8 @@ def int8_md(q: dict) -> list[str]:
                 f"{i['b1']['median_ms']:.3f} / {i['b32']['median_ms']:.2f}",
                 f"{f['b32']['median_ms'] / i['b32']['median_ms']:.2f}x",
                 f"{base['b32']['median_ms'] / i['b32']['median_ms']:.2f}x",
+                left,
+                every,
             ]
         elif i:
             cells += [
@@ -215,9 +224,11 @@ def int8_md(q: dict) -> list[str]:
                 "",
                 "",
                 "",
+                left,
+                every,
             ]
         else:
-            cells += ["", "", f"{f['b1']['median_ms']:.3f} / {f['b32']['median_ms']:.2f}", "", "", ""]
+            cells += ["", "", f"{f['b1']['median_ms']:.3f} / {f['b32']['median_ms']:.2f}", "", "", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     t = q["summary"]["targets"]
     for model, met in q["summary"]["met"].items():

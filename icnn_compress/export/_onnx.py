@@ -191,6 +191,7 @@ def export_onnx(
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = k, v
             onnx.save(proto, tmp)
+            del proto  # a copy of every weight: not kept through the checker and ONNX Runtime's session
             max_diff, agree = float("nan"), float("nan")
             if check:
                 try:
@@ -235,6 +236,26 @@ def _forward_tracer_warnings(caught: list) -> None:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def _within_rounding(
+    model: nn.Module, x: Tensor, got: np.ndarray, ref: np.ndarray, factor: float = 4.0
+) -> bool:
+    """Whether ONNX Runtime's output ``got`` is within ``factor`` times PyTorch's own float32 error
+    of a float64 run of the model: an ill-conditioned model (huge activations, BatchNorm variances
+    near zero) amplifies rounding in both runtimes, and that is not a wrong graph. The float64 copy
+    is made on the CPU only when the plain tolerance fails; ``False`` when it cannot run."""
+    import copy
+
+    try:
+        with torch.no_grad():
+            exact = copy.deepcopy(model).cpu().double()(x.detach().cpu().double())
+    except Exception:  # an op without float64 support: keep the plain verdict
+        return False
+    exact = (exact[0] if isinstance(exact, (tuple, list)) else exact).numpy()
+    torch_err = float(np.abs(ref.astype(np.float64) - exact).max())
+    onnx_err = float(np.abs(got.astype(np.float64) - exact).max())
+    return np.isfinite(onnx_err) and torch_err > 0 and onnx_err <= factor * torch_err
+
+
 def _parity(model, file, inputs, input_name, atol, rtol, ort) -> tuple[float, float]:
     sess = ort.InferenceSession(file, providers=["CPUExecutionProvider"])
     worst, agree, rows = 0.0, 0.0, 0
@@ -247,7 +268,16 @@ def _parity(model, file, inputs, input_name, atol, rtol, ort) -> tuple[float, fl
             raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape}.")
         diff = float(np.abs(got - ref).max())
         peak = float(np.abs(ref).max())
-        if not np.isfinite(diff) or diff > atol + rtol * peak:
+        if np.isfinite(diff) and diff > atol + rtol * peak and _within_rounding(model, x, got, ref):
+            log.info(
+                "parity input %d: max |onnx - torch| = %.3g exceeds %.3g, but both are as close to a "
+                "float64 run of the model as float32 rounding allows (outputs up to %.3g): accepted",
+                i + 1,
+                diff,
+                atol + rtol * peak,
+                peak,
+            )
+        elif not np.isfinite(diff) or diff > atol + rtol * peak:
             why = (
                 "the exported graph computes something else than the PyTorch model (data-dependent "
                 "Python control flow, or an operator exported differently)"

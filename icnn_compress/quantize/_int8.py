@@ -4,7 +4,9 @@ The float model is pre-processed (shape inference and ONNX Runtime's basic graph
 which fold any BatchNormalization left into the preceding Conv), calibrated on a few batches of
 real inputs and rewritten in the QDQ format (QuantizeLinear/DequantizeLinear pairs that ONNX
 Runtime fuses into integer kernels): weights signed 8-bit, per output channel by default;
-activations unsigned 8-bit, one scale per tensor. A guard then runs the float and the INT8 model on
+activations unsigned 8-bit, one scale per tensor. By default the stages whose convolutions INT8
+does not make faster on this machine (narrow pruned layers; whole models timed, see
+``float_stages``) stay in float. A guard then runs the float and the INT8 model on
 validation inputs and refuses the INT8 model when their top-1 predictions agree on fewer than
 ``min_agreement`` of the rows: the file is then not written, and the result says why.
 """
@@ -49,6 +51,13 @@ class QuantizeOptions:
         validation_batches: batches of the validation data the guard compares on (``None``: all).
         min_agreement: the guard's threshold on the share of rows (0..1) where the INT8 model's
             top-1 class equals the float model's.
+        keep_float: which convolutions stay in float: ``"auto"`` (the stages - convolutions at one
+            input resolution - that make the whole INT8 model faster here when left in float,
+            timed at ``timing_batch`` and ``timing_threads``), ``"none"`` (quantize all), or ONNX
+            Conv node names.
+        timing_batch: the batch size ``"auto"`` times at (the deployment's batch).
+        timing_threads: ONNX Runtime intra-op threads ``"auto"`` times with (``None``: the
+            machine's CPU count).
     """
 
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
@@ -56,8 +65,26 @@ class QuantizeOptions:
     calibration_batches: int = 16
     validation_batches: int | None = None
     min_agreement: float = 0.98
+    keep_float: str | tuple[str, ...] = "auto"
+    timing_batch: int = 32
+    timing_threads: int | None = None
 
     def __post_init__(self) -> None:
+        kf = self.keep_float
+        if isinstance(kf, (list, tuple)):
+            if not all(isinstance(n, str) and n for n in kf):
+                raise ConfigError(f"keep_float node names must be non-empty strings. Got {kf!r} instead.")
+            object.__setattr__(self, "keep_float", tuple(kf))
+        elif kf not in ("auto", "none"):
+            raise ConfigError(
+                f"keep_float must be 'auto', 'none' or a list of ONNX node names. Got {kf!r} instead."
+            )
+        for name in ("timing_batch", "timing_threads"):
+            v = getattr(self, name)
+            if v is None and name == "timing_threads":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an int >= 1. Got {v!r} instead.")
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(
                 f"quantize method must be one of {', '.join(CALIBRATION_METHODS)}. "
@@ -91,6 +118,9 @@ class QuantizeResult:
     int8_file_bytes: int
     options: dict = field(default_factory=dict)
     operators: dict[str, int] = field(default_factory=dict)  # op type -> count in the INT8 graph
+    kept_float: list[str] = field(default_factory=list)  # Conv nodes left in float
+    # keep_float="auto": whole-model medians (fp32_ms, int8_all_ms, int8_ms, tried per stage, ...)
+    precision: dict = field(default_factory=dict)
     reason: str = ""  # why the guard refused (empty when accepted)
 
     def to_dict(self) -> dict:
@@ -214,6 +244,7 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_path.parent) as tmp:
         pre, q = str(Path(tmp) / "pre.onnx"), str(Path(tmp) / "int8.onnx")
         quant_pre_process(str(fp32_path), pre)
+        kept, choice = _kept_float(pre, calib[0], opts, fp32_path.name, progress)
         chatter = io.StringIO()  # the calibrators print their progress to stdout
         with contextlib.redirect_stdout(chatter):
             quantize_static(
@@ -225,6 +256,7 @@ def quantize_onnx(
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
+                nodes_to_exclude=kept,
                 extra_options={"CalibTensorRangeSymmetric": False},
             )
         log.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
@@ -232,7 +264,7 @@ def quantize_onnx(
         props = {p.key: p.value for p in model.metadata_props}
         props["producer"] = f"icnn-compress {__version__}"
         props["quantization"] = json.dumps(
-            {"format": "QDQ", "weights": "int8", "activations": "uint8", **asdict(opts)}
+            {"format": "QDQ", "weights": "int8", "activations": "uint8", "kept_float": kept, **asdict(opts)}
         )
         del qmodel.metadata_props[:]
         for k, v in props.items():
@@ -272,5 +304,36 @@ def quantize_onnx(
         int8_file_bytes=int8_bytes,
         options=asdict(opts),
         operators=dict(sorted(ops.items())),
+        kept_float=kept,
+        precision=choice,
         reason=reason,
     )
+
+
+def _kept_float(pre: str, sample: np.ndarray, opts: QuantizeOptions, file_name: str, progress: bool):
+    """The Conv nodes to leave in float, and what an ``"auto"`` choice measured."""
+    import onnx
+
+    from icnn_compress.quantize._precision import float_stages
+
+    if opts.keep_float == "none":
+        return [], {}
+    if isinstance(opts.keep_float, tuple):
+        graph = onnx.load(pre, load_external_data=False).graph
+        convs = [n.name for n in graph.node if n.op_type == "Conv" and n.name]
+        unknown = [n for n in opts.keep_float if n not in convs]
+        if unknown:
+            raise ConfigError(
+                f"keep_float: no Conv node {unknown[0]!r} in {file_name}; its Conv nodes are "
+                f"{', '.join(convs[:8])}{', ...' if len(convs) > 8 else ''}."
+            )
+        return list(opts.keep_float), {}
+    choice = float_stages(
+        pre,
+        sample,
+        batch=opts.timing_batch,
+        threads=opts.timing_threads or os.cpu_count() or 1,
+        per_channel=opts.per_channel,
+        progress=progress,
+    )
+    return choice.kept_float, choice.to_dict()

@@ -250,6 +250,15 @@ class QuantizeConfig(_Strict):
         description="refuse the INT8 model when its top-1 agrees with the float model's on fewer "
         "validation images than this share",
     )
+    keep_float: Literal["auto", "none"] | list[str] = Field(
+        "auto",
+        description="convolutions left in float: 'auto' (the stages that make the whole INT8 model "
+        "faster on this machine when left in float, timed), 'none', or ONNX Conv node names",
+    )
+    timing_batch: int = Field(32, ge=1, le=100_000, description="batch size 'auto' times at")
+    timing_threads: int | None = Field(
+        None, ge=1, le=1024, description="ONNX Runtime threads 'auto' times with (null: all CPUs)"
+    )
 
     def options(self):
         """These settings as the ``QuantizeOptions`` of ``quantize_onnx``."""

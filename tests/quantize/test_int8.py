@@ -1,6 +1,7 @@
 """INT8 post-training quantization: what is written, what the guard refuses, bad options."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -35,7 +36,8 @@ def fp32(tmp_path_factory):
 def test_int8_model_is_written_folded_smaller_and_agrees(fp32, tmp_path):
     path, batches = fp32
     out = tmp_path / "model.int8.onnx"
-    res = quantize_onnx(path, out, batches[:4], batches[4:], QuantizeOptions(min_agreement=0.5))
+    opts = QuantizeOptions(min_agreement=0.5, keep_float="none")
+    res = quantize_onnx(path, out, batches[:4], batches[4:], opts)
     assert res.accepted and res.path == str(out) and out.is_file()
     assert res.validation_rows == 32 and res.calibration_rows == 64
     assert 0.5 <= res.top1_agreement <= 1.0
@@ -67,11 +69,12 @@ def test_guard_refuses_a_badly_calibrated_model_and_writes_nothing(tmp_path):
     labels = torch.arange(64) % 5
     val = [(templates[labels] + 0.5 * torch.randn(64, 1, 16, 16, generator=g), labels)]
     out = tmp_path / "model.int8.onnx"
-    good = quantize_onnx(path, out, [val[0][0]], val, QuantizeOptions(min_agreement=0.9))
+    opts = QuantizeOptions(min_agreement=0.9, keep_float="none")  # its one conv must be quantized
+    good = quantize_onnx(path, out, [val[0][0]], val, opts)
     assert good.accepted and good.top1_agreement > 0.9 and good.int8_top1 > 0.9
     out.unlink()
     # calibrated on inputs 1000x too large: the logits' quantization step swallows their differences
-    res = quantize_onnx(path, out, [val[0][0] * 1e3], val, QuantizeOptions(min_agreement=0.9))
+    res = quantize_onnx(path, out, [val[0][0] * 1e3], val, opts)
     assert not res.accepted and res.path is None and not out.exists()
     assert res.top1_agreement < 0.9
     assert "min_agreement 0.9" in res.reason
@@ -95,6 +98,10 @@ def test_other_calibration_methods(fp32, tmp_path, method):
         ({"calibration_batches": 0}, "calibration_batches must be an int >= 1"),
         ({"validation_batches": True}, "validation_batches"),
         ({"min_agreement": 1.5}, r"min_agreement must be in \[0, 1\]"),
+        ({"keep_float": "some"}, "keep_float must be 'auto', 'none' or a list of ONNX node names"),
+        ({"keep_float": ["a", ""]}, "keep_float node names must be non-empty strings"),
+        ({"timing_batch": 0}, "timing_batch must be an int >= 1"),
+        ({"timing_threads": 1.5}, "timing_threads must be an int >= 1"),
     ],
 )
 def test_bad_options_are_one_line_errors(kwargs, match):
@@ -111,3 +118,73 @@ def test_bad_paths_and_empty_data(fp32, tmp_path):
     with pytest.raises(ConfigError, match="calibration data gave no batches"):
         quantize_onnx(path, tmp_path / "o.onnx", [])
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _float_convs(path) -> set[str]:
+    """Conv nodes of an ONNX file that still run in float (not folded into QDQ pairs)."""
+    graph = onnx.load(str(path)).graph
+    dq_out = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in graph.node if n.op_type == "Conv" and n.input[1] not in dq_out}
+
+
+def test_named_convolutions_stay_in_float(fp32, tmp_path):
+    path, batches = fp32
+    convs = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    assert len(convs) >= 3
+    everything = quantize_onnx(
+        path, tmp_path / "a.onnx", batches[:2], None, QuantizeOptions(keep_float="none")
+    )
+    assert everything.kept_float == [] and _float_convs(tmp_path / "a.onnx") == set()
+    res = quantize_onnx(
+        path, tmp_path / "b.onnx", batches[:2], None, QuantizeOptions(keep_float=convs[:1], min_agreement=0.5)
+    )
+    assert res.accepted and res.kept_float == convs[:1]
+    assert _float_convs(tmp_path / "b.onnx") == {convs[0]}
+    assert json.loads(read_metadata(tmp_path / "b.onnx")["quantization"])["kept_float"] == convs[:1]
+    with pytest.raises(
+        ConfigError, match=r"keep_float: no Conv node 'nope' in model\.onnx; its Conv nodes are"
+    ):
+        quantize_onnx(path, tmp_path / "c.onnx", batches[:2], None, QuantizeOptions(keep_float=["nope"]))
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_auto_leaves_in_float_the_stages_that_make_the_model_faster(fp32, tmp_path, monkeypatch):
+    """The choice follows the whole-model timings: here (timings replaced) leaving the first
+    resolution's convolutions in float is faster, leaving the others is not."""
+    from icnn_compress.quantize import _precision
+
+    path, batches = fp32
+    pre = tmp_path / "pre.onnx"
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(path), str(pre))
+    stages = _precision.conv_stages(onnx.load(str(pre)))
+    assert list(stages)[:2] == ["16x16", "8x8"]  # largest resolution first
+    first = stages["16x16"]
+
+    def fake_median(model_path, x, threads, budget_s):
+        assert x.shape[0] == 4 and threads == 1  # timed at the batch and threads asked for
+        if Path(model_path).name == "pre.onnx":
+            return 10.0  # the float model
+        floats = _float_convs(model_path)
+        return 5.0 - (2.0 if set(first) <= floats else 0.0) + 0.5 * (len(floats - set(first)) > 0)
+
+    monkeypatch.setattr(_precision, "_median_ms", fake_median)
+    opts = QuantizeOptions(keep_float="auto", timing_batch=4, timing_threads=1, min_agreement=0.5)
+    res = quantize_onnx(path, tmp_path / "m.onnx", batches[:2], None, opts)
+    assert res.accepted and sorted(res.kept_float) == sorted(first)
+    assert _float_convs(tmp_path / "m.onnx") == set(first)
+    p = res.precision
+    assert p["float_stages"] == ["16x16"] and p["batch"] == 4 and p["threads"] == 1
+    assert (p["fp32_ms"], p["int8_all_ms"], p["int8_ms"]) == (10.0, 5.0, 3.0)
+    assert set(p["tried"]) == set(stages) and p["tried"]["16x16"] == 3.0
+    assert all(v == 3.5 for k, v in p["tried"].items() if k != "16x16")  # slower: left in INT8
+
+
+def test_auto_measures_on_this_machine(fp32, tmp_path):
+    path, batches = fp32
+    res = quantize_onnx(path, tmp_path / "m.onnx", batches[:2], None, QuantizeOptions(min_agreement=0.5))
+    p = res.precision
+    assert res.options["keep_float"] == "auto" and p["batch"] == 32
+    assert p["fp32_ms"] > 0 and p["int8_all_ms"] > 0 and p["int8_ms"] <= p["int8_all_ms"]
+    assert _float_convs(tmp_path / "m.onnx") == set(res.kept_float)

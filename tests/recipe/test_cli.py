@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import yaml
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from icnn_compress import ConfigError, Trainer
 from icnn_compress.cli import main
+from icnn_compress.export import read_metadata
 from icnn_compress.recipe import MARKER, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -356,6 +358,7 @@ def test_a_refused_int8_model_is_reported_not_kept(tmp_path):
 
     data = json.loads(json.dumps(TINY))
     data["quantize"]["min_agreement"] = 1.0
+    data["quantize"]["keep_float"] = "none"  # every conv in INT8, so that some predictions change
     run = tmp_path / "q"
     Runner(load_recipe(data), run, progress=False).run()
     quantized = json.loads((run / "6_quantize" / "quantize.json").read_text())
@@ -394,6 +397,26 @@ def test_quantize_command_writes_a_guarded_int8_copy(recipe, tmp_path, capsys):
     )
     assert "min_agreement must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+    # --keep-float: the recipe's "auto" timed the model here; named nodes stay float; bad names: one line
+    assert result["options"]["keep_float"] == "auto" and result["precision"]["fp32_ms"] > 0
+    first = next(n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Conv")
+    bad = ["quantize", str(src), str(tmp_path / "x.onnx"), "--recipe", str(recipe), "--keep-float", "nope"]
+    assert main(bad) == 2
+    assert "keep_float: no Conv node 'nope' in m.onnx" in capsys.readouterr().err
+    named = [
+        "quantize",
+        str(src),
+        str(out),
+        "--recipe",
+        str(recipe),
+        "--min-agreement",
+        "0",
+        "--keep-float",
+        first,
+    ]
+    assert main(named) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert json.loads(read_metadata(out)["quantization"])["kept_float"] == [first]
 
 
 @pytest.mark.parametrize(
