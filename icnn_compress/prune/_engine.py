@@ -19,6 +19,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from icnn_compress._memory import release_freed_memory
 from icnn_compress._progress import progress_bar
 from icnn_compress.errors import ConfigError, IcnnCompressError
 from icnn_compress.prune._classes import KeepClassesImportance, check_keep_classes, class_responses
@@ -856,6 +857,8 @@ def prune_model(
             f"to max_layer_ratio={max_layer_ratio:g} of every prunable layer (ignored: {len(ignored)} "
             "layers). Raise max_layer_ratio, ignore fewer layers, or lower the target."
         )
+    inputs = check = None  # the last step's probe activations: freed, and handed back to the OS
+    release_freed_memory()
     return PruneResult(
         model,
         criterion,

@@ -280,6 +280,48 @@ def test_save_load_with_frozen_icnn_masks(tmp_path):
     assert torch.equal(loaded.eval()(x), res.model.eval()(x))
 
 
+class _WithScale(torch.nn.Module):
+    """A conv net with a non-persistent buffer: saved weights do not restore it."""
+
+    def __init__(self, num_classes: int = 3, in_channels: int = 1, small_input=None):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, 16, 3)
+        self.head = torch.nn.Linear(16, num_classes)
+        self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(dim=(2, 3)) * self.scale)
+
+
+def test_reload_builds_the_full_size_model_without_memory_when_it_is_safe(tmp_path, monkeypatch):
+    """The unpruned architecture is built on the meta device; with a non-persistent buffer (which
+    the saved weights do not hold) it is built in memory, and both reloads are exact."""
+    from icnn_compress.models._registry import _MODELS
+    from icnn_compress.prune import _io
+
+    devices = []
+    real = _io._rebuild
+    monkeypatch.setattr(
+        _io, "_rebuild", lambda record, device: devices.append(device.type) or real(record, device)
+    )
+    monkeypatch.setitem(_MODELS._items, "with_scale", _WithScale)
+    x = torch.rand(2, 1, 12, 12)
+    for arch, expected in (("vgg_small", ["meta"]), ("with_scale", ["meta", "cpu"])):
+        devices.clear()
+        model = models.create(arch, num_classes=3, in_channels=1).eval()
+        res = prune_model(model, torch.rand(1, 1, 12, 12), target=1.5, round_to=None, progress=False)
+        path = tmp_path / f"{arch}.pt"
+        kwargs = {"num_classes": 3, "in_channels": 1}
+        save_pruned(
+            res.model, path, arch=arch, arch_kwargs=kwargs, history=res.history, input_shape=(1, 12, 12)
+        )
+        loaded, _ = load_pruned(path)
+        assert devices == expected
+        assert all(not t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(x), res.model.eval()(x))
+
+
 def test_a_removed_copy_is_absorbed_by_its_original():
     model, data = planted_model(), probe()
     res = prune_model(
