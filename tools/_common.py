@@ -65,3 +65,17 @@ def parse_options(text: str, sep: str = ";") -> dict:
         except ValueError:
             options[key] = value
     return options
+
+
+def params_below(model: torch.nn.Module, layer: str) -> list[torch.nn.Parameter]:
+    """Parameters of the modules defined before ``layer`` (the stem and the blocks under it; not
+    ``layer``, what follows it, or the classifier)."""
+    params, seen = [], set()
+    for name, module in model.named_modules():
+        if name == layer or name.startswith(layer + "."):
+            break
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params

@@ -16,6 +16,7 @@ order): a negative cost is a gain. Variants:
 * ``top1+unmask``: ``top1`` for one epoch, then one epoch with the masks switched off (the loss
   stays; ``-ce``: cross-entropy only; ``-kd``: cross-entropy + distillation from the base): the
   deployed model has no masks;
+* ``-frozen``: the layers below the loss layer do not train during the masked epoch;
 * ``inner``: (ResNets) masks + loss on the first conv of the last residual block, whose output
   reaches the classifier through the block's second conv while the identity path bypasses it.
 
@@ -40,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, top1
+from _common import command_line, params_below, top1
 from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -99,6 +100,18 @@ VARIANTS: dict[str, dict] = {
         unmask_loss=False,
     ),
     "inner@e1": dict(icnn=True, mask=True, weight=0.5, layers=1, at="inner", epochs=1),
+    # session 8: the masked epoch leaves the layers below the loss layer as they were (frozen),
+    # then every layer trains without the masks: is the loss model's fragility in those layers?
+    "top1-frozen+unmask-ce@e3": dict(
+        icnn=True,
+        mask=True,
+        weight=0.5,
+        layers=1,
+        epochs=1,
+        unmask_epochs=2,
+        unmask_loss=False,
+        below="freeze",
+    ),
     "inner+unmask-ce@e2": dict(
         icnn=True,
         mask=True,
@@ -185,6 +198,9 @@ def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
         )
     distill = ic.Distillation(ic.frozen_copy(base), weight=0.5, temperature=4.0) if spec.get("kd") else None
     dl = subset_loader(dataset, a.ft_images, 10_000 + seed)
+    frozen = params_below(model, layers[0]) if spec.get("below") == "freeze" else []
+    for p in frozen:
+        p.requires_grad_(False)
     ic.Trainer(
         model,
         dl,
@@ -196,6 +212,8 @@ def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
         progress=False,
         **a.train_kw,
     ).fit()
+    for p in frozen:
+        p.requires_grad_(True)
     if handle is not None and spec.get("unmask_epochs"):  # then without the masks; the loss stays
         handle.set_masks(False)
         ic.Trainer(

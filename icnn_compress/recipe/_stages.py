@@ -365,6 +365,7 @@ def measure(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         entry.update({k: pruned[k] for k in ("macs", "params") if k in pruned})
         entry["precision"] = "int8"
         entry["top1_agreement_with_fp32"] = quantized["top1_agreement"]
+        entry["kept_float"] = quantized.get("kept_float", [])
         entries.append(entry)
     elif quantized.get("enabled"):
         entries[-1]["int8_refused"] = quantized.get("reason", "")

@@ -219,6 +219,13 @@ def _figures(report: dict, out: Path, batch: int) -> dict[str, str]:
     return figs
 
 
+def _precision(entry: dict) -> str:
+    """``fp32``, ``int8``, or ``int8 (N convs fp32)`` when the quantize stage left some in float."""
+    kept = entry.get("kept_float") or []
+    text = entry.get("precision", "fp32")
+    return f"{text} ({len(kept)} convs fp32)" if kept else text
+
+
 def _markdown(report: dict, batch: int) -> str:
     lines = [
         f"# {report['title']}",
@@ -232,7 +239,7 @@ def _markdown(report: dict, batch: int) -> str:
     for m in report["models"]:
         lat = m.get("latency", {}).get(str(batch), {}).get("median_ms")
         lines.append(
-            f"| {m['name']} | {m.get('precision', 'fp32')} | {m.get('accuracy', float('nan')):.4f} | "
+            f"| {m['name']} | {_precision(m)} | {m.get('accuracy', float('nan')):.4f} | "
             f"{m.get('macs', '')} | "
             f"{m.get('macs_reduction', 1.0):.2f}x | {lat if lat is None else f'{lat:.3f}'} | "
             f"{m.get(f'speedup_b{batch}', 1.0):.2f}x | {m['provider']} |"

@@ -99,3 +99,14 @@ def test_a_class_that_collapses_is_named_in_the_warnings_and_the_table(tmp_path)
     main = page.split("<table>")[1]
     assert main.count("<tr>") == 1 + 3 and "Accuracy per class" in page
     assert page.split("<table>")[2].count("<tr>") == 1 + 3
+
+
+def test_an_int8_model_with_float_convolutions_says_so(tmp_path):
+    base = _entry("unpruned", [0.9, 0.9, 0.9])
+    mixed = {**_entry("pruned-int8", [0.9, 0.9, 0.9], latency_ms=4.0), "precision": "int8"}
+    mixed["kept_float"] = ["/conv1/Conv", "/layer1/layer1.0/conv1/Conv"]
+    full = {**_entry("all-int8", [0.9, 0.9, 0.9], latency_ms=5.0), "precision": "int8", "kept_float": []}
+    paths = write_report(build_report([base, mixed, full]), tmp_path, batch=32)
+    md = paths["md"].read_text()
+    assert "| pruned-int8 | int8 (2 convs fp32) |" in md and "| all-int8 | int8 |" in md
+    assert "int8 (2 convs fp32)" in paths["html"].read_text()
