@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
@@ -570,36 +571,39 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         # matrix-vector product with the removals so far, and only P's diagonal is kept whole.
         factor, info = torch.linalg.cholesky_ex(cov)  # SPD (ridge): half the time of an LU inverse
         prec = torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)
+        # the loop runs one small step per removed channel: in NumPy, whose per-call overhead is a
+        # tenth of PyTorch's (mobilenet_v2: 30k steps, 3.1 s of overhead -> 0.6 s), same float64 math
+        prec = prec.numpy()
         n = w2.numel()
-        diag = prec.diagonal().clone()
-        w2_left = w2.clone()  # a removed channel's weight becomes inf, so it is never picked again
+        diag = prec.diagonal().copy()
+        w2_left = w2.numpy().astype(np.float64)  # a removed channel's weight becomes inf: never again
         members = torch.bincount(labels).tolist() if labels is not None else None
         cluster = labels.tolist() if labels is not None else None
         limit = n if bound is None else min(n, max(int(bound), 0))
-        u = torch.zeros(n, min(n, 2 * limit + 8), dtype=torch.float64)
+        u = np.zeros((n, min(n, 2 * limit + 8)))
         order: list[int] = []
         values: list[float] = []
         running, ranked, t = 0.0, 0, 0
         while ranked < limit and t < n:
             if t == u.shape[1]:  # many representatives on the way: room for more removals
-                u = torch.cat([u, torch.zeros(n, min(u.shape[1], n - t), dtype=u.dtype)], 1)
-            cost = w2_left / diag.clamp_min(1e-30)
+                u = np.concatenate([u, np.zeros((n, min(u.shape[1], n - t)))], 1)
+            cost = w2_left / np.maximum(diag, 1e-30)
             i = int(cost.argmin())
             running = max(running * (1 + 1e-9), float(cost[i]))  # increasing in the order of removal
             order.append(i)
             values.append(running)
-            w2_left[i] = float("inf")
-            col = torch.addmv(prec[:, i], u[:, :t], u[i, :t], alpha=-1)  # column i of the current P
+            w2_left[i] = np.inf
+            col = prec[:, i] - u[:, :t] @ u[i, :t]  # column i of the current P
             piv = max(float(col[i]), 1e-30)
-            torch.mul(col, piv**-0.5, out=u[:, t])
-            diag.addcmul_(col, col, value=-1.0 / piv)
+            u[:, t] = col * piv**-0.5
+            diag -= col * col / piv
             t += 1
             if members is None:
                 ranked += 1
             else:  # the last of its cluster becomes the representative, never removed by a step
                 members[cluster[i]] -= 1
                 ranked += members[cluster[i]] > 0
-        out = w2 / diag.clamp_min(1e-30)  # stopped early: the channels left rank above, in order
+        out = torch.from_numpy(w2.numpy() / np.maximum(diag, 1e-30))  # stopped early: the rest rank above
         out = running * (1 + 1e-6) + out.clamp_min(0)
         out[order] = torch.tensor(values, dtype=torch.float64)
         return _lift_representatives(out, labels)
