@@ -20,8 +20,8 @@ def release_freed_memory() -> bool:
     keeps much of it mapped, so the process's resident memory stays near its peak and whatever runs
     next (export, reload) adds to it: VGG-16-BN at 224 px held 2.5 GB after ``prune_model`` with
     ``icnn-cluster``, 1.6 GB after the collection and the trim (2.2 GB with the trim alone: reference
-    cycles hold part of it; the collection costs 0.1-0.4 s). Returns ``True`` when the trim ran (Linux with glibc);
-    elsewhere it only collects garbage.
+    cycles hold part of it; the collection costs 0.1-0.4 s). Returns ``True`` when the trim ran
+    (Linux with glibc); elsewhere it only collects garbage.
     """
     gc.collect()
     if not sys.platform.startswith("linux"):
