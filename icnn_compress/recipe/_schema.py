@@ -253,7 +253,8 @@ class QuantizeConfig(_Strict):
     keep_float: Literal["auto", "none"] | list[str] = Field(
         "auto",
         description="convolutions left in float: 'auto' (the stages that make the whole INT8 model "
-        "faster on this machine when left in float, timed), 'none', or ONNX Conv node names",
+        "faster on this machine when left in float; timed, so it may choose differently on another "
+        "machine), 'none', or ONNX Conv node names (a bit-identical rerun: the first run's kept_float)",
     )
     timing_batch: int = Field(32, ge=1, le=100_000, description="batch size 'auto' times at")
     timing_threads: int | None = Field(
