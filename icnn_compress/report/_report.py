@@ -62,6 +62,7 @@ def build_report(
         raise ValueError("build_report needs at least one measured model.")
     base = next((m for m in models if m["name"] == baseline), models[0])
     out = []
+    floats: dict | None = None  # the last float model before an INT8 one: the model it was made from
     for m in models:
         m = dict(m)
         b = str(speedup_batch)
@@ -80,6 +81,11 @@ def build_report(
         if m.get("int8_refused"):
             line = f"No INT8 copy: {m['int8_refused']}."
             warning = f"{warning} {line}" if warning else line
+        if m.get("precision") == "int8" and floats is not None:
+            line = _int8_guard(floats, m, b)
+            warning = f"{warning} {line}" if warning and line else (line or warning)
+        elif m.get("precision", "fp32") == "fp32":
+            floats = m
         if warning:
             m["warning"] = warning
         out.append(m)
@@ -217,6 +223,19 @@ def _figures(report: dict, out: Path, batch: int) -> dict[str, str]:
         _grouped_bars(plt, path, names, series, "top-1 of the class", "accuracy per class", ylim=(0, 1))
         figs["per_class_accuracy"] = "per_class_accuracy.png"
     return figs
+
+
+def _int8_guard(fp32: dict, int8: dict, batch: str) -> str:
+    """A warning when the INT8 copy is not at least 5% faster than its float model at ``batch``."""
+    a = fp32.get("latency", {}).get(batch, {}).get("median_ms")
+    q = int8.get("latency", {}).get(batch, {}).get("median_ms")
+    if not a or not q or q < 0.95 * a:
+        return ""
+    return (
+        f"The INT8 copy is not faster than its float model {fp32['name']!r} at batch {batch} "
+        f"({q:.3g} ms against {a:.3g} ms): deploy the float model, or quantize with "
+        "keep_float='auto' timed at your batch size."
+    )
 
 
 def _precision(entry: dict) -> str:

@@ -110,3 +110,16 @@ def test_an_int8_model_with_float_convolutions_says_so(tmp_path):
     md = paths["md"].read_text()
     assert "| pruned-int8 | int8 (2 convs fp32) |" in md and "| all-int8 | int8 |" in md
     assert "int8 (2 convs fp32)" in paths["html"].read_text()
+
+
+def test_an_int8_copy_that_is_not_faster_is_a_warning(tmp_path):
+    base = _entry("unpruned", [0.9, 0.9, 0.9])
+    pruned = {**_entry("pruned", [0.9, 0.9, 0.9], latency_ms=4.0), "precision": "fp32"}
+    slow = {**_entry("pruned-int8", [0.9, 0.9, 0.9], latency_ms=3.9), "precision": "int8"}
+    report = build_report([base, pruned, slow])
+    assert (
+        "The INT8 copy is not faster than its float model 'pruned' at batch 32"
+        in report["models"][2]["warning"]
+    )
+    fast = {**slow, "latency": {"32": {"median_ms": 2.0}}}
+    assert "warning" not in build_report([base, pruned, fast])["models"][2]
