@@ -483,6 +483,16 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         stream = self.stream_ranking != "redundancy" and len(consumers) > 1
         if stream and self.stream_ranking == "magnitude-only":  # no clusters, no category options
             return self._finish(self._stream_scores(group, None), None)
+        # the consumers with probe inputs; grouped convs (depthwise, ResNeXt) are not read here
+        readable = [
+            (module, idxs, root_idxs)
+            for module, idxs, root_idxs in consumers
+            if (acts := self.inputs.get(module)) is not None
+            and not (isinstance(module, nn.Conv2d) and module.groups > 1)
+            and max(idxs) < acts.shape[1]  # else a stale probe (layer changed since refresh)
+        ]
+        if not stream and not readable:  # nothing to score against: the L2 magnitude, unclustered
+            return tp.importance.GroupMagnitudeImportance(p=2)(group)
         labels, cats = self._group_labels(group, n)  # clustered here, on first use
         if stream:
             return self._finish(self._stream_scores(group, labels), cats)
@@ -490,12 +500,8 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         # over consumers need every consumer's full ranking) and no rescaling per category
         exact_early = self.step_bound is not None and len(consumers) == 1 and not self.balance_categories
         bound = self.step_bound(group) if exact_early else None
-        for module, idxs, root_idxs in consumers:
-            acts = self.inputs.get(module)
-            if acts is None or (isinstance(module, nn.Conv2d) and module.groups > 1):
-                continue
-            if max(idxs) >= acts.shape[1]:
-                continue  # stale probe (layer changed since refresh)
+        for module, idxs, root_idxs in readable:
+            acts = self.inputs[module]
             c_in = module.weight.shape[1]
             scale = self.out_scale.get(module)
             if scale is not None and scale.numel() != module.weight.shape[0]:
@@ -518,8 +524,6 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             w2[order] = energy[idxs]
             scores += self._score(a, w2, labels, self.ridge, bound)
             used += 1
-        if used == 0:  # no probe for this group: fall back to the L2 magnitude
-            return tp.importance.GroupMagnitudeImportance(p=2)(group)
         scores /= used
         return self._finish(scores, cats)
 
