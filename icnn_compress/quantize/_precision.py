@@ -11,7 +11,7 @@ layout and the quantize/dequantize pairs its neighbours leave), so ``float_stage
 models: the convolutions are grouped into stages by input resolution; starting from everything in
 INT8, each stage in turn is left in float and kept so when the whole model then runs faster by more
 than ``min_gain``, on this machine, at the batch and threads given. Only speed is measured here: each
-candidate is calibrated on one batch; the chosen one is then quantized and guarded as usual.
+candidate is calibrated on one image; the chosen one is then quantized and guarded as usual.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def float_stages(
 
         def timed(exclude) -> float:
             path = str(Path(tmp) / f"cand{len(tried)}.onnx")
-            _quantize_for_speed(pre_path, path, input_name, x[: min(len(x), 8)], exclude, per_channel)
+            _quantize_for_speed(pre_path, path, input_name, x[:1], exclude, per_channel)
             return _median_ms(path, x, threads, budget_s)
 
         fp32 = _median_ms(pre_path, x, threads, budget_s)
