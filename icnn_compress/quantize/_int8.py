@@ -231,6 +231,8 @@ def quantize_onnx(
             f"quantize_onnx handles models with one input; {fp32_path.name} has {len(graph_inputs)} "
             f"({', '.join(graph_inputs)})."
         )
+    if isinstance(opts.keep_float, tuple):  # named convs: checked before anything is written
+        _check_conv_names(model.graph, opts.keep_float, fp32_path.name)
     calib_pairs = list(_inputs(calibration, opts.calibration_batches))
     calib = [x for x, _ in calib_pairs]
     if not calib:
@@ -310,6 +312,17 @@ def quantize_onnx(
     )
 
 
+def _check_conv_names(graph, names: tuple[str, ...], file_name: str) -> None:
+    """One-line ``ConfigError`` for the first of ``names`` that is not a Conv node of ``graph``."""
+    convs = [n.name for n in graph.node if n.op_type == "Conv" and n.name]
+    unknown = [n for n in names if n not in convs]
+    if unknown:
+        raise ConfigError(
+            f"keep_float: no Conv node {unknown[0]!r} in {file_name}; its Conv nodes are "
+            f"{', '.join(convs[:8])}{', ...' if len(convs) > 8 else ''}."
+        )
+
+
 def _kept_float(pre: str, sample: np.ndarray, opts: QuantizeOptions, file_name: str, progress: bool):
     """The Conv nodes to leave in float, and what an ``"auto"`` choice measured."""
     import onnx
@@ -318,15 +331,8 @@ def _kept_float(pre: str, sample: np.ndarray, opts: QuantizeOptions, file_name: 
 
     if opts.keep_float == "none":
         return [], {}
-    if isinstance(opts.keep_float, tuple):
-        graph = onnx.load(pre, load_external_data=False).graph
-        convs = [n.name for n in graph.node if n.op_type == "Conv" and n.name]
-        unknown = [n for n in opts.keep_float if n not in convs]
-        if unknown:
-            raise ConfigError(
-                f"keep_float: no Conv node {unknown[0]!r} in {file_name}; its Conv nodes are "
-                f"{', '.join(convs[:8])}{', ...' if len(convs) > 8 else ''}."
-            )
+    if isinstance(opts.keep_float, tuple):  # still there after the pre-processing?
+        _check_conv_names(onnx.load(pre, load_external_data=False).graph, opts.keep_float, file_name)
         return list(opts.keep_float), {}
     choice = float_stages(
         pre,

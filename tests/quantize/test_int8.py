@@ -146,6 +146,11 @@ def test_named_convolutions_stay_in_float(fp32, tmp_path):
     ):
         quantize_onnx(path, tmp_path / "c.onnx", batches[:2], None, QuantizeOptions(keep_float=["nope"]))
     assert not (tmp_path / "c.onnx").exists()
+    with pytest.raises(ConfigError, match="no Conv node 'nope'"):  # checked before any folder is made
+        quantize_onnx(
+            path, tmp_path / "new" / "c.onnx", batches[:2], None, QuantizeOptions(keep_float=["nope"])
+        )
+    assert not (tmp_path / "new").exists()
 
 
 def test_auto_leaves_in_float_the_stages_that_make_the_model_faster(fp32, tmp_path, monkeypatch):
