@@ -258,7 +258,7 @@ def _cmd_compare(a) -> int:
     example = ctx.example().cpu()
     train_dl, val_dl = ctx.kept_loaders()  # a specialising recipe is compared on its kept classes
     q = recipe.quantize
-    options = q.options()
+    options = q.options(recipe.measure)
 
     def row(name: str, precision: str, path: Path, macs_reduction: float) -> dict:
         entry = measure(
@@ -361,7 +361,7 @@ def _cmd_quantize(a) -> int:
         "keep_float": _keep_float(a.keep_float),
     }
     options = dataclasses.replace(
-        recipe.quantize.options(), **{k: v for k, v in given.items() if v is not None}
+        recipe.quantize.options(recipe.measure), **{k: v for k, v in given.items() if v is not None}
     )
     train_dl, val_dl = RunContext(recipe, device="cpu", progress=False).kept_loaders()
     res = quantize_onnx(src, dst, train_dl, val_dl, options, progress=not a.json)

@@ -256,17 +256,27 @@ class QuantizeConfig(_Strict):
         "faster on this machine when left in float; timed, so it may choose differently on another "
         "machine), 'none', or ONNX Conv node names (a bit-identical rerun: the first run's kept_float)",
     )
-    timing_batch: int = Field(32, ge=1, le=100_000, description="batch size 'auto' times at")
+    timing_batch: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="batch size 'auto' times at (null: the largest of measure.batch_sizes)",
+    )
     timing_threads: int | None = Field(
-        None, ge=1, le=1024, description="ONNX Runtime threads 'auto' times with (null: all CPUs)"
+        None, ge=1, le=1024, description="ONNX Runtime threads 'auto' times with (null: measure.threads)"
     )
 
-    def options(self):
-        """These settings as the ``QuantizeOptions`` of ``quantize_onnx``."""
+    def options(self, measure: MeasureConfig | None = None):
+        """These settings as the ``QuantizeOptions`` of ``quantize_onnx``; an unset timing batch or
+        thread count comes from ``measure`` (the batch and threads the models are measured at)."""
         from icnn_compress.quantize import QuantizeOptions
 
         names = [f.name for f in dataclasses.fields(QuantizeOptions) if f.name in type(self).model_fields]
-        return QuantizeOptions(**{name: getattr(self, name) for name in names})
+        values = {name: getattr(self, name) for name in names}
+        if measure is not None:
+            values["timing_batch"] = values["timing_batch"] or max(measure.batch_sizes)
+            values["timing_threads"] = values["timing_threads"] or measure.threads
+        return QuantizeOptions(**{k: v for k, v in values.items() if v is not None})
 
 
 class MeasureConfig(_Strict):

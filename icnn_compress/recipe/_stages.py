@@ -317,7 +317,7 @@ def quantize(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         out / "model.int8.onnx",
         train_dl,
         val_dl,
-        q.options(),
+        q.options(ctx.recipe.measure),
         progress=ctx.progress,
     )
     info = {"enabled": True, **res.to_dict(), "path": "model.int8.onnx" if res.accepted else None}

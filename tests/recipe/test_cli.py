@@ -402,6 +402,8 @@ def test_quantize_command_writes_a_guarded_int8_copy(recipe, tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
     # --keep-float: the recipe's "auto" timed the model here; named nodes stay float; bad names: one line
     assert result["options"]["keep_float"] == "auto" and result["precision"]["fp32_ms"] > 0
+    # timed as the recipe measures: its largest batch size and its threads
+    assert (result["precision"]["batch"], result["precision"]["threads"]) == (4, 1)
     first = next(n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Conv")
     bad = ["quantize", str(src), str(tmp_path / "x.onnx"), "--recipe", str(recipe), "--keep-float", "nope"]
     assert main(bad) == 2
