@@ -12,7 +12,7 @@ peak_rss_mb, prune_peak_rss_mb, parity, reason} (``prune_peak_rss_mb``: the peak
 pruning, before export and reload); a run of some models replaces only their rows.
 
     .venv/bin/python tools/bench_zoo.py [--models resnet18,...] [--criteria l2,icnn-cluster]
-        [--readme README.md]      # also writes tools/results/zoo.md (--write-only: just the table)
+        [--readme docs/benchmarks.md]   # also writes tools/results/zoo.md (--write-only: just the table)
 """
 
 from __future__ import annotations
