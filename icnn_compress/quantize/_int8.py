@@ -158,6 +158,43 @@ def _calibration_reader(batches: list[np.ndarray], input_name: str):
     return _Reader()
 
 
+def quantize_qdq(
+    pre: str,
+    out: str,
+    batches: list[np.ndarray],
+    input_name: str,
+    *,
+    per_channel: bool,
+    method: str = "minmax",
+    exclude: list[str] | tuple[str, ...] = (),
+) -> None:
+    """ONNX Runtime's static QDQ quantization of the pre-processed model ``pre`` into ``out``:
+    int8 weights (per channel or per tensor), uint8 activations whose ranges are observed on
+    ``batches`` ``(N, C, H, W)`` with ``method``; the Conv nodes in ``exclude`` stay float."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
+    chatter = io.StringIO()  # the calibrators print their progress to stdout
+    with contextlib.redirect_stdout(chatter):
+        quantize_static(
+            pre,
+            out,
+            _calibration_reader(batches, input_name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=calibrate,
+            nodes_to_exclude=list(exclude),
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
+    log.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+
+
 def _agreement(fp32_path: str, int8_path: str, validation, limit: int | None, progress: bool):
     """Top-1 agreement of the two models and, where labels exist, each one's accuracy."""
     from icnn_compress.measure import ort_session
@@ -213,7 +250,6 @@ def quantize_onnx(
         >>> res.accepted, res.top1_agreement
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     opts = options or QuantizeOptions()
@@ -237,31 +273,14 @@ def quantize_onnx(
     calib = [x for x, _ in calib_pairs]
     if not calib:
         raise ConfigError("quantize_onnx: the calibration data gave no batches.")
-    method = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[opts.method]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_path.parent) as tmp:
         pre, q = str(Path(tmp) / "pre.onnx"), str(Path(tmp) / "int8.onnx")
         quant_pre_process(str(fp32_path), pre)
         kept, choice = _kept_float(pre, calib[0], opts, fp32_path.name, progress)
-        chatter = io.StringIO()  # the calibrators print their progress to stdout
-        with contextlib.redirect_stdout(chatter):
-            quantize_static(
-                pre,
-                q,
-                _calibration_reader(calib, graph_inputs[0]),
-                quant_format=QuantFormat.QDQ,
-                per_channel=opts.per_channel,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=method,
-                nodes_to_exclude=kept,
-                extra_options={"CalibTensorRangeSymmetric": False},
-            )
-        log.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+        quantize_qdq(
+            pre, q, calib, graph_inputs[0], per_channel=opts.per_channel, method=opts.method, exclude=kept
+        )
         qmodel = onnx.load(q)
         props = {p.key: p.value for p in model.metadata_props}
         props["producer"] = f"icnn-compress {__version__}"

@@ -16,8 +16,6 @@ candidate is calibrated on one image; the chosen one is then quantized and guard
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from icnn_compress._progress import progress_bar
+from icnn_compress.quantize._int8 import quantize_qdq
 
 log = logging.getLogger(__name__)
 
@@ -67,48 +66,19 @@ class StageChoice:
         return asdict(self)
 
 
-def _quantize_for_speed(pre: str, out: str, input_name: str, x: np.ndarray, exclude, per_channel: bool):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class _One(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.done = False
-
-        def get_next(self):
-            if self.done:
-                return None
-            self.done = True
-            return {input_name: x}
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        quantize_static(
-            pre,
-            out,
-            _One(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude),
-            extra_options={"CalibTensorRangeSymmetric": False},
-        )
-
-
-def _median_ms(path: str, x: np.ndarray, threads: int, budget_s: float) -> float:
-    """Median latency (ms) of ``path`` on ``x``: 2 warm-up runs, then as many runs as fit in
-    ``budget_s`` (3 to 25)."""
+def _median_ms(path: str, batch: int, threads: int, budget_s: float) -> float:
+    """Median latency (ms) of ``path`` at ``batch``: one run to size the timing, then as many runs
+    as fit in ``budget_s`` (3 to 25) after one warm-up."""
     import time
 
-    from icnn_compress.measure import ort_session, time_callable
+    from icnn_compress.measure import ort_latency, ort_session
 
     sess = ort_session(path, provider="cpu", threads=threads)
-    feed = {sess.get_inputs()[0].name: x}
     t0 = time.perf_counter()
-    sess.run(None, feed)
+    ort_latency(path, batch, session=sess, threads=threads, warmup=0, repeats=1)
     once = max(time.perf_counter() - t0, 1e-4)
     repeats = int(min(25, max(3, budget_s / once)))
-    times = time_callable(lambda: sess.run(None, feed), warmup=1, repeats=repeats)
-    return float(np.median(times)) * 1e3
+    return ort_latency(path, batch, session=sess, threads=threads, warmup=1, repeats=repeats).median_ms
 
 
 def float_stages(
@@ -126,7 +96,8 @@ def float_stages(
 
     Args:
         pre_path: the float ONNX model after ``quant_pre_process`` (shapes inferred, BN folded).
-        sample: one input batch ``(N, C, H, W)``, float32; repeated or cut to ``batch`` rows.
+        sample: one input batch ``(N, C, H, W)``, float32; its first image calibrates the
+            candidates (only their speed is measured; they are timed on random inputs).
         batch: the batch size the deployed model runs at.
         threads: ONNX Runtime intra-op threads (CPU provider).
         per_channel: quantize the weights per output channel, as the real model will be.
@@ -144,7 +115,6 @@ def float_stages(
     stages = conv_stages(model)
     inputs = {t.name for t in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in inputs)
-    x = np.resize(sample.astype(np.float32), (batch, *sample.shape[1:]))
     kept: list[str] = []
     chosen: list[str] = []
     tried: dict[str, float] = {}
@@ -152,10 +122,10 @@ def float_stages(
 
         def timed(exclude) -> float:
             path = str(Path(tmp) / f"cand{len(tried)}.onnx")
-            _quantize_for_speed(pre_path, path, input_name, x[:1], exclude, per_channel)
-            return _median_ms(path, x, threads, budget_s)
+            quantize_qdq(pre_path, path, [sample[:1]], input_name, per_channel=per_channel, exclude=exclude)
+            return _median_ms(path, batch, threads, budget_s)
 
-        fp32 = _median_ms(pre_path, x, threads, budget_s)
+        fp32 = _median_ms(pre_path, batch, threads, budget_s)
         int8_all = best = timed([])
         for stage in progress_bar(list(stages), progress=progress, desc="int8 stages", leave=False):
             t = timed([*kept, *stages[stage]])

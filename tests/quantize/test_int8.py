@@ -167,8 +167,8 @@ def test_auto_leaves_in_float_the_stages_that_make_the_model_faster(fp32, tmp_pa
     assert list(stages)[:2] == ["16x16", "8x8"]  # largest resolution first
     first = stages["16x16"]
 
-    def fake_median(model_path, x, threads, budget_s):
-        assert x.shape[0] == 4 and threads == 1  # timed at the batch and threads asked for
+    def fake_median(model_path, batch, threads, budget_s):
+        assert batch == 4 and threads == 1  # timed at the batch and threads asked for
         if Path(model_path).name == "pre.onnx":
             return 10.0  # the float model
         floats = _float_convs(model_path)
