@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -79,3 +81,16 @@ def params_below(model: torch.nn.Module, layer: str) -> list[torch.nn.Parameter]
                 seen.add(id(p))
                 params.append(p)
     return params
+
+
+@contextlib.contextmanager
+def frozen(params) -> Iterator[None]:
+    """``params`` do not train inside the block (``requires_grad`` off, then on again)."""
+    params = list(params or ())
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

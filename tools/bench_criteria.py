@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from _common import baseline_path, command_line, first_n_loader
+from _common import frozen as frozen_params
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
@@ -86,11 +87,12 @@ def finetune(
     seed: int = 0,
     distill=None,
     masked_epochs: int | None = None,
+    frozen: list | None = None,
 ) -> None:
     """The same short fine-tune for everyone (SGD, cosine). With an ICNN ``handle``: masks and loss
     for ``masked_epochs`` (``None``: the first half of the epochs), then the masks off and
     cross-entropy only (the recipes' ``icnn.unmask_epochs``); ``distill``: an ``ic.Distillation``
-    (recovery)."""
+    (recovery); ``frozen``: parameters that do not train during the masked epochs."""
     if steps is not None:
         train_dl = first_n_loader(train_dl, steps * train_dl.batch_size, train_dl.batch_size, seed)
     if handle is None:
@@ -100,16 +102,17 @@ def finetune(
     else:
         unmask = epochs - masked_epochs
     if epochs - unmask:
-        ic.Trainer(
-            model,
-            train_dl,
-            epochs=epochs - unmask,
-            lr=lr,
-            extra_loss=handle.loss if handle else None,
-            seed=seed,
-            distill=distill,
-            progress=False,
-        ).fit()
+        with frozen_params(frozen):
+            ic.Trainer(
+                model,
+                train_dl,
+                epochs=epochs - unmask,
+                lr=lr,
+                extra_loss=handle.loss if handle else None,
+                seed=seed,
+                distill=distill,
+                progress=False,
+            ).fit()
     if unmask:
         handle.set_masks(False)
         ic.Trainer(model, train_dl, epochs=unmask, lr=lr, seed=seed + 1, progress=False).fit()

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, params_below, top1
+from _common import command_line, frozen, params_below, top1
 from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -228,22 +228,18 @@ def fine_tune(base: nn.Module, spec: dict, dataset, classes: int, a, seed: int):
         )
     distill = ic.Distillation(ic.frozen_copy(base), weight=0.5, temperature=4.0) if spec.get("kd") else None
     dl = subset_loader(dataset, a.ft_images, 10_000 + seed)
-    frozen = params_below(model, layers[0]) if spec.get("below") == "freeze" else []
-    for p in frozen:
-        p.requires_grad_(False)
-    ic.Trainer(
-        model,
-        dl,
-        epochs=spec["epochs"],
-        lr=a.ft_lr,
-        seed=seed,
-        extra_loss=handle.loss if handle else None,
-        distill=distill,
-        progress=False,
-        **a.train_kw,
-    ).fit()
-    for p in frozen:
-        p.requires_grad_(True)
+    with frozen(params_below(model, layers[0]) if spec.get("below") == "freeze" else ()):
+        ic.Trainer(
+            model,
+            dl,
+            epochs=spec["epochs"],
+            lr=a.ft_lr,
+            seed=seed,
+            extra_loss=handle.loss if handle else None,
+            distill=distill,
+            progress=False,
+            **a.train_kw,
+        ).fit()
     if handle is not None and spec.get("unmask_epochs"):  # then without the masks; the loss stays
         handle.set_masks(False)
         ic.Trainer(
