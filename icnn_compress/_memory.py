@@ -5,10 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import logging
 import sys
-
-log = logging.getLogger(__name__)
 
 __all__ = ["release_freed_memory"]
 
