@@ -10,8 +10,10 @@ Timing each convolution alone does not predict this (a convolution's INT8 cost d
 layout and the quantize/dequantize pairs its neighbours leave), so ``float_stages`` measures whole
 models: the convolutions are grouped into stages by input resolution; starting from everything in
 INT8, each stage in turn is left in float and kept so when the whole model then runs faster by more
-than ``min_gain``, on this machine, at the batch and threads given. Only speed is measured here: each
-candidate is calibrated on one image; the chosen one is then quantized and guarded as usual.
+than ``min_gain``, on this machine, at the batch and threads given; then each convolution of the
+float stages is tried back in INT8 alone, and kept there on the same condition. Only speed is
+measured here: each candidate is calibrated on one image; the chosen one is then quantized and
+guarded as usual.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class StageChoice:
     int8_ms: float  # the chosen mix
     batch: int
     threads: int
-    tried: dict[str, float] = field(default_factory=dict)  # stage -> median with it in float
+    # stage ("HxW") -> median with it in float; Conv node -> median with it back in INT8
+    tried: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +136,14 @@ def float_stages(
             if t < best * (1.0 - min_gain):
                 kept, best = [*kept, *stages[stage]], t
                 chosen.append(stage)
+        # then each convolution of the float stages alone back in INT8 (a stage's strided first
+        # conv may write a wide enough map for the INT8 kernels)
+        for conv in progress_bar(list(kept), progress=progress, desc="int8 convs", leave=False):
+            trial = [c for c in kept if c != conv]
+            t = timed(trial)
+            tried[conv] = t
+            if t < best * (1.0 - min_gain):
+                kept, best = trial, t
     log.info(
         "INT8 at batch %d, %d threads: float %.2f ms, all INT8 %.2f ms, chosen %.2f ms (float stages: %s)",
         batch,

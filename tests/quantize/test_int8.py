@@ -182,8 +182,9 @@ def test_auto_leaves_in_float_the_stages_that_make_the_model_faster(fp32, tmp_pa
     p = res.precision
     assert p["float_stages"] == ["16x16"] and p["batch"] == 4 and p["threads"] == 1
     assert (p["fp32_ms"], p["int8_all_ms"], p["int8_ms"]) == (10.0, 5.0, 3.0)
-    assert set(p["tried"]) == set(stages) and p["tried"]["16x16"] == 3.0
-    assert all(v == 3.5 for k, v in p["tried"].items() if k != "16x16")  # slower: left in INT8
+    assert set(p["tried"]) == set(stages) | set(first) and p["tried"]["16x16"] == 3.0
+    assert all(p["tried"][k] == 3.5 for k in stages if k != "16x16")  # slower: left in INT8
+    assert all(p["tried"][c] == 5.0 for c in first)  # each conv back in INT8 alone: slower, stays
 
 
 def test_auto_measures_on_this_machine(fp32, tmp_path):
@@ -193,3 +194,29 @@ def test_auto_measures_on_this_machine(fp32, tmp_path):
     assert res.options["keep_float"] == "auto" and p["batch"] == 32
     assert p["fp32_ms"] > 0 and p["int8_all_ms"] > 0 and p["int8_ms"] <= p["int8_all_ms"]
     assert _float_convs(tmp_path / "m.onnx") == set(res.kept_float)
+
+
+def test_auto_puts_back_in_int8_a_conv_of_a_float_stage_that_is_faster_there(fp32, tmp_path, monkeypatch):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from icnn_compress.quantize import _precision
+
+    path, batches = fp32
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(path), str(pre))
+    first = _precision.conv_stages(onnx.load(str(pre)))["16x16"]
+    assert len(first) >= 2
+
+    def fake_median(model_path, batch, threads, budget_s):
+        if Path(model_path).name == "pre.onnx":
+            return 10.0
+        floats = _float_convs(model_path)
+        if floats == set(first[1:]):
+            return 2.5  # the stage in float but its first conv in INT8: the fastest
+        return 3.0 if floats == set(first) else 5.0
+
+    monkeypatch.setattr(_precision, "_median_ms", fake_median)
+    opts = QuantizeOptions(timing_batch=4, timing_threads=1, min_agreement=0.5)
+    res = quantize_onnx(path, tmp_path / "m.onnx", batches[:2], None, opts)
+    assert sorted(res.kept_float) == sorted(first[1:]) and res.precision["int8_ms"] == 2.5
+    assert res.precision["tried"][first[0]] == 2.5 and _float_convs(tmp_path / "m.onnx") == set(first[1:])
