@@ -18,3 +18,10 @@ def _restore_rng_state():
     torch.random.set_rng_state(torch_state)
     np.random.set_state(np_state)
     random.setstate(py_state)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Every test has its own ``ICNN_COMPRESS_CACHE`` (latency tables, INT8 choices, unpacked
+    Fashion-MNIST): nothing a test measures lands in the user's cache, nothing cached leaks in."""
+    monkeypatch.setenv("ICNN_COMPRESS_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -36,6 +36,8 @@ __all__ = [
     "conv_latency_table",
     "latency_table_cache",
     "layer_io_shapes",
+    "read_cached",
+    "write_cached",
 ]
 
 _MEMORY: dict[str, dict[int, float]] = {}
@@ -141,6 +143,16 @@ def _key(conv: nn.Conv2d, hw, vary: str, batch: int, threads: int, provider: str
     )
 
 
+def read_cached(key: str) -> dict | None:
+    """The entry stored under ``key`` in the latency cache file, or ``None``."""
+    return _read_disk().get(key)
+
+
+def write_cached(key: str, entry: dict) -> None:
+    """Store ``entry`` (string keys, JSON values) under ``key`` in the latency cache file."""
+    _save(key, entry)
+
+
 def _read_disk() -> dict:
     try:
         return json.loads(latency_table_cache().read_text())
@@ -215,8 +227,9 @@ def conv_latency_table(
     return {w: table[w] for w in widths}
 
 
-def _save(key: str, table: dict[int, float]) -> None:
-    """Merge one table into the disk cache (under a file lock; a read-only home is only logged)."""
+def _save(key: str, table: dict) -> None:
+    """Merge one table (or entry) into the disk cache (under a file lock; a read-only home is only
+    logged)."""
     from filelock import FileLock
 
     path = latency_table_cache()

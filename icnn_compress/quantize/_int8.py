@@ -6,9 +6,10 @@ real inputs and rewritten in the QDQ format (QuantizeLinear/DequantizeLinear pai
 Runtime fuses into integer kernels): weights signed 8-bit, per output channel by default;
 activations unsigned 8-bit, one scale per tensor. By default the stages whose convolutions INT8
 does not make faster on this machine (narrow pruned layers; whole models timed, see
-``float_stages``) stay in float. A guard then runs the float and the INT8 model on
-validation inputs and refuses the INT8 model when their top-1 predictions agree on fewer than
-``min_agreement`` of the rows: the file is then not written, and the result says why.
+``float_stages``; the choice is cached per model file, machine, batch and threads) stay in float.
+A guard then runs the float and the INT8 model on validation inputs and refuses the INT8 model
+when their top-1 predictions agree on fewer than ``min_agreement`` of the rows: the file is then
+not written, and the result says why.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_path.parent) as tmp:
         pre, q = str(Path(tmp) / "pre.onnx"), str(Path(tmp) / "int8.onnx")
         quant_pre_process(str(fp32_path), pre)
-        kept, choice = _kept_float(pre, calib[0], opts, fp32_path.name, progress)
+        kept, choice = _kept_float(pre, calib[0], opts, fp32_path, progress)
         quantize_qdq(
             pre, q, calib, graph_inputs[0], per_channel=opts.per_channel, method=opts.method, exclude=kept
         )
@@ -342,23 +343,45 @@ def _check_conv_names(graph, names: tuple[str, ...], file_name: str) -> None:
         )
 
 
-def _kept_float(pre: str, sample: np.ndarray, opts: QuantizeOptions, file_name: str, progress: bool):
-    """The Conv nodes to leave in float, and what an ``"auto"`` choice measured."""
+def _kept_float(pre: str, sample: np.ndarray, opts: QuantizeOptions, fp32_path: Path, progress: bool):
+    """The Conv nodes to leave in float, and what an ``"auto"`` choice measured (or, for the same
+    model file, batch and threads on this machine, what it measured before: cached)."""
     import onnx
 
+    from icnn_compress.measure._layer_latency import read_cached, write_cached
     from icnn_compress.quantize._precision import float_stages
+
+    file_name = fp32_path.name
 
     if opts.keep_float == "none":
         return [], {}
     if isinstance(opts.keep_float, tuple):  # still there after the pre-processing?
         _check_conv_names(onnx.load(pre, load_external_data=False).graph, opts.keep_float, file_name)
         return list(opts.keep_float), {}
+    threads = opts.timing_threads or os.cpu_count() or 1
+    key = _choice_key(fp32_path, opts.timing_batch, threads, opts.per_channel)
+    cached = read_cached(key)
+    if cached and isinstance(cached.get("kept_float"), list):
+        log.info("INT8: the float stages chosen earlier on this machine for this model (cached)")
+        return list(cached["kept_float"]), {**cached, "cached": True}
     choice = float_stages(
-        pre,
-        sample,
-        batch=opts.timing_batch,
-        threads=opts.timing_threads or os.cpu_count() or 1,
-        per_channel=opts.per_channel,
-        progress=progress,
+        pre, sample, batch=opts.timing_batch, threads=threads, per_channel=opts.per_channel, progress=progress
     )
-    return choice.kept_float, choice.to_dict()
+    write_cached(key, choice.to_dict())
+    return choice.kept_float, {**choice.to_dict(), "cached": False}
+
+
+def _choice_key(fp32_path: Path, batch: int, threads: int, per_channel: bool) -> str:
+    """What an ``"auto"`` choice depends on: the model file's bytes, the machine, ONNX Runtime's
+    version, the batch, the threads and the weight granularity."""
+    import hashlib
+    import platform
+
+    import onnxruntime as ort
+
+    digest = hashlib.sha256()
+    with open(fp32_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    node = [platform.node(), platform.processor() or platform.machine(), ort.__version__]
+    return json.dumps(["int8-float-stages", digest.hexdigest(), *node, batch, threads, per_channel])

@@ -253,8 +253,8 @@ class QuantizeConfig(_Strict):
     keep_float: Literal["auto", "none"] | list[str] = Field(
         "auto",
         description="convolutions left in float: 'auto' (the stages that make the whole INT8 model "
-        "faster on this machine when left in float; timed, so it may choose differently on another "
-        "machine), 'none', or ONNX Conv node names (a bit-identical rerun: the first run's kept_float)",
+        "faster on this machine when left in float; timed once per model, batch and threads, then "
+        "cached), 'none', or ONNX Conv node names (another machine: the first run's kept_float)",
     )
     timing_batch: int | None = Field(
         None,

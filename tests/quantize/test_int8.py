@@ -220,3 +220,34 @@ def test_auto_puts_back_in_int8_a_conv_of_a_float_stage_that_is_faster_there(fp3
     res = quantize_onnx(path, tmp_path / "m.onnx", batches[:2], None, opts)
     assert sorted(res.kept_float) == sorted(first[1:]) and res.precision["int8_ms"] == 2.5
     assert res.precision["tried"][first[0]] == 2.5 and _float_convs(tmp_path / "m.onnx") == set(first[1:])
+
+
+def test_auto_reuses_its_choice_for_the_same_model_batch_and_threads(fp32, tmp_path, monkeypatch):
+    """A rerun (or a resumed run) on the same machine keeps the same convolutions in float without
+    timing again; another batch size is timed afresh."""
+    from icnn_compress.quantize import _precision
+
+    path, batches = fp32
+    calls = []
+
+    def fake_median(model_path, batch, threads, budget_s):
+        calls.append(batch)
+        return 10.0 if Path(model_path).name == "pre.onnx" else 5.0 - 0.01 * len(_float_convs(model_path))
+
+    monkeypatch.setattr(_precision, "_median_ms", fake_median)
+    opts = QuantizeOptions(timing_batch=4, timing_threads=1, min_agreement=0.5)
+    first = quantize_onnx(path, tmp_path / "a.onnx", batches[:2], None, opts)
+    timed = len(calls)
+    assert timed > 2 and first.precision["cached"] is False
+    again = quantize_onnx(path, tmp_path / "b.onnx", batches[:2], None, opts)
+    assert len(calls) == timed  # nothing timed the second time
+    assert again.precision["cached"] is True and again.kept_float == first.kept_float
+    assert again.precision["int8_ms"] == first.precision["int8_ms"]
+    other = quantize_onnx(
+        path,
+        tmp_path / "c.onnx",
+        batches[:2],
+        None,
+        QuantizeOptions(timing_batch=8, timing_threads=1, min_agreement=0.5),
+    )
+    assert other.precision["cached"] is False and set(calls[timed:]) == {8}
