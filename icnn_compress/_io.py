@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "environment_info"]
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "environment_info", "sha256_file"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -67,3 +68,12 @@ def environment_info() -> dict:
         except Exception:  # optional for this record
             info[mod] = None
     return info
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -36,6 +36,7 @@ __all__ = [
     "conv_latency_table",
     "latency_table_cache",
     "layer_io_shapes",
+    "machine_key",
     "read_cached",
     "write_cached",
 ]
@@ -120,14 +121,17 @@ def _one_conv_model(conv: nn.Conv2d, cin: int, cout: int, hw: tuple[int, int]) -
     return model.SerializeToString()
 
 
-def _key(conv: nn.Conv2d, hw, vary: str, batch: int, threads: int, provider: str) -> str:
+def machine_key() -> list[str]:
+    """What any measured latency depends on besides the model: host, CPU and ONNX Runtime version."""
     import onnxruntime as ort
 
+    return [platform.node(), platform.processor() or platform.machine(), ort.__version__]
+
+
+def _key(conv: nn.Conv2d, hw, vary: str, batch: int, threads: int, provider: str) -> str:
     return json.dumps(
         [
-            platform.node(),
-            platform.processor() or platform.machine(),
-            ort.__version__,
+            *machine_key(),
             provider,
             threads,
             batch,

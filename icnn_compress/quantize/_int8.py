@@ -374,14 +374,9 @@ def _kept_float(pre: str, sample: np.ndarray, opts: QuantizeOptions, fp32_path: 
 def _choice_key(fp32_path: Path, batch: int, threads: int, per_channel: bool) -> str:
     """What an ``"auto"`` choice depends on: the model file's bytes, the machine, ONNX Runtime's
     version, the batch, the threads and the weight granularity."""
-    import hashlib
-    import platform
+    from icnn_compress._io import sha256_file
+    from icnn_compress.measure._layer_latency import machine_key
 
-    import onnxruntime as ort
-
-    digest = hashlib.sha256()
-    with open(fp32_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    node = [platform.node(), platform.processor() or platform.machine(), ort.__version__]
-    return json.dumps(["int8-float-stages", digest.hexdigest(), *node, batch, threads, per_channel])
+    return json.dumps(
+        ["int8-float-stages", sha256_file(fp32_path), *machine_key(), batch, threads, per_channel]
+    )

@@ -15,7 +15,6 @@ Guarantees (what ``--force`` and ``--resume`` rely on):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from icnn_compress._io import atomic_write_json, environment_info
+from icnn_compress._io import atomic_write_json, environment_info, sha256_file
 from icnn_compress._version import __version__
 from icnn_compress.errors import ConfigError, IcnnCompressError
 
@@ -39,15 +38,6 @@ _EXTRA_ENTRIES = {MARKER, LOCK, STALE, RESOLVED, "compare"}
 
 class LockError(IcnnCompressError):
     """Another run holds the run directory."""
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _protected(path: Path) -> str | None:
