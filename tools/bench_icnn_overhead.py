@@ -50,6 +50,38 @@ def train_step(model, handle, opt, x, y) -> None:
     opt.step()
 
 
+def host_breakdown(runs: dict, x, y, device: str, steps: int = 30) -> dict:
+    """Median host time (microseconds) of each part of a step -- forward, filter loss, backward,
+    optimiser -- for each entry of ``runs``, the device synchronised only at the end of a step.
+    On a GPU a small model's step is bound by this host time, not by the kernels."""
+    out = {}
+    for key, (model, handle, opt, _) in runs.items():
+        parts: dict[str, list[float]] = {"forward": [], "loss": [], "backward": [], "optimiser": []}
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            t1 = time.perf_counter()
+            if handle is not None:
+                loss = loss + handle.loss(y)
+            t2 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t3 = time.perf_counter()
+            opt.step()
+            t4 = time.perf_counter()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            for name, a, b in (
+                ("forward", t0, t1),
+                ("loss", t1, t2),
+                ("backward", t2, t3),
+                ("optimiser", t3, t4),
+            ):
+                parts[name].append((b - a) * 1e6)
+        out[key] = {k: round(statistics.median(v), 1) for k, v in parts.items()}
+    return out
+
+
 def step(model, handle, opt, x, y, device):
     t0 = time.perf_counter()
     train_step(model, handle, opt, x, y)
@@ -196,6 +228,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     parity = fused_parity(runs)  # before the extra steps below, which runs take unevenly
     syncs = host_syncs(runs, x, y, a.device)
+    host = host_breakdown(runs, x, y, a.device)
     try:
         kernels = kernel_counts(runs, x, y, a.device)
     except Exception as exc:  # the profiler is a diagnostic: its failure must not lose the timings
@@ -228,6 +261,7 @@ def main() -> None:
             "kernels_per_step": kernels.get("per_step"),
         },
         "kernels": kernels,
+        "host_us_per_part": host,
     }
     atomic_write_json(result, a.out)
     print(
@@ -235,6 +269,7 @@ def main() -> None:
         f"ratio {result['summary']['step_ratio']:.3f}; top two {result['summary']['step_ratio_top2']:.3f} "
         f"-> {a.out}"
     )
+    print(f"host time per part of a step (us): {host}")
     if syncs is not None:
         print(f"host synchronisations per step: {syncs}")
     print(f"{kernels.get('unit', 'kernels')} per step: {kernels.get('per_step', kernels)}")

@@ -37,6 +37,7 @@ SECTIONS = {
     "overhead": "icnn_overhead.json",
     "overhead_cuda": "icnn_overhead_cuda.json",
     "overhead_cuda_resnet18": "icnn_overhead_cuda_resnet18.json",
+    "overhead_cuda_b256": "icnn_overhead_cuda_b256.json",
     "gpu_check": "gpu_check.json",
     "fashion_vgg_small": "fashion_vgg_small.json",
     "fashion_resnet_cifar20": "fashion_resnet_cifar20.json",
@@ -283,7 +284,7 @@ def overhead_md(sections: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
-    for key in ("overhead", "overhead_cuda", "overhead_cuda_resnet18"):
+    for key in ("overhead", "overhead_cuda", "overhead_cuda_b256", "overhead_cuda_resnet18"):
         o = sections.get(key)
         if o:
             st, su = o.get("setup", {}), o["summary"]

@@ -11,6 +11,7 @@ gradient by a constant, so the estimate (and hence training) does not depend on 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -33,14 +34,17 @@ class _Fusable:
     """A pure tensor function run as it is, or compiled with ``torch.compile`` so that its few
     dozen small operations become a handful of fused kernels (on a GPU a small model's step is
     bound by kernel launches). A compile that fails is logged once; the function then runs as
-    it is for the rest of the process. (``mode="reduce-overhead"``, CUDA graphs, does not fit: the
-    running estimates a step returns are the next step's inputs, and a graph's replay overwrites
-    its previous outputs; measured on an H200, it failed on the second step.)"""
+    it is for the rest of the process. (CUDA graphs, ``mode="reduce-overhead"`` with the outputs
+    cloned, were measured on an H100 too: the copies in and out cost about what the replay saves.)"""
 
     def __init__(self, fn) -> None:
         self.fn = fn
         self._compiled = None
         self.failed = False
+
+    def reset(self) -> None:
+        """Forget the compiled function (and a failure): the next fused call compiles afresh."""
+        self._compiled, self.failed = None, False
 
     def __call__(self, fused: bool, *args, **kwargs):
         if fused and not self.failed:
@@ -60,7 +64,10 @@ class _Fusable:
         return self.fn(*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=1)
 def _has_triton() -> bool:
+    """Whether Triton can compile kernels here (asked once per process: the answer does not change
+    and asking costs host time on every step)."""
     try:
         from torch.utils._triton import has_triton
 
@@ -223,6 +230,7 @@ class FilterLossState:
         self._pending_calls = 0  # backward passes seen since the last step (known on the host)
         self.loss_scale: Tensor | float = 1.0  # multiplier of the loss seen in the last backward
         self.fuse = options.fuse  # "auto", "on" or "off": see use_fused
+        self._weight: tuple[float, Tensor] | None = None  # lambda and its device tensor
 
     # ----- task-gradient bookkeeping (balance="grad") -----
     @property
@@ -292,50 +300,39 @@ class FilterLossState:
         seen = balance and self._pending_calls > 0  # the same on every rank: same backward passes
         if seen:
             self._pending_calls = 0
+        # lambda as a device tensor (no recompile per value), made again only when it changes
+        if self._weight is None or self._weight[0] != float(weight) or self._weight[1].device != device:
+            self._weight = (float(weight), torch.full((), float(weight), device=device))
+        fold_kw = dict(
+            num_classes=self.num_classes,
+            stat_sum=self.category_stat == "sum",
+            momentum=self.stat_momentum,
+            argmax_categories=refresh and self.mode == "multi",
+        )
+        terms_kw = dict(normalize=normalize, balance=balance, seen=seen, z_momentum=self.z_momentum)
+        running = (self._pending_sq, self._pending_count, self.task_grad_ms, self._ms_seen, self.loss_scale)
         # the statistics need float32 even under autocast (exp/log-sum-exp of template scores)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            x, weights, peak_val, peak_idx, self.class_stats, self.class_seen, categories, bad = (
-                _fused_fold_maps(
-                    fused,
-                    maps.detach(),
-                    targets,
-                    self.class_stats,
-                    self.class_seen,
-                    self.categories,
-                    num_classes=self.num_classes,
-                    stat_sum=self.category_stat == "sum",
-                    momentum=self.stat_momentum,
-                    argmax_categories=refresh and self.mode == "multi",
+            fresh_z = self.log_z is None or tuple(self.log_z.shape) != (c, templates.shape[0])
+            log_z = None if fresh_z else self.log_z
+            if refresh and self.mode == "balanced":  # a Hungarian assignment on the host in between
+                stats = (self.class_stats, self.class_seen, self.categories)
+                x, weights, peak_val, peak_idx, self.class_stats, self.class_seen, _, bad = _fused_fold_maps(
+                    fused, maps.detach(), targets, *stats, **fold_kw
                 )
-            )
-            if refresh and self.mode == "balanced":  # a Hungarian assignment on the host
-                categories = assign_categories(self.class_stats, self.mode).to(device)
-            self.categories = categories
+                self.categories = assign_categories(self.class_stats, self.mode).to(device)
+                out = _fused_loss_terms(
+                    fused, x, weights, peak_val, peak_idx, targets, self.categories, log_z, templates,
+                    *running, self._weight[1], **terms_kw,
+                )  # fmt: skip
+            else:  # one compiled call for both halves
+                self.class_stats, self.class_seen, self.categories, bad, *out = _fused_fold_and_loss_terms(
+                    fused, maps.detach(), targets, self.class_stats, self.class_seen, self.categories, log_z,
+                    templates, *running, self._weight[1], fold_kw=fold_kw, terms_kw=terms_kw,
+                )  # fmt: skip
             if refresh:
                 self._assigned = True
             self._skipped = self._skipped + bad
-            fresh_z = self.log_z is None or tuple(self.log_z.shape) != (c, templates.shape[0])
-            out = _fused_loss_terms(
-                fused,
-                x,
-                weights,
-                peak_val,
-                peak_idx,
-                targets,
-                self.categories,
-                None if fresh_z else self.log_z,
-                templates,
-                self._pending_sq,
-                self._pending_count,
-                self.task_grad_ms,
-                self._ms_seen,
-                self.loss_scale,
-                torch.full((), float(weight), device=device),  # a tensor: no recompile per value
-                normalize=normalize,
-                balance=balance,
-                seen=seen,
-                z_momentum=self.z_momentum,
-            )
             grad, mi, value, self.log_z, task_ms, ms_seen, pending_sq, pending_count = out
             if seen:
                 self.task_grad_ms, self._ms_seen = task_ms, ms_seen
@@ -532,5 +529,40 @@ def _loss_terms(
     return grad, mi, value, log_z, task_ms, ms_seen, pending_sq, pending_count
 
 
+def _fold_and_loss_terms(
+    maps: Tensor,
+    targets: Tensor,
+    class_stats: Tensor,
+    class_seen: Tensor,
+    categories: Tensor,
+    log_z: Tensor | None,
+    templates: Tensor,
+    pending_sq: Tensor,
+    pending_count: Tensor,
+    task_ms: Tensor | None,
+    ms_seen: Tensor | None,
+    loss_scale: Tensor,
+    weight: Tensor,
+    *,
+    fold_kw: dict,
+    terms_kw: dict,
+):
+    """``_fold_maps`` then ``_loss_terms`` in one function (one compiled call per step).
+
+    Returns:
+        ``(class_stats, class_seen, categories, bad)`` of ``_fold_maps`` followed by the eight
+        outputs of ``_loss_terms``.
+    """
+    x, weights, peak_val, peak_idx, class_stats, class_seen, categories, bad = _fold_maps(
+        maps, targets, class_stats, class_seen, categories, **fold_kw
+    )
+    out = _loss_terms(
+        x, weights, peak_val, peak_idx, targets, categories, log_z, templates, pending_sq, pending_count,
+        task_ms, ms_seen, loss_scale, weight, **terms_kw,
+    )  # fmt: skip
+    return (class_stats, class_seen, categories, bad, *out)
+
+
 _fused_fold_maps = _Fusable(_fold_maps)
 _fused_loss_terms = _Fusable(_loss_terms)
+_fused_fold_and_loss_terms = _Fusable(_fold_and_loss_terms)

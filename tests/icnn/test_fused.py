@@ -18,9 +18,11 @@ from tests.icnn.test_no_host_sync import small_net
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def train(model: nn.Module, fuse: str, device: str = "cpu", steps: int = 4):
+def train(model: nn.Module, fuse: str, device: str = "cpu", steps: int = 4, categories: str = "multi"):
     model = model.to(device)
-    handle = attach_icnn(model, ["2"], num_classes=4, warmup_steps=0, refresh_every=2, fuse=fuse)
+    handle = attach_icnn(
+        model, ["2"], num_classes=4, warmup_steps=0, refresh_every=2, fuse=fuse, categories=categories
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     for i in range(steps):
@@ -36,12 +38,18 @@ def train(model: nn.Module, fuse: str, device: str = "cpu", steps: int = 4):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_statistics_match_the_eager_ones(device):
+# "multi": both halves in one compiled call; "balanced": two, a Hungarian assignment between them
+@pytest.mark.parametrize("categories", ["multi", "balanced"])
+def test_fused_statistics_match_the_eager_ones(device, categories):
+    fusables = (_loss._fused_fold_maps, _loss._fused_loss_terms, _loss._fused_fold_and_loss_terms)
+    for f in fusables:
+        f.reset()
     base = small_net()
-    eager, h_eager, loss_eager = train(copy.deepcopy(base), "off", device)
-    fused, h_fused, loss_fused = train(copy.deepcopy(base), "on", device)
-    assert not _loss._fused_loss_terms.failed and not _loss._fused_fold_maps.failed
-    assert _loss._fused_loss_terms._compiled is not None  # the compiled path really ran
+    eager, h_eager, loss_eager = train(copy.deepcopy(base), "off", device, categories=categories)
+    fused, h_fused, loss_fused = train(copy.deepcopy(base), "on", device, categories=categories)
+    assert not any(f.failed for f in fusables)
+    used = _loss._fused_loss_terms if categories == "balanced" else _loss._fused_fold_and_loss_terms
+    assert used._compiled is not None  # the compiled path really ran
     assert loss_fused == pytest.approx(loss_eager, rel=1e-5, abs=1e-6)
     for a, b in zip(eager.parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
