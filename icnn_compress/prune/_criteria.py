@@ -561,56 +561,89 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         ``a``: ``(rows, n)`` consumer inputs; ``w2``: ``(n,)`` squared norms of the consumer
         weights that read each channel; ``labels``: ``(n,)`` cluster of each channel.
 
-        ``bound``: stop the elimination once this many channels that are not the last of their
-        cluster are ranked (the most a step can remove); the channels still kept then score their
-        current cost above every ranked one. The lowest ``bound`` scores are the same as with the
-        full elimination, at ``O(n * bound^2)`` instead of ``O(n^3)`` after the inverse."""
-        a = a - a.mean(0)  # a constant part is absorbed by the consumer's bias (compensation does it)
-        cov = a.t() @ a / a.shape[0]
-        cov += ridge * (cov.diagonal().mean() + 1e-30) * torch.eye(cov.shape[0], dtype=cov.dtype)
+        The last channel of each cluster is its representative, which no step removes: once a
+        cluster is down to one channel, that channel stays among the regressors of every later
+        removal and is not eliminated itself (it scores its cost given the channels still kept).
+
+        ``bound``: stop the elimination once this many channels are ranked (the most a step can
+        remove); the channels still kept then score their current cost above every ranked one. The
+        lowest ``bound`` scores are the same as with the full elimination, at ``O(n * bound^2)``
+        instead of ``O(n^3)`` after the inverse."""
         # backward elimination: the residual variance of channel i regressed on the channels still
         # kept is 1 / (P)_ii with P = cov^-1 restricted to them; remove the cheapest, downdate P by
         # rank one, repeat. Twins: the first goes at ~0 cost, the second is then expensive.
         # The downdates are kept as the columns of u (P = cov^-1 - u u^T): each removal costs one
         # matrix-vector product with the removals so far, and only P's diagonal is kept whole.
-        factor, info = torch.linalg.cholesky_ex(cov)  # SPD (ridge): half the time of an LU inverse
-        prec = torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)
-        # the loop runs one small step per removed channel: in NumPy, whose per-call overhead is a
-        # tenth of PyTorch's (mobilenet_v2: 30k steps, 3.1 s of overhead -> 0.6 s), same float64 math
-        prec = prec.numpy()
+        diag, column = _precision(a, ridge)
         n = w2.numel()
-        diag = prec.diagonal().copy()
         w2_left = w2.numpy().astype(np.float64)  # a removed channel's weight becomes inf: never again
         members = torch.bincount(labels).tolist() if labels is not None else None
         cluster = labels.tolist() if labels is not None else None
+        if members is not None:  # a cluster of one is its own representative from the start
+            of_cluster: dict[int, list[int]] = {}
+            for i, cl in enumerate(cluster):
+                of_cluster.setdefault(cl, []).append(i)
+                if members[cl] == 1:
+                    w2_left[i] = np.inf
         limit = n if bound is None else min(n, max(int(bound), 0))
-        u = np.zeros((n, min(n, 2 * limit + 8)))
+        u = np.zeros((n, limit))
         order: list[int] = []
         values: list[float] = []
-        running, ranked, t = 0.0, 0, 0
-        while ranked < limit and t < n:
-            if t == u.shape[1]:  # many representatives on the way: room for more removals
-                u = np.concatenate([u, np.zeros((n, min(u.shape[1], n - t)))], 1)
+        running, t = 0.0, 0
+        while t < limit:
             cost = w2_left / np.maximum(diag, 1e-30)
             i = int(cost.argmin())
+            if not np.isfinite(cost[i]):  # only representatives left
+                break
             running = max(running * (1 + 1e-9), float(cost[i]))  # increasing in the order of removal
             order.append(i)
             values.append(running)
             w2_left[i] = np.inf
-            col = prec[:, i] - u[:, :t] @ u[i, :t]  # column i of the current P
+            col = column(i) - u[:, :t] @ u[i, :t]  # column i of the current P
             piv = max(float(col[i]), 1e-30)
             u[:, t] = col * piv**-0.5
             diag -= col * col / piv
             t += 1
-            if members is None:
-                ranked += 1
-            else:  # the last of its cluster becomes the representative, never removed by a step
+            if members is not None:
                 members[cluster[i]] -= 1
-                ranked += members[cluster[i]] > 0
+                if members[cluster[i]] == 1:  # its last channel is now the representative
+                    w2_left[of_cluster[cluster[i]]] = np.inf
         out = torch.from_numpy(w2.numpy() / np.maximum(diag, 1e-30))  # stopped early: the rest rank above
         out = running * (1 + 1e-6) + out.clamp_min(0)
         out[order] = torch.tensor(values, dtype=torch.float64)
         return _lift_representatives(out, labels)
+
+
+def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
+    """The diagonal of ``P = cov^-1`` and a function giving its column ``i`` (float64 NumPy, ``(n,)``),
+    for ``cov = A^T A / r + lam * I`` of the centred inputs ``A`` ``(r, n)``, ``lam = ridge * mean
+    variance``. With fewer rows than channels (a wide layer probed at a few positions) it is
+    computed through the ``r x r`` matrix ``M = r lam I + A A^T`` (Woodbury:
+    ``P = (I - A^T M^-1 A) / lam``), never forming an ``n x n`` matrix; the same numbers either way."""
+    a = a - a.mean(0)  # a constant part is absorbed by the consumer's bias (compensation does it)
+    r, n = a.shape
+    lam = ridge * (float(a.pow(2).sum()) / (r * n) + 1e-30)
+    if r < n:
+        m = a @ a.t()
+        m.diagonal().add_(r * lam)
+        factor, info = torch.linalg.cholesky_ex(m)
+        if int(info) != 0:  # not SPD in floating point (it is in exact arithmetic): jitter the ridge
+            factor = torch.linalg.cholesky(m + r * lam * torch.eye(r, dtype=m.dtype))
+        # B = L^-1 A with M = L L^T: A^T M^-1 A = B^T B, one triangular solve
+        b = torch.linalg.solve_triangular(factor, a, upper=False).numpy()
+        diag = (1.0 - (b * b).sum(0)) / lam
+
+        def column(i: int) -> np.ndarray:
+            col = -(b.T @ b[:, i])
+            col[i] += 1.0
+            return col / lam
+
+        return diag, column
+    cov = a.t() @ a / r
+    cov.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(cov)  # SPD (ridge): half the time of an LU inverse
+    prec = (torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)).numpy()
+    return prec.diagonal().copy(), lambda i: prec[:, i]
 
 
 def _lift_representatives(scores: Tensor, labels: Tensor | None) -> Tensor:
