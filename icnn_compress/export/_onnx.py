@@ -237,23 +237,42 @@ def _forward_tracer_warnings(caught: list) -> None:
 
 
 def _within_rounding(
-    model: nn.Module, x: Tensor, got: np.ndarray, ref: np.ndarray, factor: float = 4.0
+    model: nn.Module, x: Tensor, got: np.ndarray, ref: np.ndarray, factor: float = 4.0, runs: int = 3
 ) -> bool:
-    """Whether ONNX Runtime's output ``got`` is within ``factor`` times PyTorch's own float32 error
-    of a float64 run of the model: an ill-conditioned model (huge activations, BatchNorm variances
-    near zero) amplifies rounding in both runtimes, and that is not a wrong graph. The float64 copy
-    is made on the CPU only when the plain tolerance fails; ``False`` when it cannot run."""
+    """Whether ONNX Runtime's output ``got`` is as close to a float64 run of the model as float32
+    rounding allows: an ill-conditioned model (huge activations, BatchNorm variances near zero)
+    amplifies rounding in every runtime, and that is not a wrong graph. What rounding allows is
+    measured: PyTorch's own float32 error, and the float64 run again with every layer's output
+    moved by up to one float32 unit in the last place (``runs`` times, fixed seed); ``got`` may be
+    off by ``factor`` times the larger. The float64 copy is made on the CPU only when the plain
+    tolerance fails; ``False`` when it cannot run."""
     import copy
 
     try:
+        exact_model = copy.deepcopy(model).cpu().double()
+        xd = x.detach().cpu().double()
+        gen = torch.Generator().manual_seed(0)
+
+        def nudge(_module, _inputs, out):
+            if torch.is_tensor(out) and out.is_floating_point():
+                return out * (1 + (torch.rand(out.shape, generator=gen, dtype=out.dtype) * 2 - 1) * 2.0**-23)
+            return None
+
+        def first(out) -> np.ndarray:
+            return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
         with torch.no_grad():
-            exact = copy.deepcopy(model).cpu().double()(x.detach().cpu().double())
+            exact = first(exact_model(xd))
+            hooks = [m.register_forward_hook(nudge) for m in exact_model.modules() if not list(m.children())]
+            spread = max(float(np.abs(first(exact_model(xd)) - exact).max()) for _ in range(runs))
+            for h in hooks:
+                h.remove()
     except Exception:  # an op without float64 support: keep the plain verdict
         return False
-    exact = (exact[0] if isinstance(exact, (tuple, list)) else exact).numpy()
     torch_err = float(np.abs(ref.astype(np.float64) - exact).max())
     onnx_err = float(np.abs(got.astype(np.float64) - exact).max())
-    return np.isfinite(onnx_err) and torch_err > 0 and onnx_err <= factor * torch_err
+    noise = max(torch_err, spread)
+    return np.isfinite(onnx_err) and noise > 0 and onnx_err <= factor * noise
 
 
 def _parity(model, file, inputs, input_name, atol, rtol, ort) -> tuple[float, float]:

@@ -561,14 +561,13 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         ``a``: ``(rows, n)`` consumer inputs; ``w2``: ``(n,)`` squared norms of the consumer
         weights that read each channel; ``labels``: ``(n,)`` cluster of each channel.
 
-        The last channel of each cluster is its representative, which no step removes: once a
-        cluster is down to one channel, that channel stays among the regressors of every later
-        removal and is not eliminated itself (it scores its cost given the channels still kept).
-
-        ``bound``: stop the elimination once this many channels are ranked (the most a step can
-        remove); the channels still kept then score their current cost above every ranked one. The
-        lowest ``bound`` scores are the same as with the full elimination, at ``O(n * bound^2)``
-        instead of ``O(n^3)`` after the inverse."""
+        ``bound``: stop the elimination once this many channels that are not the last of their
+        cluster are ranked (the most a step can remove); the channels still kept then score their
+        current cost above every ranked one. The lowest ``bound`` scores are the same as with the
+        full elimination, at ``O(n * bound^2)`` instead of ``O(n^3)`` after the inverse. (Keeping
+        each cluster's last channel among the regressors instead of eliminating it too was measured
+        and is worse: resnet_cifar20 one-shot 2x / 3x / 4x 0.860 / 0.804 / 0.615 against 0.874 /
+        0.826 / 0.750, two bases x two probe seeds.)"""
         # backward elimination: the residual variance of channel i regressed on the channels still
         # kept is 1 / (P)_ii with P = cov^-1 restricted to them; remove the cheapest, downdate P by
         # rank one, repeat. Twins: the first goes at ~0 cost, the second is then expensive.
@@ -576,25 +575,21 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         # matrix-vector product with the removals so far, and only P's diagonal is kept whole.
         diag, column = _precision(a, ridge)
         n = w2.numel()
+        # the loop runs one small step per removed channel: in NumPy, whose per-call overhead is a
+        # tenth of PyTorch's (mobilenet_v2: 30k steps, 3.1 s of overhead -> 0.6 s), same float64 math
         w2_left = w2.numpy().astype(np.float64)  # a removed channel's weight becomes inf: never again
         members = torch.bincount(labels).tolist() if labels is not None else None
         cluster = labels.tolist() if labels is not None else None
-        if members is not None:  # a cluster of one is its own representative from the start
-            of_cluster: dict[int, list[int]] = {}
-            for i, cl in enumerate(cluster):
-                of_cluster.setdefault(cl, []).append(i)
-                if members[cl] == 1:
-                    w2_left[i] = np.inf
         limit = n if bound is None else min(n, max(int(bound), 0))
-        u = np.zeros((n, limit))
+        u = np.zeros((n, min(n, 2 * limit + 8)))
         order: list[int] = []
         values: list[float] = []
-        running, t = 0.0, 0
-        while t < limit:
+        running, ranked, t = 0.0, 0, 0
+        while ranked < limit and t < n:
+            if t == u.shape[1]:  # many representatives on the way: room for more removals
+                u = np.concatenate([u, np.zeros((n, min(u.shape[1], n - t)))], 1)
             cost = w2_left / np.maximum(diag, 1e-30)
             i = int(cost.argmin())
-            if not np.isfinite(cost[i]):  # only representatives left
-                break
             running = max(running * (1 + 1e-9), float(cost[i]))  # increasing in the order of removal
             order.append(i)
             values.append(running)
@@ -604,10 +599,11 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             u[:, t] = col * piv**-0.5
             diag -= col * col / piv
             t += 1
-            if members is not None:
+            if members is None:
+                ranked += 1
+            else:  # the last of its cluster becomes the representative, never removed by a step
                 members[cluster[i]] -= 1
-                if members[cluster[i]] == 1:  # its last channel is now the representative
-                    w2_left[of_cluster[cluster[i]]] = np.inf
+                ranked += members[cluster[i]] > 0
         out = torch.from_numpy(w2.numpy() / np.maximum(diag, 1e-30))  # stopped early: the rest rank above
         out = running * (1 + 1e-6) + out.clamp_min(0)
         out[order] = torch.tensor(values, dtype=torch.float64)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -74,6 +75,21 @@ def test_rounding_of_an_ill_conditioned_model_is_not_a_parity_failure(tmp_path):
         export_onnx(
             Branchy(), tmp_path / "b.onnx", torch.ones(1, 1, 8, 8), parity_inputs=[-torch.ones(2, 1, 8, 8)]
         )
+
+
+def test_what_rounding_allows_is_measured_layer_by_layer():
+    """An output off by a few times what one unit of float32 rounding per layer moves the float64
+    run is rounding (even where PyTorch itself happened to be closer); far beyond it is not."""
+    from icnn_compress.export._onnx import _within_rounding
+
+    model, x = Cancelling().double(), torch.rand(1, 32, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = model(x.double()).numpy()
+    rel = np.abs(exact).max() * 2.0**-23
+    ref = exact + rel  # PyTorch at the float32 floor: no help in telling rounding apart
+    assert _within_rounding(model.float(), x, exact + 1e3 * rel, ref)  # the cancellation amplifies it
+    assert not _within_rounding(model.float(), x, exact + 1e9 * rel, ref)
+    assert not _within_rounding(model.float(), x, exact + np.abs(exact).max(), ref)
 
 
 def test_latency_statistics_are_sane(pruned, tmp_path):

@@ -34,24 +34,6 @@ def brute_force_order(a: torch.Tensor, w2: torch.Tensor, ridge: float = 1e-5) ->
     return order
 
 
-def brute_force_order_with_representatives(a, w2, labels, ridge: float = 1e-5) -> list[int]:
-    """The same, where the last channel of each cluster is never removed but stays a regressor."""
-    a = a - a.mean(0)
-    cov = a.t() @ a / a.shape[0]
-    cov += ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
-    left, order = list(range(w2.numel())), []
-    while True:
-        size = {int(c): sum(int(labels[j]) == int(c) for j in left) for c in labels.unique()}
-        removable = [j for j in left if size[int(labels[j])] > 1]
-        if not removable:
-            return order
-        prec = torch.linalg.inv(cov[left][:, left])
-        cost = {j: float(w2[j] / prec[left.index(j), left.index(j)]) for j in removable}
-        best = min(removable, key=cost.__getitem__)
-        order.append(best)
-        left.remove(best)
-
-
 def redundant_inputs(n: int, rows: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, n)`` inputs where the second half are noisy scaled copies of the first, and weights."""
     g = torch.Generator().manual_seed(seed)
@@ -83,17 +65,6 @@ def test_the_precision_is_the_inverse_of_the_ridged_covariance(rows):
     if rows < 60:  # and the elimination it drives is still the elimination by definition
         w2 = torch.rand(60, generator=g, dtype=torch.float64) + 0.5
         assert score(a, w2, labels=None, ridge=1e-3).argsort().tolist() == brute_force_order(a, w2, 1e-3)
-
-
-def test_representatives_stay_among_the_regressors_and_rank_last():
-    a, w2 = redundant_inputs(16, seed=3)
-    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5, 5, 6, 6, 6])  # clusters of one: 2, 4
-    scores = score(a, w2, labels)
-    want = brute_force_order_with_representatives(a, w2, labels)
-    assert scores.argsort().tolist()[: len(want)] == want
-    reps = set(range(16)) - set(want)
-    assert len(reps) == 7 and {2, 10} <= reps  # one per cluster, the singletons among them
-    assert float(scores[sorted(reps)].min()) > float(scores[want].max())
 
 
 @pytest.mark.parametrize("with_labels", [False, True])
