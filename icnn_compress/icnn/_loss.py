@@ -310,26 +310,33 @@ class FilterLossState:
             argmax_categories=refresh and self.mode == "multi",
         )
         terms_kw = dict(normalize=normalize, balance=balance, seen=seen, z_momentum=self.z_momentum)
-        running = (self._pending_sq, self._pending_count, self.task_grad_ms, self._ms_seen, self.loss_scale)
         # the statistics need float32 even under autocast (exp/log-sum-exp of template scores)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             fresh_z = self.log_z is None or tuple(self.log_z.shape) != (c, templates.shape[0])
-            log_z = None if fresh_z else self.log_z
+            # _loss_terms's arguments after the categories: the running estimates and lambda
+            terms_args = (
+                None if fresh_z else self.log_z,
+                templates,
+                self._pending_sq,
+                self._pending_count,
+                self.task_grad_ms,
+                self._ms_seen,
+                self.loss_scale,
+                self._weight[1],
+            )
+            stats = (self.class_stats, self.class_seen, self.categories)
             if refresh and self.mode == "balanced":  # a Hungarian assignment on the host in between
-                stats = (self.class_stats, self.class_seen, self.categories)
                 x, weights, peak_val, peak_idx, self.class_stats, self.class_seen, _, bad = _fused_fold_maps(
                     fused, maps.detach(), targets, *stats, **fold_kw
                 )
                 self.categories = assign_categories(self.class_stats, self.mode).to(device)
                 out = _fused_loss_terms(
-                    fused, x, weights, peak_val, peak_idx, targets, self.categories, log_z, templates,
-                    *running, self._weight[1], **terms_kw,
-                )  # fmt: skip
+                    fused, x, weights, peak_val, peak_idx, targets, self.categories, *terms_args, **terms_kw
+                )
             else:  # one compiled call for both halves
                 self.class_stats, self.class_seen, self.categories, bad, *out = _fused_fold_and_loss_terms(
-                    fused, maps.detach(), targets, self.class_stats, self.class_seen, self.categories, log_z,
-                    templates, *running, self._weight[1], fold_kw=fold_kw, terms_kw=terms_kw,
-                )  # fmt: skip
+                    fused, maps.detach(), targets, *stats, *terms_args, fold_kw=fold_kw, terms_kw=terms_kw
+                )
             if refresh:
                 self._assigned = True
             self._skipped = self._skipped + bad
@@ -535,19 +542,12 @@ def _fold_and_loss_terms(
     class_stats: Tensor,
     class_seen: Tensor,
     categories: Tensor,
-    log_z: Tensor | None,
-    templates: Tensor,
-    pending_sq: Tensor,
-    pending_count: Tensor,
-    task_ms: Tensor | None,
-    ms_seen: Tensor | None,
-    loss_scale: Tensor,
-    weight: Tensor,
-    *,
+    *terms_args: Tensor | None,
     fold_kw: dict,
     terms_kw: dict,
 ):
-    """``_fold_maps`` then ``_loss_terms`` in one function (one compiled call per step).
+    """``_fold_maps`` then ``_loss_terms`` in one function (one compiled call per step);
+    ``terms_args`` are ``_loss_terms``'s positional arguments from ``log_z`` on.
 
     Returns:
         ``(class_stats, class_seen, categories, bad)`` of ``_fold_maps`` followed by the eight
@@ -556,10 +556,7 @@ def _fold_and_loss_terms(
     x, weights, peak_val, peak_idx, class_stats, class_seen, categories, bad = _fold_maps(
         maps, targets, class_stats, class_seen, categories, **fold_kw
     )
-    out = _loss_terms(
-        x, weights, peak_val, peak_idx, targets, categories, log_z, templates, pending_sq, pending_count,
-        task_ms, ms_seen, loss_scale, weight, **terms_kw,
-    )  # fmt: skip
+    out = _loss_terms(x, weights, peak_val, peak_idx, targets, categories, *terms_args, **terms_kw)
     return (class_stats, class_seen, categories, bad, *out)
 
 
