@@ -615,7 +615,8 @@ def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, Callable[[int], np.
     for ``cov = A^T A / r + lam * I`` of the centred inputs ``A`` ``(r, n)``, ``lam = ridge * mean
     variance``. With fewer rows than channels (a wide layer probed at a few positions) it is
     computed through the ``r x r`` matrix ``M = r lam I + A A^T`` (Woodbury:
-    ``P = (I - A^T M^-1 A) / lam``), never forming an ``n x n`` matrix; the same numbers either way."""
+    ``P = (I - A^T M^-1 A) / lam``), never forming an ``n x n`` matrix; the same numbers either way
+    (up to rounding)."""
     a = a - a.mean(0)  # a constant part is absorbed by the consumer's bias (compensation does it)
     r, n = a.shape
     lam = ridge * (float(a.pow(2).sum()) / (r * n) + 1e-30)
@@ -623,18 +624,17 @@ def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, Callable[[int], np.
         m = a @ a.t()
         m.diagonal().add_(r * lam)
         factor, info = torch.linalg.cholesky_ex(m)
-        if int(info) != 0:  # not SPD in floating point (it is in exact arithmetic): jitter the ridge
-            factor = torch.linalg.cholesky(m + r * lam * torch.eye(r, dtype=m.dtype))
-        # B = L^-1 A with M = L L^T: A^T M^-1 A = B^T B, one triangular solve
-        b = torch.linalg.solve_triangular(factor, a, upper=False).numpy()
-        diag = (1.0 - (b * b).sum(0)) / lam
+        if int(info) == 0:  # else (non-finite inputs): the direct inverse below, as for r >= n
+            # B = L^-1 A with M = L L^T: A^T M^-1 A = B^T B, one triangular solve
+            b = torch.linalg.solve_triangular(factor, a, upper=False).numpy()
+            diag = (1.0 - (b * b).sum(0)) / lam
 
-        def column(i: int) -> np.ndarray:
-            col = -(b.T @ b[:, i])
-            col[i] += 1.0
-            return col / lam
+            def column(i: int) -> np.ndarray:
+                col = -(b.T @ b[:, i])
+                col[i] += 1.0
+                return col / lam
 
-        return diag, column
+            return diag, column
     cov = a.t() @ a / r
     cov.diagonal().add_(lam)
     factor, info = torch.linalg.cholesky_ex(cov)  # SPD (ridge): half the time of an LU inverse
