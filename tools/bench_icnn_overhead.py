@@ -40,14 +40,24 @@ def make(device: str, top: int, seed: int, name: str = "vgg_small", in_channels:
     return model, handle, opt, convs
 
 
-def train_step(model, handle, opt, x, y) -> None:
-    """One SGD step: cross-entropy, plus the filter loss when ``handle`` is given."""
+PARTS = ("forward", "loss", "backward", "optimiser")
+
+
+def train_step(model, handle, opt, x, y, marks: list[float] | None = None) -> None:
+    """One SGD step: cross-entropy, plus the filter loss when ``handle`` is given. ``marks``, when
+    given, receives ``time.perf_counter()`` before the step and after each of ``PARTS``."""
+    mark = marks.append if marks is not None else (lambda _t: None)
+    mark(time.perf_counter())
     loss = F.cross_entropy(model(x), y)
+    mark(time.perf_counter())
     if handle is not None:
         loss = loss + handle.loss(y)
+    mark(time.perf_counter())
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    mark(time.perf_counter())
     opt.step()
+    mark(time.perf_counter())
 
 
 def host_breakdown(runs: dict, x, y, device: str, steps: int = 30) -> dict:
@@ -56,28 +66,14 @@ def host_breakdown(runs: dict, x, y, device: str, steps: int = 30) -> dict:
     On a GPU a small model's step is bound by this host time, not by the kernels."""
     out = {}
     for key, (model, handle, opt, _) in runs.items():
-        parts: dict[str, list[float]] = {"forward": [], "loss": [], "backward": [], "optimiser": []}
+        parts: dict[str, list[float]] = {name: [] for name in PARTS}
         for _ in range(steps):
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            t1 = time.perf_counter()
-            if handle is not None:
-                loss = loss + handle.loss(y)
-            t2 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t3 = time.perf_counter()
-            opt.step()
-            t4 = time.perf_counter()
+            marks: list[float] = []
+            train_step(model, handle, opt, x, y, marks)
             if device == "cuda":
                 torch.cuda.synchronize()
-            for name, a, b in (
-                ("forward", t0, t1),
-                ("loss", t1, t2),
-                ("backward", t2, t3),
-                ("optimiser", t3, t4),
-            ):
-                parts[name].append((b - a) * 1e6)
+            for name, t0, t1 in zip(PARTS, marks, marks[1:], strict=False):
+                parts[name].append((t1 - t0) * 1e6)
         out[key] = {k: round(statistics.median(v), 1) for k, v in parts.items()}
     return out
 
