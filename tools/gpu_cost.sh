@@ -11,7 +11,9 @@
 # Settings (environment): MODELS (comma-separated), BASES (how many), FIRST_BASE (the first base's
 # index and training seed: 3 adds bases 3, 4, ... to a table made of bases 0-2), VARIANT_GROUPS (variant
 # groups separated by ';', each run by its own process per base; default: the lists below, one
-# group), SYNTHETIC=0 (no location-instability rows), DEADLINE (seconds), CACHE, OUT, PYTHON.
+# group), SYNTHETIC=0 (no location-instability rows), SYN_SEEDS (synthetic-parts bases, e.g. 0,1,2),
+# SYN_VARIANTS (the synthetic processes' variants; default: every group's), DEADLINE (seconds),
+# CACHE, OUT, NAME (results file stem), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-tools/results}
@@ -20,6 +22,7 @@ MODELS=${MODELS:-vgg_small,resnet_cifar20}
 BASES=${BASES:-3}
 FIRST_BASE=${FIRST_BASE:-0}
 SYNTHETIC=${SYNTHETIC:-1}
+SYN_SEEDS=${SYN_SEEDS:-0}  # synthetic-parts bases (seeds), one process each
 DEADLINE=${DEADLINE:-420}  # seconds for the training processes; rows finished by then are kept
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -50,12 +53,15 @@ for m in "${models[@]}"; do
     done
   done
   if [ "$SYNTHETIC" != 0 ]; then
-    all=$(IFS=,; echo "${groups[*]}")
-    timeout "$DEADLINE" "$PY" tools/bench_icnn_cost.py "${common[@]}" "${part[@]}" --models "$m" \
-      --variants "$all" --part synthetic >"$CACHE/log_${m}_synthetic.txt" 2>&1 &
+    all=$(IFS=,; echo "${groups[*]//;/,}")
+    for s in ${SYN_SEEDS//,/ }; do
+      timeout "$DEADLINE" "$PY" tools/bench_icnn_cost.py "${common[@]}" "${part[@]}" --models "$m" \
+        --variants "${SYN_VARIANTS:-$all}" --part synthetic --syn-seed "$s" --worker "s$s" \
+        >"$CACHE/log_${m}_synthetic_s$s.txt" 2>&1 &
+    done
   fi
 done
 wait
 tail -n 3 "$CACHE"/log_*.txt
 "$PY" tools/bench_icnn_cost.py "${common[@]}" --models "$MODELS" --bases $((FIRST_BASE + BASES)) \
-  --write-only --name icnn_cost_gpu --out-dir "$OUT"
+  --write-only --name "${NAME:-icnn_cost_gpu}" --out-dir "$OUT"
