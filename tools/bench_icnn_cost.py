@@ -52,6 +52,14 @@ import icnn_compress as ic
 from icnn_compress.analysis import filter_signatures, location_instability
 from icnn_compress.io import atomic_save, atomic_write_json, environment_info
 
+
+def _split(**changes) -> dict:
+    """The recipes' split (masks + loss on the top layer for one epoch, then two epochs without
+    masks or loss), with ``changes`` applied."""
+    base = dict(icnn=True, mask=True, weight=0.5, layers=1, epochs=1, unmask_epochs=2, unmask_loss=False)
+    return base | changes
+
+
 # name -> (loss on, masks, loss weight, number of top layers, distillation, fine-tune epochs)
 VARIANTS: dict[str, dict] = {
     "plain@e1": dict(icnn=False, epochs=1),
@@ -120,40 +128,14 @@ VARIANTS: dict[str, dict] = {
         icnn=True, mask=True, weight=0.5, layers=1, at="extra", epochs=1, unmask_epochs=2, unmask_loss=False
     ),
     # session 10: a stronger localisation at the same three epochs (issue 13's ratio target, 0.75)
-    "top1-w1+unmask-ce@e3": dict(
-        icnn=True, mask=True, weight=1.0, layers=1, epochs=1, unmask_epochs=2, unmask_loss=False
-    ),
-    "top1-w2+unmask-ce@e3": dict(
-        icnn=True, mask=True, weight=2.0, layers=1, epochs=1, unmask_epochs=2, unmask_loss=False
-    ),
+    "top1-w1+unmask-ce@e3": _split(weight=1.0),
+    "top1-w2+unmask-ce@e3": _split(weight=2.0),
     # is it the mask or the loss that localises? (the synthetic fine-tune's masked epoch is 47
     # steps, under the loss's 200-step warm-up)
-    "mask-only1+unmask-ce@e3": dict(
-        icnn=True, mask=True, weight=0.0, layers=1, epochs=1, unmask_epochs=2, unmask_loss=False
-    ),
-    "top1-now+unmask-ce@e3": dict(
-        icnn=True,
-        mask=True,
-        weight=0.5,
-        warmup_steps=0,
-        layers=1,
-        epochs=1,
-        unmask_epochs=2,
-        unmask_loss=False,
-    ),
-    "top1-w2-now+unmask-ce@e3": dict(
-        icnn=True,
-        mask=True,
-        weight=2.0,
-        warmup_steps=0,
-        layers=1,
-        epochs=1,
-        unmask_epochs=2,
-        unmask_loss=False,
-    ),
-    "top1x2+unmask-ce@e3": dict(
-        icnn=True, mask=True, weight=0.5, layers=1, epochs=2, unmask_epochs=1, unmask_loss=False
-    ),
+    "mask-only1+unmask-ce@e3": _split(weight=0.0),
+    "top1-now+unmask-ce@e3": _split(warmup_steps=0),
+    "top1-w2-now+unmask-ce@e3": _split(weight=2.0, warmup_steps=0),
+    "top1x2+unmask-ce@e3": _split(epochs=2, unmask_epochs=1),
     "inner+unmask-ce@e2": dict(
         icnn=True,
         mask=True,
