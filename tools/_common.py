@@ -94,3 +94,20 @@ def frozen(params) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def load_fashion_model(model_name: str, weights: str, *, icnn: bool = False) -> torch.nn.Module:
+    """A Fashion-MNIST benchmark model (10 classes, 1 channel) from a state dict, in eval mode.
+    ``icnn``: the state dict is of a model fine-tuned with the loss and saved with its mask layers
+    frozen in (bench_criteria.py's ``*_icnn.pt``): the masks are attached, switched off and frozen
+    so that the keys fit."""
+    import icnn_compress as ic
+
+    if not icnn:
+        return ic.models.create(model_name, num_classes=10, in_channels=1, weights=weights).eval()
+    model = ic.models.create(model_name, num_classes=10, in_channels=1)
+    handle = ic.attach_icnn(model, "auto", num_classes=10)
+    handle.set_masks(False)
+    handle.freeze()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()

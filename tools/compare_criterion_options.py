@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, parse_options
+from _common import command_line, load_fashion_model, parse_options
 from bench_icnn_cost import VARIANTS, fine_tune
 from diagnose_groups import per_class_top1
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -71,15 +71,7 @@ def main() -> None:
     entries = [parse_entry(e) for e in a.entries.split(",")]
     rows: dict = {}
     for b, weights in enumerate(a.weights.split(",")):
-        if a.icnn:
-            model = ic.models.create(a.model, num_classes=10, in_channels=1)
-            handle = ic.attach_icnn(model, "auto", num_classes=10)
-            handle.set_masks(False)
-            handle.freeze()
-            model.load_state_dict(torch.load(weights, weights_only=True))
-            model.eval()
-        else:
-            model = ic.models.create(a.model, num_classes=10, in_channels=1, weights=weights).eval()
+        model = load_fashion_model(a.model, weights, icnn=a.icnn)
         if a.source:
             train_ds = ic.data.loaders("fashion-mnist", batch_size=64)[0].dataset
             model = fine_tune(model, VARIANTS[a.source], train_ds, 10, a, 0)[0]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch_pruning as tp
-from _common import command_line, parse_options
+from _common import command_line, load_fashion_model, parse_options
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
@@ -75,12 +75,24 @@ def main() -> None:
     p.add_argument(
         "--criterion-options", default="", help="key=value,... passed to the criteria that take them"
     )
+    p.add_argument(
+        "--icnn",
+        action="store_true",
+        help="the weights are of a model fine-tuned with the loss (bench_criteria.py's *_icnn.pt)",
+    )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=0,
+        help="channel multiple of the whole-model runs (0: free widths, as when the first "
+        "diagnosis was measured; the criteria benchmark uses 8)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="default tools/results/diagnose_<model>.json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     options = parse_options(a.criterion_options, sep=",")
-    model = ic.models.create(a.model, num_classes=10, in_channels=1, weights=a.weights).eval()
+    model = load_fashion_model(a.model, a.weights, icnn=a.icnn)
     _, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
     plain_train = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
     eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
@@ -111,7 +123,7 @@ def main() -> None:
                 for k, v in {**options, "seed": a.probe_seed}.items()
                 if k in criterion_spec(crit).options
             },
-            round_to=None,  # free widths, as when the published numbers were measured
+            round_to=a.round_to or None,
             progress=False,
         )
         runs[crit] = res.removed
