@@ -10,9 +10,11 @@ the masks off and cross-entropy only. The baselines prune the model fine-tuned w
 model fine-tuned with the loss, to tell a fragile model from a poor ranking). Each row is pruned to
 2x, 3x and 4x fewer MACs and measured:
 
-* one-shot: pruned (compensated where ``+comp``), BatchNorm re-estimated on 20 batches, no
-  training; over several seeds (probe subsets and the random criterion), mean and spread;
-  also recorded before the BatchNorm re-estimation (seed 0), to show what it adds;
+* one-shot: pruned (compensated where ``+comp``), BatchNorm re-estimated on 20 batches, the
+  classifier refit to the unpruned model's logits on 20 probe batches (``prune_model``'s default;
+  ``--no-refit``: not), no training; over several seeds (probe subsets and the random criterion),
+  mean and spread; also recorded before the BatchNorm re-estimation (seed 0) and before the refit
+  (every seed), to show what each adds;
 * recovered: each seed's one-shot model fine-tuned for the same short budget for everyone
   (``--recover-steps`` SGD steps, data order from the seed), distilled from the unpruned model it
   was pruned from unless ``--no-kd`` (as the recipes' recovery does by default).
@@ -50,7 +52,7 @@ import icnn_compress as ic
 from icnn_compress.export import export_onnx
 from icnn_compress.io import atomic_save, atomic_write_json, environment_info
 from icnn_compress.measure import ort_accuracy, ort_latency, ort_session
-from icnn_compress.prune import Target, prune_model, reestimate_batchnorm
+from icnn_compress.prune import Target, prune_model, reestimate_batchnorm, refit_classifier
 
 CRITERIA = ["icnn-cluster", "icnn-cluster@plain", "l1", "l2", "fpgm", "taylor", "bn-scale", "lamp", "random"]
 LEVELS = {"2x": 2.0, "3x": 3.0, "4x": 4.0}
@@ -162,7 +164,7 @@ def run_row(
     """One criterion at one level on one base: ``--seeds`` probe seeds, one-shot and recovered."""
     # icnn-cluster and any "<criterion>@icnn" prune the model fine-tuned with the loss
     source = variants["icnn" if crit == "icnn-cluster" or crit.endswith("@icnn") else "plain"]
-    oneshot, recovered, pre_bn, stats, lat = [], [], None, None, {}
+    oneshot, recovered, pre_bn, pre_refit, stats, lat = [], [], None, [], None, {}
     for seed in range(a.seeds):
         g = torch.Generator().manual_seed(1000 + 100 * b + seed)
         probe = DataLoader(
@@ -180,12 +182,16 @@ def run_row(
             criterion_options={"seed": seed} if crit == "random" else None,
             step_ratio=a.step_ratio,
             round_to=a.round_to or None,
+            refit_classifier=False,  # below, after BatchNorm re-estimation, as prune_model does it
             progress=False,
         )
         if seed == 0:
             pre_bn = onnx_acc(res.model, eval_dl, a.threads)
             stats = res.summary()
         reestimate_batchnorm(res.model, probe, max_batches=20)
+        if not a.no_refit:
+            pre_refit.append(onnx_acc(res.model, eval_dl, a.threads))
+            refit_classifier(res.model, source, probe, max_batches=20)
         ev = onnx_eval(res.model, eval_dl, a.threads, a.latency_repeats if seed == 0 else 0)
         oneshot.append(ev.pop("acc"))
         lat = lat or ev
@@ -199,6 +205,8 @@ def run_row(
         "oneshot_mean": statistics.fmean(oneshot),
         "oneshot_std": statistics.pstdev(oneshot),
         "oneshot_before_bn": pre_bn,
+        "oneshot_before_refit": pre_refit or None,
+        "refit": not a.no_refit,
         "recovered": recovered,
         "recovered_mean": statistics.fmean(recovered),
         "recovered_std": statistics.pstdev(recovered),
@@ -233,6 +241,12 @@ def main() -> None:
     p.add_argument("--recover-steps", type=int, default=150)
     p.add_argument(
         "--no-kd", action="store_true", help="recover without distillation from the unpruned model"
+    )
+    p.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="one-shot rows without the classifier refit (as measured before it existed); a cached row "
+        "measured the other way is measured again",
     )
     p.add_argument("--latency-repeats", type=int, default=30)
     p.add_argument("--train-size", type=int, default=None, help="baseline trained on a subset (quick runs)")
@@ -280,7 +294,7 @@ def main() -> None:
                     name = crit + ("+comp" if comp else "")
                     for b, variants in enumerate(bases):
                         key = f"{model_name}/base{b}/{level}/{name}"
-                        if key in rows:
+                        if key in rows and rows[key].get("refit", False) == (not a.no_refit):
                             continue
                         t0 = time.perf_counter()
                         rows[key] = run_row(variants, crit, level, comp, b, plain_train, train_dl, eval_dl, a)
@@ -346,6 +360,10 @@ def summarise(rows: dict, bases: int) -> dict:
             lv.setdefault(field, {})[name] = statistics.fmean(values)
             lv.setdefault(f"{field}_std", {})[name] = statistics.pstdev(values)
             lv.setdefault(f"{field}_base_means", {})[name] = [r[f"{field}_mean"] for r in group]
+        if all(r.get("oneshot_before_refit") for r in group):  # one-shot, before the classifier refit
+            values = [v for r in group for v in r["oneshot_before_refit"]]
+            lv.setdefault("oneshot_before_refit", {})[name] = statistics.fmean(values)
+            lv.setdefault("oneshot_before_refit_std", {})[name] = statistics.pstdev(values)
         lv.setdefault("bases", {})[name] = len(group)
         if len(group) < bases:
             lv.setdefault("partial", []).append(name)
@@ -391,18 +409,23 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
             f"\n### {model} (unpruned {levels.get('unpruned', float('nan')):.4f}, "
             f"fine-tuned with the loss {levels.get('unpruned_icnn', float('nan')):.4f})\n"
         )
-        md.append("| criterion | " + " | ".join(f"{lv} one-shot | {lv} recovered" for lv in LEVELS) + " |")
-        md.append("|---|" + "---|" * (2 * len(LEVELS)))
+        regimes = ["oneshot", "recovered"]
+        if any(levels.get(lv, {}).get("oneshot_before_refit") for lv in LEVELS):
+            regimes.insert(0, "oneshot_before_refit")
+        title = {"oneshot_before_refit": "one-shot, no refit", "oneshot": "one-shot"}
+        title["recovered"] = "recovered"
+        md.append("| criterion | " + " | ".join(f"{lv} {title[r]}" for lv in LEVELS for r in regimes) + " |")
+        md.append("|---|" + "---|" * (len(regimes) * len(LEVELS)))
         names = sorted({n for lv in LEVELS for n in levels.get(lv, {}).get("oneshot", {})})
         for n in names:
             cells = []
             for lv in LEVELS:
                 s = levels.get(lv, {})
-                if n not in s.get("oneshot", {}):
-                    cells += ["", ""]
-                    continue
                 mark = "*" if n in s.get("partial", []) else ""
-                cells += [f"{s[r][n]:.4f} ± {s[r + '_std'][n]:.4f}{mark}" for r in ("oneshot", "recovered")]
+                cells += [
+                    f"{s[r][n]:.4f} ± {s[r + '_std'][n]:.4f}{mark}" if n in s.get(r, {}) else ""
+                    for r in regimes
+                ]
             md.append(f"| {n} | " + " | ".join(cells) + " |")
         md.append("\nMean ± std over bases x probe seeds; * = not every base measured yet.")
     (out_dir / "criteria.md").write_text("\n".join(md) + "\n")

@@ -76,11 +76,19 @@ def criteria_md(c: dict) -> list[str]:
         else f"seeds {c['seeds']}"
     )
     kd = "" if setup.get("no_kd", True) else ", distilled from the unpruned model"
+    # results written before the classifier refit existed have no "no_refit" in their setup
+    refit = (
+        "the classifier refit to the unpruned model's logits (`refit_classifier`)"
+        if setup.get("no_refit") is False
+        else "the classifier *not* refit (measured before `prune_model` refit it by default: table 10 "
+        "shows what the refit adds)"
+    )
     md = [
         f"Top-1 of the exported ONNX model (ONNX Runtime, CPU provider, {setup['threads']} thread(s), first "
         f"{setup['eval_size']} test images), mean ± std over {over} (probe sets, recovery data "
         "order, the random criterion). One-shot: pruned, compensated where `+comp`, BatchNorm "
-        f"re-estimated on 20 batches, no training. Recovered: then {setup['recover_steps']} SGD steps{kd}. "
+        f"re-estimated on 20 batches, {refit}, no training. Recovered: then {setup['recover_steps']} "
+        f"SGD steps{kd}. "
         "Bold: the best of the column. `icnn-cluster` prunes the model fine-tuned with the loss, "
         "`icnn-cluster@plain` and every baseline the model fine-tuned without it. "
         f"Reproduce: `{c['command']}`. Every criterion prunes each layer by the same ratio, so at one "

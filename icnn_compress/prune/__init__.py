@@ -27,6 +27,7 @@ from icnn_compress.prune._engine import (
 from icnn_compress.prune._gradual import GradualPruning, gradual_schedule
 from icnn_compress.prune._io import load_pruned, read_pruned_record, rebuild_pruned, save_pruned
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
+from icnn_compress.prune._refit import refit_classifier
 
 __all__ = [
     "ClusterRedundancyImportance",
@@ -49,6 +50,7 @@ __all__ = [
     "read_pruned_record",
     "rebuild_pruned",
     "reestimate_batchnorm",
+    "refit_classifier",
     "register_criterion",
     "restrict_classifier",
     "save_pruned",

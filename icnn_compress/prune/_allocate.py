@@ -384,6 +384,7 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
         ridge=kw["ridge"],
         criterion_options=kw["criterion_options"],
         widths=widths,
+        refit_classifier=kw["refit_classifier"],
         inplace=kw["inplace"],
         **{**common, "progress": kw["progress"]},
     )

@@ -180,6 +180,11 @@ class PruneConfig(_Strict):
     bn_batches: int = Field(
         20, ge=0, le=100_000, description="batches to re-estimate BatchNorm after pruning"
     )
+    refit_classifier: bool = Field(
+        True,
+        description="refit the last Linear layer to the unpruned model's outputs on the probe "
+        "batches after pruning (least squares, no training)",
+    )
     keep_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         min_length=2,
