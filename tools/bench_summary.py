@@ -81,7 +81,7 @@ def criteria_md(c: dict) -> list[str]:
         "the classifier refit to the unpruned model's logits (`refit_classifier`)"
         if setup.get("no_refit") is False
         else "the classifier *not* refit (measured before `prune_model` refit it by default: table 10 "
-        "shows what the refit adds)"
+        "shows what the refit adds; add `--no-refit` to the command below to reproduce these rows)"
     )
     md = [
         f"Top-1 of the exported ONNX model (ONNX Runtime, CPU provider, {setup['threads']} thread(s), first "

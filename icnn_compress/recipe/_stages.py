@@ -202,7 +202,9 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
         ignored_layers=p.ignored_layers,
         step_ratio=p.step_ratio,
         bn_batches=p.bn_batches,
-        refit_classifier=p.refit_classifier,
+        refit_classifier=(
+            ctx.recipe.recover.epochs == 0 if p.refit_classifier is None else p.refit_classifier
+        ),
         keep_classes=p.keep_classes,
         keep_classes_mode=p.keep_classes_mode,
         criterion_options=(

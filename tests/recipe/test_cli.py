@@ -73,6 +73,8 @@ def test_run_end_to_end_and_resume(recipe, tmp_path, capsys):
     assert "Removed filters and the kept filters that absorbed them" in html and "layer3</td>" in html
     measured = json.loads((run / "7_measure" / "measurements.json").read_text())
     assert measured[1]["macs"] * 1.5 <= measured[0]["macs"]
+    # refit_classifier: null refits the classifier only where no recovery follows
+    assert json.loads((run / "3_prune" / "prune.json").read_text())["classifier_refit"] is False
     # the INT8 copy of the pruned model is measured beside the two float models
     assert [(m["name"], m["precision"]) for m in measured] == [
         ("unpruned", "fp32"),
@@ -439,3 +441,19 @@ def test_latency_allocation_is_checked_when_the_recipe_is_read(extra, match):
     data["prune"]["allocation"] = "fastest"
     with pytest.raises(ConfigError, match=r"prune\.allocation"):
         load_recipe(data)
+
+
+@pytest.mark.parametrize(
+    ("refit", "recover_epochs", "expected"), [(None, 0, True), (False, 0, False), (True, 1, True)]
+)
+def test_the_prune_stage_refits_the_classifier_as_the_recipe_says(tmp_path, refit, recover_epochs, expected):
+    recipe = tmp_path / "tiny.yaml"
+    # 320 training images: enough probe rows (8 batches of 32) for the classifier's 64 features
+    data = {**TINY["data"], "train_size": 320}
+    prune = {**TINY["prune"], "refit_classifier": refit, "bn_batches": 10}
+    recipe.write_text(
+        yaml.safe_dump({**TINY, "data": data, "prune": prune, "recover": {"epochs": recover_epochs}})
+    )
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(run), "--quiet", "--stages", "finetune,prune"]) == 0
+    assert json.loads((run / "3_prune" / "prune.json").read_text())["classifier_refit"] is expected
