@@ -74,6 +74,7 @@ def run_model(model_name: str, a, rows: dict, cache: Path, rows_path: Path) -> N
                     probe_batches=8,
                     step_ratio=0.1,
                     round_to=None,  # free widths, as when the published numbers were measured
+                    refit_classifier=False,  # as the published numbers were measured
                     progress=False,
                 )
                 reestimate_batchnorm(res.model, probe, max_batches=20)

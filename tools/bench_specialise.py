@@ -108,6 +108,7 @@ def main() -> None:
                                 bn_batches=0,
                                 step_ratio=a.step_ratio,
                                 round_to=None,  # free widths, as when the published numbers were measured
+                                refit_classifier=False,  # as the published numbers were measured
                                 progress=False,
                             )
                         else:
@@ -121,6 +122,7 @@ def main() -> None:
                                 bn_batches=0,
                                 step_ratio=a.step_ratio,
                                 round_to=None,  # free widths, as when the published numbers were measured
+                                refit_classifier=False,  # as the published numbers were measured
                                 progress=False,
                             )
                         reestimate_batchnorm(res.model, probe, max_batches=20)

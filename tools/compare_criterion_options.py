@@ -54,6 +54,12 @@ def main() -> None:
         "on --ft-images training images",
     )
     p.add_argument(
+        "--refit",
+        action="store_true",
+        help="refit the classifier after pruning (prune_model's default; the sweeps published before "
+        "it existed ran without)",
+    )
+    p.add_argument(
         "--icnn",
         action="store_true",
         help="the weights are of a model fine-tuned with the loss (bench_criteria.py's *_icnn.pt): "
@@ -97,6 +103,7 @@ def main() -> None:
                         step_ratio=a.step_ratio,
                         criterion_options={**options, "seed": seed} if criterion == "random" else options,
                         round_to=a.round_to or None,  # default: free widths
+                        refit_classifier=a.refit,  # off by default: as the published sweeps ran
                         progress=False,
                     )
                     pc = per_class_top1(res.model, eval_dl, 10)
