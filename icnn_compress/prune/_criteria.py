@@ -150,7 +150,7 @@ def input_energy(weight: Tensor, scale: Tensor | None = None, *, block: int = 1 
     rows = max(1, block // max(1, w[0].numel()))
     out = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
     for start in range(0, w.shape[0], rows):
-        squares = w[start : start + rows].double().pow(2)
+        squares = w[start : start + rows].double().square_()  # one float64 copy of the block
         part = squares.flatten(2).sum(2) if squares.dim() > 2 else squares  # (rows, C_in)
         if scale is not None:
             part = part * scale[start : start + rows].to(part).view(-1, 1)
@@ -462,10 +462,10 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         found = self.cluster_labels(module)
         labels = torch.full((n,), -1, dtype=torch.long)
         cats = torch.full((n,), -1, dtype=torch.long)
-        for i, r in zip(idxs, root_idxs):
-            if 0 <= r < n and i < found.numel():
-                labels[r] = found[i]
-                cats[r] = self.categories[module][i]
+        i, r = torch.as_tensor(idxs, dtype=torch.long), torch.as_tensor(root_idxs, dtype=torch.long)
+        ok = (r >= 0) & (r < n) & (i < found.numel())
+        labels[r[ok]] = found[i[ok]]
+        cats[r[ok]] = self.categories[module][i[ok]]
         if bool((labels < 0).any()):
             return None, None
         return labels, cats
@@ -518,10 +518,13 @@ class ClusterRedundancyImportance(tp.importance.Importance):
                 pairs = sorted({(int(i) // k, int(r)) for i, r in zip(idxs, root_idxs)})
                 idxs, root_idxs = [i for i, _ in pairs], [r for _, r in pairs]
             order = torch.as_tensor(root_idxs)
-            a = torch.zeros(acts.shape[0], n, dtype=torch.float64)
-            a[:, order] = acts[:, idxs].double()
-            w2 = torch.zeros(n, dtype=torch.float64)
-            w2[order] = energy[idxs]
+            if list(root_idxs) == list(range(n)) and list(idxs) == list(range(acts.shape[1])):
+                a, w2 = acts.double(), energy.clone()  # the consumer reads the group's channels in order
+            else:
+                a = torch.zeros(acts.shape[0], n, dtype=torch.float64)
+                a[:, order] = acts[:, idxs].double()
+                w2 = torch.zeros(n, dtype=torch.float64)
+                w2[order] = energy[idxs]
             scores += self._score(a, w2, labels, self.ridge, bound)
             used += 1
         scores /= used
