@@ -39,8 +39,10 @@ def criteria_result() -> dict:
     }
 
 
-def run_summary(tmp_path: Path, readme_text: str) -> subprocess.CompletedProcess:
-    (tmp_path / "criteria.json").write_text(json.dumps(criteria_result()))
+def run_summary(tmp_path: Path, readme_text: str, **setup) -> subprocess.CompletedProcess:
+    result = criteria_result()
+    result["setup"].update(setup)
+    (tmp_path / "criteria.json").write_text(json.dumps(result))
     (tmp_path / "README.md").write_text(readme_text)
     cmd = [sys.executable, str(TOOLS / "bench_summary.py"), "--results", ".", "--readme", "README.md"]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
@@ -58,6 +60,8 @@ def test_summary_tables_verdict_plot_and_readme(tmp_path):
     assert "| l1+comp | **0.8700 ± 0.0100** |" in text
     assert "icnn-cluster+comp trails the best baseline (l1+comp) by 2.00 pt" in text
     assert "seeds [0, 1, 2]" in text
+    # results written before the classifier refit existed say so, and how to reproduce them
+    assert "the classifier *not* refit" in text and "add `--no-refit`" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["sections"]["criteria"]["seeds"] == [0, 1, 2]
     assert summary["sections"]["criteria"]["environment"] == ENV
@@ -83,3 +87,10 @@ def test_bench_lists_its_stages_and_rejects_unknown_ones():
         [sys.executable, str(TOOLS / "bench.py"), "--only", "criterai"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "criterai" in bad.stderr
+
+
+def test_criteria_measured_with_the_refit_say_so(tmp_path):
+    proc = run_summary(tmp_path, "<!-- bench:start -->\n<!-- bench:end -->\n", no_refit=False)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "README.md").read_text()
+    assert "the classifier refit to the unpruned model's logits" in text and "*not* refit" not in text
