@@ -184,7 +184,7 @@ class PruneConfig(_Strict):
         None,
         description="refit the last Linear layer to the unpruned model's outputs on the probe "
         "batches after pruning (least squares, no training); null: only when recover.epochs is 0 "
-        "(one-shot +0.0 to +10.8 points, after 150 recovery steps -0.1 on average: benchmarks table 10)",
+        "(one-shot +0.0 to +24 points, after 150 recovery steps -0.2 on average: benchmarks table 10)",
     )
     keep_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
