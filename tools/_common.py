@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, RandomSampler, Subset
 
 
 def baseline_path(model: str, epochs: int, train_size: int | None = None, seed: int = 0) -> Path:
@@ -111,3 +111,12 @@ def load_fashion_model(model_name: str, weights: str, *, icnn: bool = False) -> 
     handle.freeze()
     model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
+
+
+def probe_batches(dataset, seed: int, batches: int = 20, batch_size: int = 64) -> list:
+    """The probe of the pruning tools: ``batches`` batches of ``batch_size`` images drawn at random
+    (with replacement across batches, generator seed ``1000 + seed``), read once into a list so
+    that every pass over it sees the same images."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    sampler = RandomSampler(dataset, num_samples=batches * batch_size, generator=g)
+    return list(DataLoader(dataset, batch_size=batch_size, sampler=sampler))

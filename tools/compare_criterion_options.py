@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, load_fashion_model, parse_options
+from _common import command_line, load_fashion_model, parse_options, probe_batches
 from bench_icnn_cost import VARIANTS, fine_tune
 from diagnose_groups import per_class_top1
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 import icnn_compress as ic
 from icnn_compress.prune import Target, prune_model
@@ -82,14 +82,7 @@ def main() -> None:
             train_ds = ic.data.loaders("fashion-mnist", batch_size=64)[0].dataset
             model = fine_tune(model, VARIANTS[a.source], train_ds, 10, a, 0)[0]
         for seed in range(a.seeds):
-            g = torch.Generator().manual_seed(1000 + seed)
-            probe = list(
-                DataLoader(
-                    plain_train,
-                    batch_size=64,
-                    sampler=RandomSampler(plain_train, num_samples=1280, generator=g),
-                )
-            )
+            probe = probe_batches(plain_train, seed)
             for level in a.levels.split(","):
                 for name, criterion, options in entries:
                     t0 = time.perf_counter()

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 import torch_pruning as tp
-from _common import command_line, load_fashion_model, parse_options
+from _common import command_line, load_fashion_model, parse_options, probe_batches
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 import icnn_compress as ic
 from icnn_compress.prune import Target, criterion_spec, prune_filters, prune_model, reestimate_batchnorm
@@ -96,12 +96,7 @@ def main() -> None:
     _, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
     plain_train = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
     eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
-    g = torch.Generator().manual_seed(1000 + a.probe_seed)
-    probe = list(
-        DataLoader(
-            plain_train, batch_size=64, sampler=RandomSampler(plain_train, num_samples=64 * 20, generator=g)
-        )
-    )
+    probe = probe_batches(plain_train, a.probe_seed)
     example = torch.rand(1, 1, 28, 28)
     base_per_class = per_class_top1(model, eval_dl, 10)
     base = sum(base_per_class) / 10

@@ -14,9 +14,9 @@ import statistics
 from pathlib import Path
 
 import torch
-from _common import command_line, load_fashion_model
+from _common import command_line, load_fashion_model, probe_batches
 from diagnose_groups import per_class_top1
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 import icnn_compress as ic
 from icnn_compress.io import atomic_write_json, environment_info
@@ -46,9 +46,7 @@ def main() -> None:
     for b, weights in enumerate(a.weights.split(",")):
         model = load_fashion_model("resnet_cifar20", weights, icnn=True)
         for seed in range(a.seeds):
-            g = torch.Generator().manual_seed(1000 + seed)
-            sampler = RandomSampler(plain_train, num_samples=1280, generator=g)
-            probe = list(DataLoader(plain_train, batch_size=64, sampler=sampler))
+            probe = probe_batches(plain_train, seed)
             for level in a.levels.split(","):
                 for crit in a.criteria.split(","):
                     res = prune_model(

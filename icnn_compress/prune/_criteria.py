@@ -517,10 +517,10 @@ class ClusterRedundancyImportance(tp.importance.Importance):
                 energy = energy.view(-1, k).sum(1)
                 pairs = sorted({(int(i) // k, int(r)) for i, r in zip(idxs, root_idxs)})
                 idxs, root_idxs = [i for i, _ in pairs], [r for _, r in pairs]
-            order = torch.as_tensor(root_idxs)
             if list(root_idxs) == list(range(n)) and list(idxs) == list(range(acts.shape[1])):
                 a, w2 = acts.double(), energy.clone()  # the consumer reads the group's channels in order
             else:
+                order = torch.as_tensor(root_idxs)
                 a = torch.zeros(acts.shape[0], n, dtype=torch.float64)
                 a[:, order] = acts[:, idxs].double()
                 w2 = torch.zeros(n, dtype=torch.float64)
