@@ -15,9 +15,11 @@ model fine-tuned with the loss, to tell a fragile model from a poor ranking). Ea
   ``--no-refit``: not), no training; over several seeds (probe subsets and the random criterion),
   mean and spread; also recorded before the BatchNorm re-estimation (seed 0) and before the refit
   (every seed), to show what each adds;
-* recovered: each seed's one-shot model fine-tuned for the same short budget for everyone
-  (``--recover-steps`` SGD steps, data order from the seed), distilled from the unpruned model it
-  was pruned from unless ``--no-kd`` (as the recipes' recovery does by default).
+* recovered: each seed's one-shot model *before the classifier refit* (the recipes refit only
+  when they do not recover) fine-tuned for the same short budget for everyone (``--recover-steps``
+  SGD steps, data order from the seed), distilled from the unpruned model it was pruned from unless
+  ``--no-kd`` (as the recipes' recovery does by default); then, unless ``--no-refit``, the
+  classifier refit on the recovered model (``recovered_then_refit``).
 
 Means and spreads are over bases x seeds: a margin between two criteria that one base model gives
 can flip on another, so rows carry every base's values.
@@ -34,6 +36,7 @@ sessions) and written to tools/results/criteria.json and criteria.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -56,7 +59,7 @@ from icnn_compress.prune import Target, prune_model, reestimate_batchnorm, refit
 
 CRITERIA = ["icnn-cluster", "icnn-cluster@plain", "l1", "l2", "fpgm", "taylor", "bn-scale", "lamp", "random"]
 LEVELS = {"2x": 2.0, "3x": 3.0, "4x": 4.0}
-CACHE_VERSION = 4  # cached rows written by another version of this script are ignored
+CACHE_VERSION = 5  # cached rows written by another version of this script are ignored
 
 
 def onnx_eval(model: nn.Module, loader: DataLoader, threads: int, latency_repeats: int = 0) -> dict:
@@ -164,7 +167,7 @@ def run_row(
     """One criterion at one level on one base: ``--seeds`` probe seeds, one-shot and recovered."""
     # icnn-cluster and any "<criterion>@icnn" prune the model fine-tuned with the loss
     source = variants["icnn" if crit == "icnn-cluster" or crit.endswith("@icnn") else "plain"]
-    oneshot, recovered, pre_bn, pre_refit, stats, lat = [], [], None, [], None, {}
+    oneshot, recovered, recovered_refit, pre_bn, pre_refit, stats, lat = [], [], [], None, [], None, {}
     for seed in range(a.seeds):
         g = torch.Generator().manual_seed(1000 + 100 * b + seed)
         probe = DataLoader(
@@ -189,6 +192,8 @@ def run_row(
             pre_bn = onnx_acc(res.model, eval_dl, a.threads)
             stats = res.summary()
         reestimate_batchnorm(res.model, probe, max_batches=20)
+        # recovery starts from the model before the refit, as the recipes' recovery does
+        start = copy.deepcopy(res.model)
         if not a.no_refit:
             pre_refit.append(onnx_acc(res.model, eval_dl, a.threads))
             refit_classifier(res.model, source, probe, max_batches=20)
@@ -197,9 +202,12 @@ def run_row(
         lat = lat or ev
         distill = None if a.no_kd else ic.Distillation(ic.frozen_copy(source))
         finetune(
-            res.model.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01, seed=seed, distill=distill
+            start.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01, seed=seed, distill=distill
         )
-        recovered.append(onnx_acc(res.model, eval_dl, a.threads))
+        recovered.append(onnx_acc(start, eval_dl, a.threads))
+        if not a.no_refit:  # the classifier refit after recovery, on the same probe
+            refit_classifier(start, source, probe, max_batches=20)
+            recovered_refit.append(onnx_acc(start, eval_dl, a.threads))
     return {
         "oneshot": oneshot,
         "oneshot_mean": statistics.fmean(oneshot),
@@ -210,6 +218,7 @@ def run_row(
         "recovered": recovered,
         "recovered_mean": statistics.fmean(recovered),
         "recovered_std": statistics.pstdev(recovered),
+        "recovered_then_refit": recovered_refit or None,
         "recovery": "plain" if a.no_kd else "kd",
         **lat,
         **stats,
@@ -360,10 +369,12 @@ def summarise(rows: dict, bases: int) -> dict:
             lv.setdefault(field, {})[name] = statistics.fmean(values)
             lv.setdefault(f"{field}_std", {})[name] = statistics.pstdev(values)
             lv.setdefault(f"{field}_base_means", {})[name] = [r[f"{field}_mean"] for r in group]
-        if all(r.get("oneshot_before_refit") for r in group):  # one-shot, before the classifier refit
-            values = [v for r in group for v in r["oneshot_before_refit"]]
-            lv.setdefault("oneshot_before_refit", {})[name] = statistics.fmean(values)
-            lv.setdefault("oneshot_before_refit_std", {})[name] = statistics.pstdev(values)
+        # one-shot before the classifier refit; recovered, then the classifier refit
+        for field in ("oneshot_before_refit", "recovered_then_refit"):
+            if all(r.get(field) for r in group):
+                values = [v for r in group for v in r[field]]
+                lv.setdefault(field, {})[name] = statistics.fmean(values)
+                lv.setdefault(f"{field}_std", {})[name] = statistics.pstdev(values)
         lv.setdefault("bases", {})[name] = len(group)
         if len(group) < bases:
             lv.setdefault("partial", []).append(name)
@@ -390,7 +401,8 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
             "eval": f"first {a.eval_size} test images, ONNX Runtime CPU provider, {a.threads} threads",
             "bn_reestimation_batches": 20,
             "probe": "20 batches of 64 training images per seed",
-            "recovery": f"{a.recover_steps} SGD steps (batch 64, lr 0.01, cosine) per seed"
+            "recovery": f"{a.recover_steps} SGD steps (batch 64, lr 0.01, cosine) per seed from the one-shot "
+            "model before the classifier refit"
             + ("" if a.no_kd else ", distilled from the unpruned model (KL, T=4, weight 0.5)"),
             "finetune": f"{a.finetune_epochs} epochs; with the loss: layers='auto', masks and loss for "
             f"{a.masked_epochs or a.finetune_epochs - a.finetune_epochs // 2}, then masks off and "
@@ -412,8 +424,10 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
         regimes = ["oneshot", "recovered"]
         if any(levels.get(lv, {}).get("oneshot_before_refit") for lv in LEVELS):
             regimes.insert(0, "oneshot_before_refit")
+        if any(levels.get(lv, {}).get("recovered_then_refit") for lv in LEVELS):
+            regimes.append("recovered_then_refit")
         title = {"oneshot_before_refit": "one-shot, no refit", "oneshot": "one-shot"}
-        title["recovered"] = "recovered"
+        title.update(recovered="recovered", recovered_then_refit="recovered + refit")
         md.append("| criterion | " + " | ".join(f"{lv} {title[r]}" for lv in LEVELS for r in regimes) + " |")
         md.append("|---|" + "---|" * (len(regimes) * len(LEVELS)))
         names = sorted({n for lv in LEVELS for n in levels.get(lv, {}).get("oneshot", {})})
