@@ -18,7 +18,8 @@ model fine-tuned with the loss, to tell a fragile model from a poor ranking). Ea
 * recovered: each seed's one-shot model *before the classifier refit* (the recipes refit only
   when they do not recover) fine-tuned for the same short budget for everyone (``--recover-steps``
   SGD steps, data order from the seed), distilled from the unpruned model it was pruned from unless
-  ``--no-kd`` (as the recipes' recovery does by default); then, unless ``--no-refit``, the
+  ``--no-kd`` (as the recipes' recovery does by default; ``--kd-teacher base``: from the base model
+  both fine-tunes started from); then, unless ``--no-refit``, the
   classifier refit on the recovered model (``recovered_then_refit``).
 
 Means and spreads are over bases x seeds: a margin between two criteria that one base model gives
@@ -158,6 +159,10 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
                 handle.freeze()
             atomic_save(model.state_dict(), path)
         variants[variant] = model.eval()
+    if a.kd_teacher == "base":  # the model both fine-tunes started from
+        variants["base"] = ic.models.create(
+            model_name, num_classes=10, in_channels=1, weights=str(base_path)
+        ).eval()
     return variants
 
 
@@ -200,7 +205,8 @@ def run_row(
         ev = onnx_eval(res.model, eval_dl, a.threads, a.latency_repeats if seed == 0 else 0)
         oneshot.append(ev.pop("acc"))
         lat = lat or ev
-        distill = None if a.no_kd else ic.Distillation(ic.frozen_copy(source))
+        teacher = variants["base"] if a.kd_teacher == "base" else source
+        distill = None if a.no_kd else ic.Distillation(ic.frozen_copy(teacher))
         finetune(
             start.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01, seed=seed, distill=distill
         )
@@ -219,7 +225,7 @@ def run_row(
         "recovered_mean": statistics.fmean(recovered),
         "recovered_std": statistics.pstdev(recovered),
         "recovered_then_refit": recovered_refit or None,
-        "recovery": "plain" if a.no_kd else "kd",
+        "recovery": "plain" if a.no_kd else ("kd-base" if a.kd_teacher == "base" else "kd"),
         **lat,
         **stats,
     }
@@ -250,6 +256,13 @@ def main() -> None:
     p.add_argument("--recover-steps", type=int, default=150)
     p.add_argument(
         "--no-kd", action="store_true", help="recover without distillation from the unpruned model"
+    )
+    p.add_argument(
+        "--kd-teacher",
+        choices=("unpruned", "base"),
+        default="unpruned",
+        help="recovery distils from the unpruned model each row pruned (default) or from the base "
+        "model both fine-tunes started from (use a new --cache)",
     )
     p.add_argument(
         "--no-refit",
@@ -403,7 +416,12 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
             "probe": "20 batches of 64 training images per seed",
             "recovery": f"{a.recover_steps} SGD steps (batch 64, lr 0.01, cosine) per seed from the one-shot "
             "model before the classifier refit"
-            + ("" if a.no_kd else ", distilled from the unpruned model (KL, T=4, weight 0.5)"),
+            + (
+                ""
+                if a.no_kd
+                else f", distilled from the {'base' if a.kd_teacher == 'base' else 'unpruned'} model "
+                "(KL, T=4, weight 0.5)"
+            ),
             "finetune": f"{a.finetune_epochs} epochs; with the loss: layers='auto', masks and loss for "
             f"{a.masked_epochs or a.finetune_epochs - a.finetune_epochs // 2}, then masks off and "
             "cross-entropy only",

@@ -215,6 +215,12 @@ class RunContext:
                 f"{str(exc).splitlines()[0] if str(exc) else ''})."
             ) from None
         self._check_layers(model)
+        distils = r.recover.epochs > 0 and r.recover.distill.enabled
+        if r.recover.teacher == "base" and distils and r.model.weights is None:
+            raise ConfigError(
+                "recover.teacher: 'base' distils from the model the fine-tune started from, but "
+                "model.weights is not set (a randomly initialised model); use 'finetuned'."
+            )
         if r.icnn.enabled and r.icnn.unmask_epochs > r.finetune.epochs:
             raise ConfigError(
                 f"icnn.unmask_epochs ({r.icnn.unmask_epochs}) must be at most finetune.epochs "

@@ -216,12 +216,13 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
     )
 
 
-def _unpruned(ctx: RunContext, run: RunDirectory) -> nn.Module:
-    """The fine-tuned model, its classifier restricted to ``prune.keep_classes`` when the recipe
-    specialises: the reference that the pruned model is measured against and distilled from."""
+def _unpruned(ctx: RunContext, run: RunDirectory, *, base: bool = False) -> nn.Module:
+    """The fine-tuned model (``base``: the model the fine-tune started from), its classifier
+    restricted to ``prune.keep_classes`` when the recipe specialises: the reference that the pruned
+    model is measured against and distilled from."""
     from icnn_compress.prune import restrict_classifier
 
-    model = _finetuned(ctx, run)[0]
+    model = ctx.base_model() if base else _finetuned(ctx, run)[0]
     kept = ctx.recipe.prune.keep_classes
     return restrict_classifier(model, kept) if kept is not None else model
 
@@ -263,9 +264,9 @@ def recover(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     record = read_pruned_record(run.stage_dir("prune") / "pruned.pt")
     model, meta = rebuild_pruned(record), json.loads(record["metadata"])
     r = ctx.recipe.recover
-    info: dict = {"distill": r.distill.enabled and r.epochs > 0}
+    info: dict = {"distill": r.distill.enabled and r.epochs > 0, "teacher": r.teacher}
     if r.epochs > 0:
-        teacher = _unpruned(ctx, run) if r.distill.enabled else None
+        teacher = _unpruned(ctx, run, base=r.teacher == "base") if r.distill.enabled else None
         info["history"] = _train(
             ctx,
             model,

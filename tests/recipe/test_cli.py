@@ -12,10 +12,11 @@ from filelock import FileLock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import icnn_compress as ic
 from icnn_compress import ConfigError, Trainer
 from icnn_compress.cli import main
 from icnn_compress.export import read_metadata
-from icnn_compress.recipe import MARKER, load_recipe
+from icnn_compress.recipe import MARKER, Runner, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -457,3 +458,32 @@ def test_the_prune_stage_refits_the_classifier_as_the_recipe_says(tmp_path, refi
     run = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(run), "--quiet", "--stages", "finetune,prune"]) == 0
     assert json.loads((run / "3_prune" / "prune.json").read_text())["classifier_refit"] is expected
+
+
+def test_recover_teacher_base_without_weights_is_refused_in_one_line(tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "recover": {"epochs": 1, "teacher": "base"}}))
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(run), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recover.teacher" in err[0] and "model.weights" in err[0]
+    assert not run.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("teacher", ["finetuned", "base"])
+def test_recovery_distils_from_the_teacher_the_recipe_names(tmp_path, monkeypatch, teacher):
+    from icnn_compress.recipe import _stages
+
+    torch.manual_seed(0)
+    base = ic.models.create("resnet_cifar8", num_classes=3, in_channels=3)
+    weights = tmp_path / "base.pt"
+    torch.save(base.state_dict(), weights)
+    seen = []
+    original = _stages._distill
+    monkeypatch.setattr(_stages, "_distill", lambda t, cfg: (seen.append(t), original(t, cfg))[1])
+    data = {**TINY, "model": {**TINY["model"], "weights": str(weights)}}
+    data["recover"] = {"epochs": 1, "teacher": teacher}
+    Runner(load_recipe(data), tmp_path / "run", stages=["finetune", "prune", "recover"], progress=False).run()
+    used = seen[-1].state_dict()  # the last stage that distils is the recovery
+    same = all(torch.equal(used[k], v) for k, v in base.state_dict().items() if k in used)
+    assert same is (teacher == "base")
