@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
 import torch_pruning as tp
+from threadpoolctl import ThreadpoolController
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -576,6 +578,12 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         # rank one, repeat. Twins: the first goes at ~0 cost, the second is then expensive.
         # The downdates are kept as the columns of u (P = cov^-1 - u u^T): each removal costs one
         # matrix-vector product with the removals so far, and only P's diagonal is kept whole.
+        with _numpy_blas().limit(limits=1, user_api="blas"):
+            return ClusterRedundancyImportance._eliminate(a, w2, labels, ridge, bound)
+
+    @staticmethod
+    def _eliminate(a: Tensor, w2: Tensor, labels: Tensor | None, ridge: float, bound: int | None) -> Tensor:
+        """The elimination of :meth:`_score`, with NumPy's BLAS on one thread."""
         diag, column = _precision(a, ridge)
         n = w2.numel()
         # the loop runs one small step per removed channel: in NumPy, whose per-call overhead is a
@@ -613,6 +621,15 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         return _lift_representatives(out, labels)
 
 
+@cache
+def _numpy_blas() -> ThreadpoolController:
+    """The BLAS thread pools NumPy loaded, found once (finding them reads the loaded libraries).
+    The elimination's matrix-vector products are limited to one thread: on the 2-core CPU,
+    OpenBLAS's threads made them several times slower (timm convnext_nano: the columns 14 s ->
+    1.3 s, with another job on the machine)."""
+    return ThreadpoolController()
+
+
 def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
     """The diagonal of ``P = cov^-1`` and a function giving its column ``i`` (float64 NumPy, ``(n,)``),
     for ``cov = A^T A / r + lam * I`` of the centred inputs ``A`` ``(r, n)``, ``lam = ridge * mean
@@ -629,11 +646,12 @@ def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, Callable[[int], np.
         factor, info = torch.linalg.cholesky_ex(m)
         if int(info) == 0:  # else (non-finite inputs): the direct inverse below, as for r >= n
             # B = L^-1 A with M = L L^T: A^T M^-1 A = B^T B, one triangular solve
-            b = torch.linalg.solve_triangular(factor, a, upper=False).numpy()
-            diag = (1.0 - (b * b).sum(0)) / lam
+            # kept as B^T (n, r), C-ordered: each column below is one contiguous matrix-vector product
+            bt = np.ascontiguousarray(torch.linalg.solve_triangular(factor, a, upper=False).numpy().T)
+            diag = (1.0 - (bt * bt).sum(1)) / lam
 
             def column(i: int) -> np.ndarray:
-                col = -(b.T @ b[:, i])
+                col = -(bt @ bt[i])
                 col[i] += 1.0
                 return col / lam
 
