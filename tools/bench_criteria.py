@@ -12,15 +12,15 @@ model fine-tuned with the loss, to tell a fragile model from a poor ranking). Ea
 
 * one-shot: pruned (compensated where ``+comp``), BatchNorm re-estimated on 20 batches, the
   classifier refit to the unpruned model's logits on 20 probe batches (``prune_model``'s default;
-  ``--no-refit``: not), no training; over several seeds (probe subsets and the random criterion),
-  mean and spread; also recorded before the BatchNorm re-estimation (seed 0) and before the refit
-  (every seed), to show what each adds;
-* recovered: each seed's one-shot model *before the classifier refit* (the recipes refit only
-  when they do not recover) fine-tuned for the same short budget for everyone (``--recover-steps``
-  SGD steps, data order from the seed), distilled from the unpruned model it was pruned from unless
-  ``--no-kd`` (as the recipes' recovery does by default; ``--kd-teacher base``: from the base model
-  both fine-tunes started from); then, unless ``--no-refit``, the
-  classifier refit on the recovered model (``recovered_then_refit``).
+  ``--refit-teacher base``: to the base model's; ``--no-refit``: not), no training; over several
+  seeds (probe subsets and the random criterion), mean and spread; also recorded before the
+  BatchNorm re-estimation (seed 0) and before the refit (every seed), to show what each adds;
+* recovered (not with ``--recover-steps 0``): each seed's one-shot model *before the classifier
+  refit* (the recipes refit only when they do not recover) fine-tuned for the same short budget for
+  everyone (``--recover-steps`` SGD steps, data order from the seed), distilled from the unpruned
+  model it was pruned from unless ``--no-kd`` (as the recipes' recovery does by default;
+  ``--kd-teacher base``: from the base model both fine-tunes started from); then, unless
+  ``--no-refit``, the classifier refit on the recovered model (``recovered_then_refit``).
 
 Means and spreads are over bases x seeds: a margin between two criteria that one base model gives
 can flip on another, so rows carry every base's values.
@@ -159,7 +159,7 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
                 handle.freeze()
             atomic_save(model.state_dict(), path)
         variants[variant] = model.eval()
-    if a.kd_teacher == "base":  # the model both fine-tunes started from
+    if "base" in (a.kd_teacher, a.refit_teacher):  # the model both fine-tunes started from
         variants["base"] = ic.models.create(
             model_name, num_classes=10, in_channels=1, weights=str(base_path)
         ).eval()
@@ -173,6 +173,7 @@ def run_row(
     # icnn-cluster and any "<criterion>@icnn" prune the model fine-tuned with the loss
     source = variants["icnn" if crit == "icnn-cluster" or crit.endswith("@icnn") else "plain"]
     oneshot, recovered, recovered_refit, pre_bn, pre_refit, stats, lat = [], [], [], None, [], None, {}
+    refit_to = variants["base"] if a.refit_teacher == "base" else source  # whose logits the refit fits
     for seed in range(a.seeds):
         g = torch.Generator().manual_seed(1000 + 100 * b + seed)
         probe = DataLoader(
@@ -201,10 +202,12 @@ def run_row(
         start = copy.deepcopy(res.model)
         if not a.no_refit:
             pre_refit.append(onnx_acc(res.model, eval_dl, a.threads))
-            refit_classifier(res.model, source, probe, max_batches=20)
+            refit_classifier(res.model, refit_to, probe, max_batches=20)
         ev = onnx_eval(res.model, eval_dl, a.threads, a.latency_repeats if seed == 0 else 0)
         oneshot.append(ev.pop("acc"))
         lat = lat or ev
+        if a.recover_steps == 0:  # one-shot only
+            continue
         teacher = variants["base"] if a.kd_teacher == "base" else source
         distill = None if a.no_kd else ic.Distillation(ic.frozen_copy(teacher))
         finetune(
@@ -212,7 +215,7 @@ def run_row(
         )
         recovered.append(onnx_acc(start, eval_dl, a.threads))
         if not a.no_refit:  # the classifier refit after recovery, on the same probe
-            refit_classifier(start, source, probe, max_batches=20)
+            refit_classifier(start, refit_to, probe, max_batches=20)
             recovered_refit.append(onnx_acc(start, eval_dl, a.threads))
     return {
         "oneshot": oneshot,
@@ -221,9 +224,10 @@ def run_row(
         "oneshot_before_bn": pre_bn,
         "oneshot_before_refit": pre_refit or None,
         "refit": not a.no_refit,
-        "recovered": recovered,
-        "recovered_mean": statistics.fmean(recovered),
-        "recovered_std": statistics.pstdev(recovered),
+        "refit_teacher": a.refit_teacher,
+        "recovered": recovered or None,
+        "recovered_mean": statistics.fmean(recovered) if recovered else None,
+        "recovered_std": statistics.pstdev(recovered) if recovered else None,
         "recovered_then_refit": recovered_refit or None,
         "recovery": "plain" if a.no_kd else ("kd-base" if a.kd_teacher == "base" else "kd"),
         **lat,
@@ -253,7 +257,7 @@ def main() -> None:
         default="both",
         help="rows with compensation, without, or both (compensated first)",
     )
-    p.add_argument("--recover-steps", type=int, default=150)
+    p.add_argument("--recover-steps", type=int, default=150, help="0: one-shot rows only")
     p.add_argument(
         "--no-kd", action="store_true", help="recover without distillation from the unpruned model"
     )
@@ -263,6 +267,13 @@ def main() -> None:
         default="unpruned",
         help="recovery distils from the unpruned model each row pruned (default) or from the base "
         "model both fine-tunes started from (use a new --cache)",
+    )
+    p.add_argument(
+        "--refit-teacher",
+        choices=("unpruned", "base"),
+        default="unpruned",
+        help="the classifier refit fits the logits of the unpruned model each row pruned (default) or "
+        "of the base model both fine-tunes started from (use a new --cache)",
     )
     p.add_argument(
         "--no-refit",
@@ -325,7 +336,8 @@ def main() -> None:
                         r = rows[key]
                         print(
                             f"{key}: oneshot {r['oneshot_mean']:.4f}±{r['oneshot_std']:.4f} "
-                            f"(before BN {r['oneshot_before_bn']:.4f}) recovered {r['recovered_mean']:.4f} "
+                            f"(before BN {r['oneshot_before_bn']:.4f}) "
+                            f"recovered {r['recovered_mean'] or float('nan'):.4f} "
                             f"[{r['macs_reduction']:.2f}x, {time.perf_counter() - t0:.0f}s, "
                             f"total {time.perf_counter() - t_start:.0f}s]",
                             flush=True,
@@ -378,6 +390,8 @@ def summarise(rows: dict, bases: int) -> dict:
         level, name = key[1], key[2]
         lv = summary.setdefault(model, {}).setdefault(level, {})
         for field in ("oneshot", "recovered"):
+            if not all(r.get(field) for r in group):  # recovered: not with --recover-steps 0
+                continue
             values = [v for r in group for v in r[field]]
             lv.setdefault(field, {})[name] = statistics.fmean(values)
             lv.setdefault(f"{field}_std", {})[name] = statistics.pstdev(values)
@@ -392,6 +406,7 @@ def summarise(rows: dict, bases: int) -> dict:
         if len(group) < bases:
             lv.setdefault("partial", []).append(name)
         lv.setdefault("recovery", {})[name] = group[0].get("recovery", "plain")
+        lv.setdefault("refit_teacher", {})[name] = group[0].get("refit_teacher", "unpruned")
         for k in ("latency_b1_ms", "latency_b32_ms", "macs_reduction"):
             if all(k in r for r in group):
                 lv.setdefault(k, {})[name] = statistics.median(r[k] for r in group)
