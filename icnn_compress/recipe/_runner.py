@@ -64,13 +64,22 @@ OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"report": ("analyse", "prune")}
 SECTIONS: dict[str, tuple[str, ...]] = {
     "finetune": ("seed", "data", "model", "icnn", "finetune"),
     "analyse": ("seed", "data", "analysis"),
-    "prune": ("seed", "data", "analysis", "prune"),  # analysis.distance_threshold: icnn-cluster's clusters
+    # analysis.distance_threshold: icnn-cluster's clusters; recover.epochs: whether the classifier is
+    # refit (prune.refit_classifier: null)
+    "prune": ("seed", "data", "analysis", "prune", "recover.epochs"),
     "recover": ("seed", "data", "recover"),
     "export": ("name", "data", "export"),
     "quantize": ("seed", "data", "quantize"),
     "measure": ("seed", "data", "measure"),
     "report": ("name", "measure"),
 }
+
+
+def _lookup(data: dict, path: str):
+    """``data["a"]["b"]`` for the dotted recipe key ``"a.b"`` (a whole section for ``"a"``)."""
+    for part in path.split("."):
+        data = data[part]
+    return data
 
 
 class Runner:
@@ -138,7 +147,8 @@ class Runner:
         for dep in (*DEPENDS[stage], *OPTIONAL_INPUTS.get(stage, ())):
             manifest = self.dir.manifest(dep) or {}
             inputs[dep] = {"key": manifest.get("key"), "checksums": manifest.get("checksums")}
-        payload = {"stage": stage, "sections": {s: data[s] for s in SECTIONS[stage]}, "inputs": inputs}
+        sections = {s: _lookup(data, s) for s in SECTIONS[stage]}
+        payload = {"stage": stage, "sections": sections, "inputs": inputs}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def finished(self, stage: str) -> bool:

@@ -269,3 +269,14 @@ def test_unreadable_recipes_are_one_line(tmp_path, capsys):
     lists = tmp_path / "list.yaml"
     lists.write_text("- 1\n- 2\n")
     assert "mapping" in _one_line_error(capsys, main(["validate", str(lists)]))
+
+
+def test_the_prune_key_follows_what_decides_the_classifier_refit(tmp_path):
+    # prune.refit_classifier: null refits only when recover.epochs is 0: a resume after changing
+    # recover.epochs must prune again, one after changing another recover key must not
+    def key(**recover):
+        recipe = load_recipe({**TINY, "recover": {**TINY["recover"], **recover}})
+        return Runner(recipe, tmp_path / "run", progress=False).stage_key("prune")
+
+    assert key(epochs=0) != key(epochs=1)
+    assert key(epochs=1, lr=0.001) == key(epochs=1)
