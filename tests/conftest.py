@@ -1,8 +1,13 @@
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one process per core (tools/test.sh): more threads per worker would oversubscribe the cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -114,7 +114,8 @@ def test_removing_copies_with_compensation_keeps_outputs():
 @pytest.mark.parametrize(
     ("arch", "size", "step_ratio", "goal"),
     [
-        ("vgg16_bn", 32, 0.01, 2.0),
+        # small steps; 0.05 on vgg16_bn: at 0.01 its 427 steps re-score the 25088-wide classifier (130 s)
+        ("vgg16_bn", 32, 0.05, 2.0),
         ("resnet18", 32, 0.01, 2.0),
         ("mobilenet_v2", 32, 0.01, 2.0),
         ("vgg16_bn", 32, 0.1, 3.0),  # large steps: the last ones are shortened to land on the target
