@@ -15,7 +15,7 @@ from torch import nn
 import icnn_compress as ic
 from icnn_compress import _dist
 from icnn_compress.errors import ConfigError, IcnnCompressError
-from icnn_compress.recipe._schema import Recipe
+from icnn_compress.recipe._schema import Recipe, resolve_teacher
 
 __all__ = ["RunContext", "resolve_device"]
 
@@ -55,6 +55,7 @@ class RunContext:
         self.shard = False
         self._loaders: dict[bool, tuple] = {}
         self._kept_loaders: dict[bool, tuple] = {}
+        self._base_skipped: list[str] | None = None
 
     # ----- seeds -----
     def stage_seed(self, stage: str) -> int:
@@ -158,6 +159,28 @@ class RunContext:
         options = dataclasses.asdict(c.options())
         return {"layers": layers, "num_classes": self.recipe.data.num_classes, "options": options}
 
+    def teacher(self, stage: str) -> str:
+        """The model the ``"prune"`` stage's classifier refit or the ``"recover"`` stage's
+        distillation imitates, ``"finetuned"`` or ``"base"`` (``prune.refit_teacher`` /
+        ``recover.teacher``). ``auto`` is the base model when the fine-tune trained with the filter
+        loss and ``model.weights`` is a whole model (a torchvision / timm pretrained name whose
+        classifier was left at its initialisation is not), else the fine-tuned model."""
+        r = self.recipe
+        choice = {"prune": r.prune.refit_teacher, "recover": r.recover.teacher}[stage]
+        loss = r.icnn.enabled and r.finetune.epochs > r.icnn.unmask_epochs
+        if choice != "auto" or not loss or r.model.weights is None:
+            return resolve_teacher(choice, loss_finetune=loss, has_weights=r.model.weights is not None)
+        return resolve_teacher(choice, loss_finetune=loss, has_weights=not self.base_left_at_init())
+
+    def base_left_at_init(self) -> list[str]:
+        """The tensors of the base model that ``model.weights`` did not provide (a pretrained
+        backbone's new classifier, say); empty when the weights are a whole model. Builds the base
+        model once."""
+        if self._base_skipped is None:
+            model = self.base_model()
+            self._base_skipped = list(getattr(model, "icnn_skipped_weights", []))
+        return self._base_skipped
+
     def load_finetuned(self, path: Path) -> tuple[nn.Module, dict | None]:
         """The fine-tuned model (ICNN masks frozen in) from the fine-tune stage's ``model.pt``."""
         from icnn_compress._artefact import load_artefact
@@ -215,12 +238,7 @@ class RunContext:
                 f"{str(exc).splitlines()[0] if str(exc) else ''})."
             ) from None
         self._check_layers(model)
-        distils = r.recover.epochs > 0 and r.recover.distill.enabled
-        if r.recover.teacher == "base" and distils and r.model.weights is None:
-            raise ConfigError(
-                "recover.teacher: 'base' distils from the model the fine-tune started from, but "
-                "model.weights is not set (a randomly initialised model); use 'finetuned'."
-            )
+        self._check_teachers()
         if r.icnn.enabled and r.icnn.unmask_epochs > r.finetune.epochs:
             raise ConfigError(
                 f"icnn.unmask_epochs ({r.icnn.unmask_epochs}) must be at most finetune.epochs "
@@ -232,6 +250,41 @@ class RunContext:
                 f"data: {len(train_dl.dataset)} training items give no full batch of data.batch_size="
                 f"{r.data.batch_size}; lower the batch size or use more items."
             )
+
+    def _check_teachers(self) -> None:
+        """A teacher named ``base`` must be a trained model: ``model.weights`` set, and providing
+        every tensor of the model."""
+        r = self.recipe
+        teachers = (
+            (
+                "prune.refit_teacher",
+                r.prune.refit_teacher,
+                r.prune.refit_classifier is not False,
+                "refits to",
+            ),
+            (
+                "recover.teacher",
+                r.recover.teacher,
+                r.recover.epochs > 0 and r.recover.distill.enabled,
+                "distils from",
+            ),
+        )
+        for key, choice, used, what in teachers:
+            if choice != "base" or not used:
+                continue
+            if r.model.weights is None:
+                raise ConfigError(
+                    f"{key}: 'base' {what} the model the fine-tune started from, but model.weights is not "
+                    "set (a randomly initialised model); use 'finetuned' or 'auto'."
+                )
+            left = self.base_left_at_init()
+            if left:
+                names = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
+                raise ConfigError(
+                    f"{key}: 'base', but model.weights ({r.model.weights!r}) leaves {len(left)} tensors of "
+                    f"the model at their initialisation ({names}): it cannot teach; use 'finetuned' or "
+                    "'auto'."
+                )
 
     def _check_layers(self, model: nn.Module) -> None:
         r = self.recipe

@@ -8,6 +8,7 @@ manifest. ``prune_with`` is the pruning step on its own (``prune-recipe compare`
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from torch import nn
@@ -18,6 +19,8 @@ from icnn_compress._artefact import save_artefact
 from icnn_compress._io import atomic_write_json
 from icnn_compress.recipe._context import RunContext
 from icnn_compress.recipe._rundir import RunDirectory
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "STAGE_FUNCTIONS",
@@ -188,6 +191,10 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
     from icnn_compress.prune import Target, prune_model
 
     p = ctx.recipe.prune
+    refit = ctx.recipe.recover.epochs == 0 if p.refit_classifier is None else p.refit_classifier
+    if refit and ctx.teacher("prune") == "base":  # refit to the model the fine-tune started from
+        log.info("prune: the classifier is refit to the base model's outputs")
+        refit = ctx.base_model().to(next(model.parameters()).device).eval()
     return prune_model(
         model,
         ctx.example(),
@@ -202,9 +209,7 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
         ignored_layers=p.ignored_layers,
         step_ratio=p.step_ratio,
         bn_batches=p.bn_batches,
-        refit_classifier=(
-            ctx.recipe.recover.epochs == 0 if p.refit_classifier is None else p.refit_classifier
-        ),
+        refit_classifier=refit,
         keep_classes=p.keep_classes,
         keep_classes_mode=p.keep_classes_mode,
         criterion_options=(
@@ -252,6 +257,8 @@ def prune(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     model, spec = _finetuned(ctx, run)
     res = prune_with(ctx, model)
     summary = res.summary()
+    if res.classifier_refit:  # whose outputs the classifier was refit to
+        summary["refit_teacher"] = ctx.teacher("prune")
     _save_pruned(ctx, res.model, res.history, out / "pruned.pt", spec, summary)
     atomic_write_json({**summary, "absorbed": res.absorbed_json()}, out / "prune.json")
     return ["pruned.pt", "prune.json"], summary
@@ -264,9 +271,12 @@ def recover(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     record = read_pruned_record(run.stage_dir("prune") / "pruned.pt")
     model, meta = rebuild_pruned(record), json.loads(record["metadata"])
     r = ctx.recipe.recover
-    info: dict = {"distill": r.distill.enabled and r.epochs > 0, "teacher": r.teacher}
+    source = ctx.teacher("recover")
+    info: dict = {"distill": r.distill.enabled and r.epochs > 0, "teacher": source}
     if r.epochs > 0:
-        teacher = _unpruned(ctx, run, base=r.teacher == "base") if r.distill.enabled else None
+        if r.distill.enabled:
+            log.info("recover: distilling from the %s model", source)
+        teacher = _unpruned(ctx, run, base=source == "base") if r.distill.enabled else None
         info["history"] = _train(
             ctx,
             model,

@@ -56,6 +56,25 @@ def test_prune_model_refits_the_classifier_towards_the_unpruned_logits_by_defaul
         assert torch.equal(value, before[key]), key
 
 
+def test_a_module_as_refit_classifier_is_the_model_whose_logits_are_fit():
+    # e.g. the base model a fine-tune with the filter loss started from (recover.teacher-like)
+    model, data = _model(), _data()
+    torch.manual_seed(5)
+    other = _model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    other_before = copy.deepcopy(other.state_dict())
+    kw = dict(criterion="l2", target=2.0, data=data, compensate=True, round_to=None, progress=False)
+    own = prune_model(model, torch.rand(1, 3, 8, 8), **kw)
+    to_other = prune_model(model, torch.rand(1, 3, 8, 8), refit_classifier=other, **kw)
+    assert to_other.classifier_refit and to_other.removed == own.removed
+    assert _logit_error(to_other.model, other, data) < 0.5 * _logit_error(own.model, other, data)
+    assert _logit_error(own.model, model, data) < _logit_error(to_other.model, model, data)
+    for key, value in other.state_dict().items():  # the teacher was only read
+        assert torch.equal(value, other_before[key]), key
+
+
 def test_inplace_pruning_refits_against_a_copy_of_the_unpruned_model():
     model, data = _model(), _data()
     reference = copy.deepcopy(model)

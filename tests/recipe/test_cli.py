@@ -16,7 +16,7 @@ import icnn_compress as ic
 from icnn_compress import ConfigError, Trainer
 from icnn_compress.cli import main
 from icnn_compress.export import read_metadata
-from icnn_compress.recipe import MARKER, Runner, load_recipe
+from icnn_compress.recipe import MARKER, RunContext, Runner, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -470,30 +470,105 @@ def test_the_prune_stage_refits_the_classifier_as_the_recipe_says(tmp_path, refi
     assert json.loads((run / "3_prune" / "prune.json").read_text())["classifier_refit"] is expected
 
 
-def test_recover_teacher_base_without_weights_is_refused_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "section,key", [("recover", {"epochs": 1, "teacher": "base"}), ("prune", {"refit_teacher": "base"})]
+)
+def test_a_base_teacher_without_weights_is_refused_in_one_line(tmp_path, capsys, section, key):
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({**TINY, "recover": {"epochs": 1, "teacher": "base"}}))
+    data = {**TINY, "recover": {"epochs": 0}}
+    data[section] = {**data[section], **key}
+    recipe.write_text(yaml.safe_dump(data))
     run = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(run), "--quiet"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "recover.teacher" in err[0] and "model.weights" in err[0]
+    name = "recover.teacher" if section == "recover" else "prune.refit_teacher"
+    assert len(err) == 1 and name in err[0] and "model.weights" in err[0]
     assert not run.exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("teacher", ["finetuned", "base"])
-def test_recovery_distils_from_the_teacher_the_recipe_names(tmp_path, monkeypatch, teacher):
-    from icnn_compress.recipe import _stages
-
+def _teacher_spy(tmp_path, monkeypatch, module, name: str, position: int, loss: bool):
+    """A tiny recipe that starts from saved base weights (with or without the filter loss), and a
+    check of whether the last call of ``module.name`` got the base model as its positional
+    argument ``position`` (the teacher)."""
     torch.manual_seed(0)
     base = ic.models.create("resnet_cifar8", num_classes=3, in_channels=3)
     weights = tmp_path / "base.pt"
     torch.save(base.state_dict(), weights)
     seen = []
-    original = _stages._distill
-    monkeypatch.setattr(_stages, "_distill", lambda t, cfg: (seen.append(t), original(t, cfg))[1])
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append(args[position])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
     data = {**TINY, "model": {**TINY["model"], "weights": str(weights)}}
+    data["icnn"] = {**TINY["icnn"], "enabled": loss}
+
+    def taught_by_base() -> bool:
+        used = seen[-1].state_dict()  # the last call is the stage under test
+        return all(torch.equal(used[k], v) for k, v in base.state_dict().items() if k in used)
+
+    return data, taught_by_base
+
+
+@pytest.mark.parametrize(
+    "teacher,loss,expected",
+    [
+        ("finetuned", True, "finetuned"),
+        ("base", True, "base"),
+        ("auto", True, "base"),  # the fine-tune used the filter loss: the base model teaches
+        ("auto", False, "finetuned"),  # a plain fine-tune: the fine-tuned model teaches
+    ],
+)
+def test_recovery_distils_from_the_teacher_the_recipe_names(tmp_path, monkeypatch, teacher, loss, expected):
+    from icnn_compress.recipe import _stages
+
+    data, taught_by_base = _teacher_spy(tmp_path, monkeypatch, _stages, "_distill", 0, loss)
     data["recover"] = {"epochs": 1, "teacher": teacher}
-    Runner(load_recipe(data), tmp_path / "run", stages=["finetune", "prune", "recover"], progress=False).run()
-    used = seen[-1].state_dict()  # the last stage that distils is the recovery
-    same = all(torch.equal(used[k], v) for k, v in base.state_dict().items() if k in used)
-    assert same is (teacher == "base")
+    run = tmp_path / "run"
+    Runner(load_recipe(data), run, stages=["finetune", "prune", "recover"], progress=False).run()
+    assert taught_by_base() is (expected == "base")
+    assert json.loads((run / "4_recover" / "manifest.json").read_text())["info"]["teacher"] == expected
+
+
+@pytest.mark.parametrize(
+    "refit_teacher,loss,expected",
+    [("finetuned", True, "finetuned"), ("auto", True, "base"), ("auto", False, "finetuned")],
+)
+def test_the_one_shot_refit_fits_the_teacher_the_recipe_names(
+    tmp_path, monkeypatch, refit_teacher, loss, expected
+):
+    from icnn_compress.prune import _refit
+
+    data, taught_by_base = _teacher_spy(tmp_path, monkeypatch, _refit, "refit_classifier", 1, loss)
+    data["recover"] = {"epochs": 0}
+    data["prune"] = {**TINY["prune"], "refit_teacher": refit_teacher}
+    data["data"] = {**TINY["data"], "train_size": 192}  # enough probe rows for the refit
+    run = tmp_path / "run"
+    Runner(load_recipe(data), run, stages=["finetune", "prune"], progress=False).run()
+    assert taught_by_base() is (expected == "base")
+    report = json.loads((run / "3_prune" / "prune.json").read_text())
+    assert report["classifier_refit"] is True and report["refit_teacher"] == expected
+
+
+def test_recover_teacher_auto_without_weights_distils_from_the_finetuned_model(tmp_path):
+    recipe = load_recipe({**TINY, "recover": {"epochs": 1, "teacher": "auto"}})
+    ctx = RunContext(recipe)
+    ctx.check()  # not refused: auto falls back to the fine-tuned model
+    assert ctx.teacher("recover") == "finetuned" and ctx.teacher("prune") == "finetuned"
+
+
+def test_a_base_whose_classifier_was_left_at_init_does_not_teach(tmp_path, monkeypatch):
+    # e.g. model.weights = a torchvision ImageNet name for a 200-class task: the new head is random
+    base = ic.models.create("resnet_cifar8", num_classes=3, in_channels=3)
+    weights = tmp_path / "base.pt"
+    torch.save(base.state_dict(), weights)
+    base.icnn_skipped_weights = ["fc.bias", "fc.weight"]
+    monkeypatch.setattr(RunContext, "base_model", lambda self, weights=True: base)
+    data = {**TINY, "model": {**TINY["model"], "weights": str(weights)}}
+    ctx = RunContext(load_recipe(data))
+    assert ctx.teacher("recover") == "finetuned" and ctx.teacher("prune") == "finetuned"
+    data["recover"] = {"epochs": 1, "teacher": "base"}
+    with pytest.raises(ConfigError, match=r"recover.teacher: 'base', but model.weights .* leaves 2 tensors"):
+        RunContext(load_recipe(data)).check()
