@@ -168,9 +168,10 @@ class RunContext:
         r = self.recipe
         choice = {"prune": r.prune.refit_teacher, "recover": r.recover.teacher}[stage]
         loss = r.icnn.enabled and r.finetune.epochs > r.icnn.unmask_epochs
-        if choice != "auto" or not loss or r.model.weights is None:
-            return resolve_teacher(choice, loss_finetune=loss, has_weights=r.model.weights is not None)
-        return resolve_teacher(choice, loss_finetune=loss, has_weights=not self.base_left_at_init())
+        trained = r.model.weights is not None
+        if choice == "auto" and loss and trained:  # the base model is built only when it decides
+            trained = not self.base_left_at_init()
+        return resolve_teacher(choice, loss_finetune=loss, has_weights=trained)
 
     def base_left_at_init(self) -> list[str]:
         """The tensors of the base model that ``model.weights`` did not provide (a pretrained
