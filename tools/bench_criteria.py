@@ -199,7 +199,7 @@ def run_row(
             stats = res.summary()
         reestimate_batchnorm(res.model, probe, max_batches=20)
         # recovery starts from the model before the refit, as the recipes' recovery does
-        start = copy.deepcopy(res.model)
+        start = copy.deepcopy(res.model) if a.recover_steps else None
         if not a.no_refit:
             pre_refit.append(onnx_acc(res.model, eval_dl, a.threads))
             refit_classifier(res.model, refit_to, probe, max_batches=20)
