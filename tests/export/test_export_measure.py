@@ -120,3 +120,15 @@ def test_model_stats_counts_macs_and_params():
     conv = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False))
     stats = model_stats(conv, torch.rand(1, 1, 5, 5))
     assert stats == {"macs": 4 * 9 * 3 * 3, "params": 36}
+
+
+def test_model_stats_are_the_same_on_the_meta_device_and_where_the_model_is():
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2(num_classes=5).eval()
+    example = torch.rand(1, 3, 32, 32)
+    meta = model_stats(model, example)
+    assert model_stats(model, example, where="model") == meta
+    assert meta["params"] == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="where"):
+        model_stats(model, example, where="cuda")

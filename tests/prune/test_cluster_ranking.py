@@ -234,3 +234,95 @@ def test_compensation_reuses_the_inputs_the_criterion_collected(monkeypatch, sig
     assert res.macs_reduction >= 1.5
     with pytest.raises(AssertionError, match="read twice"):  # l2 has no inputs: the engine reads them
         prune_model(model, torch.rand(1, 1, 16, 16), criterion="l2", **common)
+
+
+def random_signature(c: int, n: int = 24, categories: int = 3, seed: int = 0) -> SimpleNamespace:
+    """The fields ``filter_distances`` / ``cluster_filters`` read, for ``c`` filters on ``n`` images;
+    filters 2k and 2k+1 are near twins, so that clusters of several members form."""
+    g = torch.Generator().manual_seed(seed)
+    value = torch.rand(n, c, generator=g) * (torch.rand(n, c, generator=g) > 0.2)
+    value[:, 1::2] = value[:, 0::2][:, : c // 2] * 0.9 + 0.01
+    xy = torch.rand(n, c, 2, generator=g) * 16
+    xy[:, 1::2] = xy[:, 0::2][:, : c // 2] + 0.5
+    category = torch.randint(0, categories, (c,), generator=g)
+    category[1::2] = category[0::2][: c // 2]
+    return SimpleNamespace(
+        peak_value=value,
+        peak_xy=xy,
+        category=category,
+        image_size=(16, 16),
+        alive=torch.ones(c),
+        num_filters=c,
+        layer="conv",
+        landmarks=None,
+    )
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete", "single"])
+def test_distances_within_categories_only_give_the_same_clusters_below_the_penalty(linkage):
+    from icnn_compress.analysis import cluster_filters
+
+    sig = random_signature(40)
+    full = filter_distances(sig)
+    within = filter_distances(sig, cross_category=False)
+    same = sig.category[:, None] == sig.category[None, :]
+    assert torch.equal(within[same], full[same])  # measured where it matters, the same numbers
+    assert bool((within[~same] >= 1.0).all())  # the rest at least the penalty
+    for threshold in (0.05, 0.25, 0.6, 0.99):
+        a = cluster_filters(sig, distance_threshold=threshold, linkage=linkage, cross_category=False)
+        b = cluster_filters(sig, distance_threshold=threshold, linkage=linkage)
+        assert torch.equal(a.labels, b.labels), threshold
+        assert (a.medoids, a.spreads, a.categories) == (b.medoids, b.spreads, b.categories)
+    assert a.num_clusters < 40  # the twins did merge: clusters of several members were described
+
+
+def test_each_cluster_is_described_by_its_definition():
+    from icnn_compress.analysis import cluster_filters
+
+    sig = random_signature(30, seed=3)
+    sig.alive[5] = 0.0  # a dead filter: label -1, in no cluster
+    found = cluster_filters(sig, distance_threshold=0.3)
+    assert int(found.labels[5]) == -1
+    sizes = torch.bincount(found.labels[found.labels >= 0])
+    assert int((sizes == 1).sum()) > 0 and int((sizes > 1).sum()) > 0
+    assert list(found.medoids) == sorted(found.medoids) == list(range(found.num_clusters))
+    for cl in range(found.num_clusters):
+        idx = torch.nonzero(found.labels == cl).flatten().tolist()
+        sums = [sum(float(found.distances[i, j]) for j in idx) for i in idx]
+        medoid = idx[min(range(len(idx)), key=lambda k: (sums[k], k))]
+        assert found.medoids[cl] == medoid
+        assert found.spreads[cl] == pytest.approx(sum(float(found.distances[medoid, j]) for j in idx) / len(idx))
+        counts = torch.bincount(sig.category[idx])
+        assert found.categories[cl] == int(counts.argmax())
+
+
+@pytest.mark.parametrize("rows", [30, 300])  # through the r x r matrix, and directly
+def test_a_long_elimination_is_the_brute_force_order(rows):
+    # 80 channels: the arrays are compacted several times on the way (every quarter removed)
+    a, w2 = redundant_inputs(80, rows=rows, seed=2)
+    assert score(a, w2, labels=None, ridge=1e-3).argsort().tolist() == brute_force_order(a, w2, 1e-3)
+
+
+def test_a_small_model_is_counted_by_a_real_forward_after_its_first_count(monkeypatch):
+    from icnn_compress import measure
+
+    where: list[str] = []
+    real = measure.model_stats
+    monkeypatch.setattr(measure, "model_stats", lambda *a, **k: where.append(k["where"]) or real(*a, **k))
+
+    def run():
+        torch.manual_seed(0)
+        model = models.create("resnet_cifar8", num_classes=4, in_channels=1).eval()
+        return prune_model(model, torch.rand(1, 1, 16, 16), criterion="l2", target=2.0, progress=False)
+
+    small = run()
+    assert where[0] == "meta" and set(where[1:]) == {"model"} and len(where) >= 2
+    where.clear()
+    monkeypatch.setattr(engine, "_REAL_COUNT_MAX_MACS", 0)  # as a model too big to run
+    large = run()
+    assert set(where) == {"meta"}
+    assert (small.removed, small.macs_after, small.params_after) == (
+        large.removed,
+        large.macs_after,
+        large.params_after,
+    )
