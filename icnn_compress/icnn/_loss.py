@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from icnn_compress._dist import all_reduce_, is_distributed
@@ -175,6 +174,9 @@ def assign_categories(stats: Tensor, mode: str = "multi") -> Tensor:
     """
     if mode == "multi":
         return stats.argmax(dim=1)
+    # imported here: scipy.optimize costs 0.2 s, paid by every import of the loss otherwise
+    from scipy.optimize import linear_sum_assignment
+
     c, k = stats.shape
     share = (stats / stats.sum(dim=1, keepdim=True).clamp_min(1e-12)).cpu().double().numpy()
     slots = math.ceil(c / k)

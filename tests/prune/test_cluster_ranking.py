@@ -291,7 +291,8 @@ def test_each_cluster_is_described_by_its_definition():
         sums = [sum(float(found.distances[i, j]) for j in idx) for i in idx]
         medoid = idx[min(range(len(idx)), key=lambda k: (sums[k], k))]
         assert found.medoids[cl] == medoid
-        assert found.spreads[cl] == pytest.approx(sum(float(found.distances[medoid, j]) for j in idx) / len(idx))
+        spread = sum(float(found.distances[medoid, j]) for j in idx) / len(idx)
+        assert found.spreads[cl] == pytest.approx(spread)
         counts = torch.bincount(sig.category[idx])
         assert found.categories[cl] == int(counts.argmax())
 
