@@ -86,6 +86,7 @@ def filter_signatures(
     max_images: int | None = 4096,
     device: str | torch.device | None = None,
     progress: bool = True,
+    fields: dict[str, RF] | None = None,
 ) -> dict[str, LayerSignature]:
     """Stream a probe set through ``model`` and summarise each filter of ``layers``.
 
@@ -100,6 +101,8 @@ def filter_signatures(
         handle: an ICNN handle whose ``filter_categories`` override the paper's rule.
         top_k: images kept per filter for pictures.
         max_images: stop after this many probe images (``None``: the whole loader).
+        fields: the receptive fields of the layers' map points for the probe's image size, when the
+            caller has them (``receptive_fields``); default: found here, with one trace.
 
     Returns:
         layer name -> ``LayerSignature``.
@@ -150,7 +153,10 @@ def filter_signatures(
     landmarks = torch.cat(landmarks_all) if landmarks_all and len(landmarks_all) == len(labels_all) else None
     cats = handle.filter_categories if handle is not None else {}
     out = {}
-    rfs = receptive_fields(model, sorted(set(points.values())), (x.shape[1], *image_size))  # one trace
+    wanted = sorted(set(points.values()))
+    if fields is None or not set(wanted) <= set(fields):
+        fields = receptive_fields(model, wanted, (x.shape[1], *image_size))  # one trace
+    rfs = fields
     for name in names:
         st = state[name]
         rf = rfs[points[name]]

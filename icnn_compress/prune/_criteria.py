@@ -250,19 +250,22 @@ def conv_signatures(model: nn.Module, loader, batches: int, *, used: bool = True
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     points = map_points(model, convs) if used else layer_maps_points(model, convs)
     size = getattr(loader, "batch_size", None) or 64
-    spatial = _spatial_points(model, sorted(set(points.values())), next(iter(loader))[0].shape[1:])
-    sigs = filter_signatures(model, loader, spatial, progress=False, max_images=batches * size)
-    return {n: p for n, p in points.items() if p in set(spatial)}, sigs
+    fields = _spatial_points(model, sorted(set(points.values())), next(iter(loader))[0].shape[1:])
+    sigs = filter_signatures(
+        model, loader, list(fields), progress=False, max_images=batches * size, fields=fields
+    )
+    return {n: p for n, p in points.items() if p in fields}, sigs
 
 
-def _spatial_points(model: nn.Module, points: list[str], input_size: tuple[int, ...]) -> list[str]:
-    """The points whose maps have a receptive field: the convs after a pooling to 1x1 (the
-    squeeze-excitation blocks of EfficientNet, MobileNet v3...) have none, and get no signature
-    (their groups are ranked without clusters). One trace of the model."""
+def _spatial_points(model: nn.Module, points: list[str], input_size: tuple[int, ...]) -> dict:
+    """The points whose maps have a receptive field, with their fields (point -> ``RF``, in the
+    order of ``points``): the convs after a pooling to 1x1 (the squeeze-excitation blocks of
+    EfficientNet, MobileNet v3...) have none, and get no signature (their groups are ranked
+    without clusters). One trace of the model, shared with the signatures."""
     from icnn_compress.analysis import receptive_fields
 
     found = receptive_fields(model, points, tuple(input_size), strict=False)
-    return [point for point in points if point in found]
+    return {point: found[point] for point in points if point in found}
 
 
 @register_criterion("icnn-cluster", needs_data=True)

@@ -327,3 +327,24 @@ def test_a_small_model_is_counted_by_a_real_forward_after_its_first_count(monkey
         large.macs_after,
         large.params_after,
     )
+
+
+def test_signatures_of_every_conv_find_the_receptive_fields_once(monkeypatch):
+    import icnn_compress.analysis as analysis
+    import icnn_compress.analysis._signatures as signatures
+    from icnn_compress.prune._criteria import conv_signatures
+
+    model, probe = resnet_and_probe()
+    calls = []
+    real = analysis.receptive_fields
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "receptive_fields", counted)
+    monkeypatch.setattr(signatures, "receptive_fields", counted)
+    points, sigs = conv_signatures(model, probe, 2)
+    assert len(calls) == 1
+    assert sigs and set(points.values()) <= set(sigs)
+    assert all(sig.rf is not None for sig in sigs.values())
