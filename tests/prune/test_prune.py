@@ -159,6 +159,23 @@ def test_default_widths_are_multiples_of_8_and_land_just_past_the_target(arch, g
     assert changed and all(after[n] % 8 == 0 for n in changed), {n: after[n] for n in changed}
 
 
+@pytest.mark.parametrize("goal", [1.2, 1.3, 1.5])
+def test_a_step_that_would_jump_past_the_target_stops_at_the_group_that_reaches_it(goal):
+    # six 32-wide convs with round_to=8: the first full step takes every layer to 24 channels at
+    # once (1.76x), whatever the target below that
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 32, 3, padding=1), nn.ReLU()]
+    for _ in range(5):
+        layers += [nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4)).eval()
+    res = prune_model(
+        model, torch.rand(1, 3, 16, 16), criterion="l2", target=goal, round_to=8, progress=False
+    )
+    assert goal <= res.macs_reduction <= goal * 1.12, res.macs_reduction
+    widths = [m.out_channels for m in res.model if isinstance(m, nn.Conv2d)]
+    assert 32 in widths and 24 in widths, widths  # some groups cut by a whole block of 8, not all
+
+
 def test_params_target_and_round_to():
     model = models.create("vgg_small", num_classes=10, in_channels=1)
     res = prune_model(
