@@ -154,9 +154,10 @@ def filter_signatures(
     cats = handle.filter_categories if handle is not None else {}
     out = {}
     wanted = sorted(set(points.values()))
-    if fields is None or not set(wanted) <= set(fields):
-        fields = receptive_fields(model, wanted, (x.shape[1], *image_size))  # one trace
-    rfs = fields
+    if fields is not None and set(wanted) <= set(fields):
+        rfs = fields
+    else:
+        rfs = receptive_fields(model, wanted, (x.shape[1], *image_size))  # one trace
     for name in names:
         st = state[name]
         rf = rfs[points[name]]

@@ -652,8 +652,8 @@ def _numpy_blas() -> ThreadpoolController:
 
 class _Columns:
     """Columns of ``P = cov^-1`` (float64 NumPy) for the channels still in the elimination:
-    ``columns(i)`` is column ``i`` restricted to them, ``i`` counted among them; ``keep(mask)``
-    drops the others (``mask`` ``(channels left,)``)."""
+    calling it with ``i`` gives column ``i`` restricted to them, ``i`` counted among them;
+    ``keep(mask)`` drops the others (``mask`` ``(channels left,)``)."""
 
     def __init__(self, prec: np.ndarray | None = None, bt: np.ndarray | None = None, lam: float = 1.0):
         self.prec, self.bt, self.lam = prec, bt, lam

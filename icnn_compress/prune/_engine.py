@@ -317,7 +317,13 @@ def _stats(model: nn.Module, example: Tensor) -> tuple[int, int]:
     from icnn_compress.measure import model_stats
 
     where = _COUNT_WHERE.get(model, "meta")
-    stats = model_stats(model, example, where=where)
+    try:
+        stats = model_stats(model, example, where=where)
+    except Exception:  # a real forward that fails where the meta device did not: meta from now on
+        if where == "meta":
+            raise
+        _COUNT_WHERE[model] = "meta"
+        stats = model_stats(model, example, where="meta")
     if model not in _COUNT_WHERE:
         small = stats["macs"] <= _REAL_COUNT_MAX_MACS and stats["params"] <= _REAL_COUNT_MAX_PARAMS
         _COUNT_WHERE[model] = "model" if small else "meta"
@@ -425,7 +431,7 @@ def _criterion_inputs(importance, probe_batches: int) -> dict | None:
     return inputs
 
 
-class _ApproachCheck:
+class _TargetCheck:
     """Whether the target is reached, asked after every group of a step. The full count
     (``_stats``: a copy of the model counted by torch-pruning) is the judge, but it costs a copy
     per group; the convs' and linears' own MACs and parameters, from their current widths and
@@ -601,9 +607,9 @@ _FINE_STEPS = 12  # extra, smaller steps allowed when closing in on a MACs or pa
 
 def _next_ratio(
     history: list[tuple[float, float]], target: Target, step_ratio: float, max_ratio: float
-) -> tuple[float, bool] | None:
-    """The cumulative channel ratio for the next step and whether the step was shortened (the
-    approach to the target), or ``None`` when nothing is left to remove.
+) -> float | None:
+    """The cumulative channel ratio for the next step (shortened on the approach to the target),
+    or ``None`` when nothing is left to remove.
 
     A full step is ``step_ratio`` more. For MACs and parameter targets the step is shortened so as
     not to overshoot: ``log(reduction)`` is close to linear in ``-log(1 - ratio)`` (slope ~2 for
@@ -615,7 +621,7 @@ def _next_ratio(
         return None
     full = min(r_prev + step_ratio, max_ratio)
     if target.kind == "latency_speedup":
-        return full, False
+        return full
     x_prev = -math.log1p(-r_prev)
     slope = 2.0
     if len(history) >= 2:
@@ -626,8 +632,7 @@ def _next_ratio(
     wanted = 1.0 - math.exp(-(x_prev + (math.log(target.value) - math.log(red_prev)) / slope))
     # if the last step removed nothing (rounding to whole channels), take at least a tenth of a step
     stalled = len(history) >= 2 and red_prev <= history[-2][1]
-    ratio = min(full, max(wanted, r_prev + (step_ratio / 10 if stalled else 1e-3)))
-    return ratio, ratio < full
+    return min(full, max(wanted, r_prev + (step_ratio / 10 if stalled else 1e-3)))
 
 
 @torch.enable_grad()  # torch-pruning traces the dependency graph through autograd
@@ -854,26 +859,25 @@ def prune_model(
         reached = True
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
     check = None  # the target check after every group, built on the first step
+    # check the target after every group and stop there: all layers' widths move in whole
+    # channels (in steps of round_to) at once, so a step, shortened on the approach or not,
+    # can jump past it (densenet121, 32-wide layers: 1.74x -> 2.60x in one step for 2x)
+    watch = target.kind != "latency_speedup"
     first_widths: dict = {}  # group root -> its width when first scored (torch-pruning's reference)
     loop_steps = 0 if widths is not None else steps_max + _FINE_STEPS  # widths: done above
     bar = progress_bar(
         total=loop_steps and steps_max, progress=progress, desc=f"prune {criterion}", leave=False
     )
     for step in range(1, loop_steps + 1):
-        planned = _next_ratio(history, target, step_ratio, max_layer_ratio)
-        if planned is None:
+        ratio = _next_ratio(history, target, step_ratio, max_layer_ratio)
+        if ratio is None:
             break
-        ratio, _ = planned
         pruner.per_step_pruning_ratio[step] = ratio
         if hasattr(importance, "step_bound") and not global_ranking:
             importance.step_bound = _step_bound(ratio, round_to, first_widths)
         inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
-        # check the target after every group and stop there: all layers' widths move in whole
-        # channels (in steps of round_to) at once, so a step, shortened on the approach or not,
-        # can jump past it (densenet121, 32-wide layers: 1.74x -> 2.60x in one step for 2x)
-        watch = target.kind != "latency_speedup"
         if watch:
-            check = check or _ApproachCheck(model, example_inputs)
+            check = check or _TargetCheck(model, example_inputs)
             check.start(model, (macs, params))
         # groups come one at a time: each is built on the model as the ones before it left it
         with _torch_pruning_errors(model, "rank and remove the channels of", _STEP_ADVICE):

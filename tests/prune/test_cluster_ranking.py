@@ -348,3 +348,23 @@ def test_signatures_of_every_conv_find_the_receptive_fields_once(monkeypatch):
     assert len(calls) == 1
     assert sigs and set(points.values()) <= set(sigs)
     assert all(sig.rf is not None for sig in sigs.values())
+
+
+def test_a_real_forward_count_that_fails_falls_back_to_the_meta_device(monkeypatch):
+    from icnn_compress import measure
+
+    where: list[str] = []
+    real = measure.model_stats
+
+    def count(model, example, **kwargs):
+        where.append(kwargs["where"])
+        if where[-1] == "model":
+            raise RuntimeError("this model runs only on its own accelerator")
+        return real(model, example, **kwargs)
+
+    monkeypatch.setattr(measure, "model_stats", count)
+    torch.manual_seed(0)
+    model = models.create("resnet_cifar8", num_classes=4, in_channels=1).eval()
+    res = prune_model(model, torch.rand(1, 1, 16, 16), criterion="l2", target=2.0, progress=False)
+    assert res.macs_reduction >= 2.0
+    assert where.count("model") == 1 and where[-1] == "meta"  # tried once, then meta

@@ -497,7 +497,7 @@ def test_approach_steps_count_macs_in_full_only_near_the_target(monkeypatch):
     monkeypatch.setattr(engine, "_stats", lambda *a: calls.append(1) or real(*a))
 
     def run(margin):
-        monkeypatch.setattr(engine._ApproachCheck, "MARGIN", margin)
+        monkeypatch.setattr(engine._TargetCheck, "MARGIN", margin)
         calls.clear()
         torch.manual_seed(0)
         model = models.create("resnet_cifar8", num_classes=5, in_channels=3)
