@@ -451,6 +451,7 @@ class _TargetCheck:
         self.positions = {m: math.prod(out[1:]) // m.weight.shape[0] for m, (_, out) in shapes.items()}
         self.scale = (1.0, 1.0)
         self.margin = self.MARGIN
+        self.counted: tuple[int, int] | None = None  # the last full count, ``(macs, params)``
 
     def _layers(self) -> tuple[float, float]:
         macs = params = 0.0
@@ -474,7 +475,7 @@ class _TargetCheck:
         estimate = (macs * self.scale[0], params * self.scale[1])
         if _reduction(target, before, estimate) < target.value * self.margin:
             return False
-        counted = _stats(model, example)
+        self.counted = counted = _stats(model, example)
         if _reduction(target, before, counted) >= target.value:
             return True
         self._anchor(counted, self.CALIBRATED)
@@ -880,12 +881,14 @@ def prune_model(
             check = check or _TargetCheck(model, example_inputs)
             check.start(model, (macs, params))
         # groups come one at a time: each is built on the model as the ones before it left it
+        counted = None  # the full count that found the target met, reused below
         with _torch_pruning_errors(model, "rank and remove the channels of", _STEP_ADVICE):
             for group in pruner.step(interactive=True):
                 compensated += _remove(group, inputs, ridge, compensate, names, alive, removed, absorbed)
                 if watch and check.reached(model, target, (macs0, params0), example_inputs):
+                    counted = check.counted
                     break
-        macs, params = _stats(model, example_inputs)
+        macs, params = counted or _stats(model, example_inputs)
         bar.update(1)
         bar.set_postfix(macs=f"{macs0 / max(macs, 1):.2f}x")
         if target.kind == "latency_speedup":
