@@ -48,6 +48,9 @@ class FilterClusters:
         return torch.nonzero(self.labels == cluster).flatten().tolist()
 
 
+_PAIR_BUDGET = 1 << 22  # elements of the (images, C, C) temporaries of filter_distances (16 MB)
+
+
 def filter_distances(
     sig: LayerSignature,
     *,
@@ -63,42 +66,53 @@ def filter_distances(
     min(1, d / location_scale)`` where ``d`` is the response-weighted mean distance between the two
     filters' peaks on the same images, over the image diagonal; plus ``category_penalty`` when the
     filters belong to different categories (so that a threshold below it never merges them).
-    ``cross_category=False``: the location term of two filters of different categories is not
-    measured but set to its maximum ``w_location``; clusters cut below ``category_penalty`` are the
-    same, at a fraction of the cost (the distances are measured within each category only).
+    ``cross_category=False``: two filters of different categories are not compared; both terms
+    are set to their maxima (``w_response + w_location + category_penalty``). Clusters cut below
+    ``category_penalty`` are the same, at a fraction of the cost (the distances are measured
+    within each category only).
     """
-    v = sig.peak_value.double()  # (N, C)
+    c, cats = sig.peak_value.shape[1], sig.category
+    terms = {"w_response": w_response, "w_location": w_location, "location_scale": location_scale}
+    if cross_category:
+        dist = _pair_distances(sig, torch.arange(c), **terms)
+        dist += category_penalty * (cats[:, None] != cats[None, :]).double()
+    else:
+        dist = torch.full((c, c), w_response + w_location + category_penalty, dtype=torch.float64)
+        for idx in _category_blocks(cats):
+            dist[idx[:, None], idx[None, :]] = _pair_distances(sig, idx, **terms)
+    dist.fill_diagonal_(0.0)
+    return ((dist + dist.t()) / 2).float()
+
+
+def _category_blocks(category: Tensor) -> list[Tensor]:
+    """The filter indices of each category, ``[(c_k,), ...]`` in category order."""
+    return [torch.nonzero(category == k).flatten() for k in category.unique()]
+
+
+def _pair_distances(
+    sig: LayerSignature, idx: Tensor, *, w_response: float, w_location: float, location_scale: float
+) -> Tensor:
+    """The response and location terms of ``filter_distances`` ``(k, k)`` (float64, diagonal not
+    cleared, not symmetrised) between the filters ``idx`` ``(k,)``."""
+    v = sig.peak_value[:, idx].double()  # (N, k)
     vc = v - v.mean(0)
     norm = vc.norm(dim=0).clamp_min(1e-12)
     corr = (vc.t() @ vc) / (norm[:, None] * norm[None, :])
     d_resp = (1 - corr.clamp(-1, 1)) / 2
-    h, w = sig.image_size
-    wts = v / v.max(0).values.clamp_min(1e-12)  # (N, C) in [0, 1]
-    den = wts.t() @ wts  # (C, C) sum over images of the pair weights
-    # the weighted distances one image at a time: (C, C) temporaries, never (N, C, C)
-    xy, w32 = sig.peak_xy.float(), wts.float()  # (N, C, 2), (N, C)
-    cats = sig.category
-    blocks = (
-        [torch.arange(v.shape[1])]
-        if cross_category
-        else [torch.nonzero(cats == c).flatten() for c in cats.unique()]
-    )
-    num = torch.zeros(v.shape[1], v.shape[1], dtype=torch.float64)
-    for idx in blocks:
-        xy_b, w_b = xy[:, idx], w32[:, idx]
-        num32 = torch.zeros(idx.numel(), idx.numel())
-        for k in range(v.shape[0]):
-            d = torch.cdist(xy_b[k], xy_b[k], compute_mode="donot_use_mm_for_euclid_dist")
-            num32.addcmul_(d, torch.outer(w_b[k], w_b[k]))
-        num[idx[:, None], idx[None, :]] = num32.double()
-    d_loc = (num / den.clamp_min(1e-12)) / math.hypot(h, w)
-    d_loc[den <= 1e-12] = 1.0 * location_scale  # never fire together: no evidence of a shared part
-    if not cross_category:
-        d_loc[cats[:, None] != cats[None, :]] = location_scale  # not measured: the maximum term
-    dist = w_response * d_resp + w_location * (d_loc / location_scale).clamp(max=1.0)
-    dist = dist + category_penalty * (sig.category[:, None] != sig.category[None, :]).double()
-    dist.fill_diagonal_(0.0)
-    return ((dist + dist.t()) / 2).float()
+    wts = v / v.max(0).values.clamp_min(1e-12)  # (N, k) in [0, 1]
+    den = wts.t() @ wts  # (k, k) sum over images of the pair weights
+    # the weighted distances a few images at a time: (images, k, k) temporaries of at most
+    # _PAIR_BUDGET elements, never (N, C, C) for a wide layer
+    xy, w32 = sig.peak_xy[:, idx].float(), wts.float()  # (N, k, 2), (N, k)
+    num = torch.zeros(idx.numel(), idx.numel())
+    step = max(1, _PAIR_BUDGET // max(1, idx.numel() ** 2))
+    for i in range(0, v.shape[0], step):
+        xy_i, w_i = xy[i : i + step], w32[i : i + step]
+        d = torch.cdist(xy_i, xy_i, compute_mode="donot_use_mm_for_euclid_dist")
+        num += (d * w_i[:, :, None] * w_i[:, None, :]).sum(0)
+    d_loc = (num.double() / den.clamp_min(1e-12)) / math.hypot(*sig.image_size)
+    d_loc[den <= 1e-12] = location_scale  # never fire together: no evidence of a shared part
+    return w_response * d_resp + w_location * (d_loc / location_scale).clamp(max=1.0)
 
 
 def ground_truth_parts(sig: LayerSignature) -> Tensor | None:
@@ -162,9 +176,21 @@ def cluster_filters(
             raise ConfigError(
                 f"n_clusters must be in [1, {alive.numel()}] (alive filters). Got {n_clusters}."
             )
-        labels[alive] = torch.as_tensor(
-            _agglomerate(dist[alive][:, alive], distance_threshold, n_clusters, linkage)
-        )
+        penalty = distance_options.get("category_penalty", 1.0)
+        if (
+            distance_options.get("cross_category", True)
+            or n_clusters is not None
+            or distance_threshold >= penalty
+        ):
+            flat = _agglomerate(dist[alive][:, alive], distance_threshold, n_clusters, linkage)
+        else:  # no cluster spans two categories: each category's filters clustered on their own
+            flat = np.zeros(alive.numel(), dtype=np.int64)
+            for idx in _category_blocks(sig.category[alive]):
+                block = alive[idx]
+                found = _agglomerate(dist[block][:, block], distance_threshold, None, linkage)
+                flat[idx.numpy()] = found + flat.max() + 1
+            flat = _first_appearance(flat)
+        labels[alive] = torch.as_tensor(flat)
     categories, medoids, spreads = _describe_clusters(labels, dist, sig.category)
     gt = None if not ari else gt_parts if gt_parts is not None else ground_truth_parts(sig)
     ari_value = None
@@ -217,11 +243,18 @@ def _agglomerate(dist: Tensor, threshold: float | None, n_clusters: int | None, 
     distance matrix ``(n, n)``: merged while the linkage distance stays at most ``threshold``, or
     cut into ``n_clusters`` (SciPy's hierarchy, the same partitions as scikit-learn's
     ``AgglomerativeClustering`` on a precomputed matrix, without its second of import time)."""
+    if dist.shape[0] == 1:
+        return np.zeros(1, dtype=np.int64)
     tree = hierarchy.linkage(squareform(dist.double().numpy(), checks=False), method=method)
     if n_clusters is not None:
         flat = hierarchy.cut_tree(tree, n_clusters=n_clusters).ravel()  # exactly n_clusters
     else:
         flat = hierarchy.fcluster(tree, t=threshold, criterion="distance")
+    return _first_appearance(flat)
+
+
+def _first_appearance(flat: np.ndarray) -> np.ndarray:
+    """Cluster ids ``(n,)`` renumbered from 0 in the order of their first member."""
     _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first))  # renumber the clusters by their first member
+    order = np.argsort(np.argsort(first))
     return order[inverse].astype(np.int64)

@@ -129,9 +129,9 @@ class KeepClassesImportance(tp.importance.Importance):
         idxs = torch.as_tensor(list(group[0].idxs))
         if idxs.numel() != scores.numel() or int(idxs.max()) >= original.numel():
             return scores
-        s = scores.float()
+        s = scores.double()  # the inner criterion's order kept (icnn-cluster's are float64)
         s = (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
         here = original[idxs]
         if self.mode == "relevance":
-            return (s + 1e-3) * self.relevance[name][here].float()
+            return (s + 1e-3) * self.relevance[name][here].double()
         return torch.where(self.outside[name][here], 0.5 * s, 1.0 + s)

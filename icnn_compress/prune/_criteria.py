@@ -549,7 +549,8 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         return _lift_representatives(scores, labels)
 
     def _finish(self, scores: Tensor, cats: Tensor | None) -> Tensor:
-        """The category options, then scores scaled to mean 1 (float32)."""
+        """The category options, then scores scaled to mean 1 (float64: representatives are lifted
+        by the layer's largest score, and float32 would tie the order of removal among them)."""
         n = scores.numel()
         if self.balance_categories and cats is not None:
             # rank each filter against the filters of its own category, so that removal is spread
@@ -565,7 +566,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
                 members = torch.nonzero(cats == c).flatten()
                 guard[members[scores[members].argmax()]] = True
             scores[guard] += 2 * scores.max()
-        return (scores / scores.mean().clamp_min(1e-12)).float()
+        return scores / scores.mean().clamp_min(1e-12)
 
     @staticmethod
     def _score(
@@ -576,7 +577,8 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         weights that read each channel; ``labels``: ``(n,)`` cluster of each channel.
 
         ``bound``: stop the elimination once this many channels that are not the last of their
-        cluster are ranked (the most a step can remove); the channels still kept then score their
+        cluster are ranked (the most a step can remove), or once all of those are and ``bound``
+        channels in all are removed; the channels still kept then score their
         current cost above every ranked one. The lowest ``bound`` scores are the same as with the
         full elimination, at ``O(n * bound^2)`` instead of ``O(n^3)`` after the inverse. (Keeping
         each cluster's last channel among the regressors instead of eliminating it too was measured
@@ -604,11 +606,15 @@ class ClusterRedundancyImportance(tp.importance.Importance):
         members = torch.bincount(labels).tolist() if labels is not None else None
         cluster = labels.tolist() if labels is not None else None
         limit = n if bound is None else min(n, max(int(bound), 0))
+        # channels that are not their cluster's last: once all of them are ranked, the lowest
+        # scores are theirs and then the representatives' in the order they were removed, so
+        # ``limit`` removals in all suffice (a layer of one-filter clusters: ``limit``, not ``n``)
+        spare = n if members is None else n - sum(1 for m in members if m > 0)
         u = np.zeros((n, min(n, 2 * limit + 8)))
         order: list[int] = []
         values: list[float] = []
         running, ranked, t, stale = 0.0, 0, 0, 0
-        while ranked < limit and t < n:
+        while ranked < limit and t < n and not (ranked == spare and t >= limit):
             if stale >= max(16, rows.size // 4):  # drop the removed channels from every array
                 keep = np.isfinite(w2_left)
                 rows, w2_left, diag, u = rows[keep], w2_left[keep], diag[keep], u[keep]
@@ -618,7 +624,9 @@ class ClusterRedundancyImportance(tp.importance.Importance):
                 u = np.concatenate([u, np.zeros((u.shape[0], min(u.shape[1], n - t)))], 1)
             cost = w2_left / np.maximum(diag, 1e-30)
             i = int(cost.argmin())
-            running = max(running * (1 + 1e-9), float(cost[i]))  # increasing in the order of removal
+            # increasing in the order of removal, by a step that survives the representatives'
+            # lift (adding the layer's largest score): else their order of removal became ties
+            running = max(running * (1 + 1e-6), float(cost[i]))
             order.append(int(rows[i]))
             values.append(running)
             w2_left[i] = np.inf
@@ -636,7 +644,7 @@ class ClusterRedundancyImportance(tp.importance.Importance):
                 ranked += members[c] > 0
         out = w2.numpy().copy()
         out[rows] = out[rows] / np.maximum(diag, 1e-30)  # stopped early: the rest rank above
-        out = running * (1 + 1e-6) + torch.from_numpy(out).clamp_min(0)
+        out = running * (1 + 2e-6) + torch.from_numpy(out).clamp_min(0)
         out[order] = torch.tensor(values, dtype=torch.float64)
         return _lift_representatives(out, labels)
 

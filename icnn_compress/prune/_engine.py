@@ -593,7 +593,7 @@ def _step_group(dg, root: nn.Module, importance, width: int):
     if scores is None or len(scores) != current:
         drop = list(range(current - k, current))  # no per-channel score: the last channels go
     else:
-        drop = torch.argsort(scores.detach().float().cpu())[:k].tolist()
+        drop = torch.argsort(scores.detach().cpu())[:k].tolist()
     return dg.get_pruning_group(root, fn, idxs=sorted(drop))
 
 

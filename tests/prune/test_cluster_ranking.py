@@ -81,15 +81,41 @@ def test_stopping_early_keeps_the_lowest_scores(with_labels):
         assert all(not set(torch.nonzero(labels == cl).flatten().tolist()) <= lowest for cl in range(30))
 
 
-def test_prune_model_removes_the_same_channels_with_and_without_early_stopping(monkeypatch):
+@pytest.mark.parametrize("pairs", [0, 3, 10])
+def test_stopping_early_with_fewer_redundant_channels_than_the_bound(pairs):
+    # mostly one-filter clusters (a random-init layer): the elimination stops after ``bound``
+    # removals once the few channels that share a cluster are ranked, with the same lowest scores
+    a, w2 = redundant_inputs(80, rows=500, seed=2)
+    labels = torch.arange(80)
+    labels[40 : 40 + pairs] = torch.arange(pairs)  # twin i shares the cluster of channel i
+    labels = torch.unique(labels, return_inverse=True)[1]
+    full = score(a, w2, labels)
+    for bound in (pairs + 1, 12, 30):
+        early = score(a, w2, labels, bound=bound)
+        assert torch.equal(early.argsort()[:bound], full.argsort()[:bound]), (pairs, bound)
+        assert not torch.equal(early, full)  # it did stop early (the rest: current costs)
+
+
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("resnet_cifar8", 16),
+        # random init, 32 px: nearly every filter its own cluster, and representatives removed in
+        # the same steps as the rest (their order once tied in the float32 scores)
+        ("squeezenet1_0", 32),
+    ],
+)
+def test_prune_model_removes_the_same_channels_with_and_without_early_stopping(monkeypatch, name, size):
     def run():
         torch.manual_seed(0)
-        model = models.create("resnet_cifar8", num_classes=4, in_channels=1).eval()
+        model = models.create(name, num_classes=4, in_channels=1).eval()
         g = torch.Generator().manual_seed(0)
-        ds = TensorDataset(torch.rand(48, 1, 16, 16, generator=g), torch.randint(0, 4, (48,), generator=g))
+        ds = TensorDataset(
+            torch.rand(48, 1, size, size, generator=g), torch.randint(0, 4, (48,), generator=g)
+        )
         return prune_model(
             model,
-            torch.rand(1, 1, 16, 16),
+            torch.rand(1, 1, size, size),
             criterion="icnn-cluster",
             target=2.0,
             data=DataLoader(ds, batch_size=16),
