@@ -7,12 +7,15 @@ reach the same MACs with compensation:
   filters whose category is outside the kept set go first, in the criterion's order;
 * ``relevance``: the same with ``keep_classes_mode="relevance"`` (each filter's score weighed by
   its response to the kept classes over its response to all);
-* ``head+<criterion>``: the head restricted to the same classes, then ``<criterion>`` alone.
+* ``head+<criterion>``: the head restricted to the same classes, then ``<criterion>`` alone,
+  ranked and compensated on the probe of every class;
+* ``head+<criterion>@kept``: the same on the probe of the kept classes only.
 
-Both prune and compensate from the same probe of all classes (the categories need every class),
-and are measured one-shot (BatchNorm re-estimated on the kept classes' probe images) and after
-``--recover-steps`` SGD steps (lr 0.01, cosine) on kept-class training images. Top-1 in PyTorch on
-every kept-class test image. ``summary.<model>.<k>.<level>.<method>`` = {oneshot, recovered} mean
+``keep_classes`` ranks on the probe of every class (the categories need them all) and compensates
+on its kept classes' images (``kept_class_batches``). Every model is measured one-shot
+(BatchNorm re-estimated on the kept classes' probe images) and after ``--recover-steps`` SGD
+steps (lr 0.01, cosine) on kept-class training images. Top-1 in PyTorch on every kept-class test
+image. ``summary.<model>.<k>.<level>.<method>`` = {oneshot, recovered} mean
 and std over bases x sets; ``tools/results/specialise.json``.
 
     .venv/bin/python tools/bench_specialise.py --weights runs/bench_icnn_cost/quick/base_vgg_small_s0.pt,...
@@ -93,7 +96,8 @@ def main() -> None:
                 )
                 test_dl = DataLoader(test_ds, batch_size=500)
                 for level in a.levels.split(","):
-                    for method in (*a.modes.split(","), f"head+{a.criterion}"):
+                    heads = (f"head+{a.criterion}", f"head+{a.criterion}@kept")
+                    for method in (*a.modes.split(","), *heads):
                         t0 = time.perf_counter()
                         if not method.startswith("head+"):
                             res = prune_model(
@@ -117,7 +121,9 @@ def main() -> None:
                                 example,
                                 criterion=a.criterion,
                                 target=Target(macs_reduction=float(level)),
-                                data=everything,
+                                # @kept: ranked and compensated on the kept classes' images, as
+                                # keep_classes compensates
+                                data=probe if method.endswith("@kept") else everything,
                                 compensate=True,
                                 bn_batches=0,
                                 step_ratio=a.step_ratio,
@@ -186,7 +192,7 @@ def paired(rows: dict, key: str, reference: str) -> dict:
 def markdown(result: dict) -> str:
     """Kept classes x level: each method's top-1 and its paired gain over head restriction."""
     rows, lines = result["rows"], []
-    reference = next(m for m in {k.split("/")[2] for k in rows} if m.startswith("head+"))
+    reference = f"head+{result['setup']['criterion']}"
     methods = sorted({k.split("/")[2] for k in rows} - {reference})
     lines += [
         "Top-1 on the kept classes' test images, one-shot / recovered, mean over bases x kept sets; "

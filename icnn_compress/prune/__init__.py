@@ -6,7 +6,7 @@ Example:
     ...                   target=Target(macs_reduction=2.0), data=probe_loader, compensate=True)
 """
 
-from icnn_compress.prune._classes import restrict_classifier
+from icnn_compress.prune._classes import kept_class_batches, restrict_classifier
 from icnn_compress.prune._compensation import compensate_group, fit_reconstruction
 from icnn_compress.prune._criteria import (
     ClusterRedundancyImportance,
@@ -42,6 +42,7 @@ __all__ = [
     "criterion_spec",
     "fit_reconstruction",
     "gradual_schedule",
+    "kept_class_batches",
     "list_criteria",
     "load_pruned",
     "make_importance",

@@ -20,6 +20,7 @@ __all__ = [
     "KeepClassesImportance",
     "check_keep_classes",
     "class_responses",
+    "kept_class_batches",
     "restrict_classifier",
 ]
 KEEP_MODES = ("category", "relevance")
@@ -69,6 +70,31 @@ def check_keep_classes(keep_classes, classifier: nn.Module | None) -> list[int]:
             f"keep_classes needs at least 2 classes (a classifier of one class says nothing). Got {items}."
         )
     return sorted(items)
+
+
+def kept_class_batches(data, classes: list[int], batches: int) -> list[tuple[Tensor, Tensor]]:
+    """At most ``batches`` batches ``(images (N, C, H, W), labels (N,))`` of the images of
+    ``classes`` found in ``data`` (batches of ``(images, labels, ...)``), at the size of its first
+    batch, read until that many are full (labels as in ``data``). What a model specialised to
+    ``classes`` is fitted on: its compensation, BatchNorm statistics and classifier refit.
+    Raises ``ConfigError`` when ``data`` holds none of them."""
+    keep = torch.as_tensor(classes)
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    size = found = 0
+    for batch in data:
+        x, y = batch[0], batch[1]
+        size = size or len(x)
+        sel = torch.isin(y.cpu(), keep)
+        xs.append(x[sel.to(x.device)])
+        ys.append(y[sel.to(y.device)])
+        found += int(sel.sum())
+        if found >= batches * size:
+            break
+    if found == 0:
+        raise ConfigError(f"keep_classes={classes}: data holds no image of these classes.")
+    x, y = torch.cat(xs)[: batches * size], torch.cat(ys)[: batches * size]
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 @torch.no_grad()

@@ -24,7 +24,12 @@ from icnn_compress._memory import release_freed_memory
 from icnn_compress._progress import progress_bar
 from icnn_compress.errors import ConfigError, IcnnCompressError
 from icnn_compress.prune import _refit
-from icnn_compress.prune._classes import KeepClassesImportance, check_keep_classes, class_responses
+from icnn_compress.prune._classes import (
+    KeepClassesImportance,
+    check_keep_classes,
+    class_responses,
+    kept_class_batches,
+)
 from icnn_compress.prune._compensation import compensate_group
 from icnn_compress.prune._criteria import criterion_spec, make_importance
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
@@ -404,20 +409,21 @@ def _ignored_modules(model: nn.Module, ignored_names: list[str], keep_classifier
     return ignored
 
 
-def _prepare_step(model, importance, spec, data, probe_batches: int, compensate: bool) -> dict:
+def _prepare_step(model, importance, spec, data, probe_batches: int, compensate: bool, fit=None) -> dict:
     """Before a pruning step: refresh data-driven scores (and gradients for Taylor); returns the
-    consumers' inputs on the probe batches when compensating (else ``{}``)."""
+    consumers' inputs on the probe batches when compensating (else ``{}``), read from ``fit``
+    when given (the kept classes' images of a specialisation) instead of ``data``."""
     if hasattr(importance, "refresh"):
         importance.refresh(model, data)
     if spec.needs_gradients:
         _taylor_gradients(model, data, probe_batches)
     if not compensate:
         return {}
-    shared = _criterion_inputs(importance, probe_batches)
+    shared = _criterion_inputs(importance, probe_batches) if fit is None else None
     if shared is not None:
         return shared
     consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return collect_layer_inputs(model, data, consumers, max_batches=probe_batches)
+    return collect_layer_inputs(model, fit or data, consumers, max_batches=probe_batches)
 
 
 def _criterion_inputs(importance, probe_batches: int) -> dict | None:
@@ -699,7 +705,9 @@ def prune_model(
             to all classes on ``data`` (``keep_classes_mode="relevance"``, the default), or the
             filters whose category is outside the kept set go first (``"category"``; it cost up
             to 3.4 points one-shot at 8x in the specialisation benchmark). The MACs target counts from
-            the unrestricted model. Needs ``data`` of every class.
+            the unrestricted model. Needs ``data`` of every class; the compensation, the
+            BatchNorm re-estimation and the classifier refit read only the kept classes' images
+            of it (``kept_class_batches``: up to ``max(bn_batches, probe_batches)`` batches).
         widths: prune exactly these layers to these output widths instead of pursuing ``target``
             (``{layer name: channels}``; each layer is the first conv/linear of its dependency
             group, as in ``PruneResult.removed``; the criterion picks which channels go, in steps of
@@ -794,10 +802,14 @@ def prune_model(
     example_inputs = example_inputs.to(device)
     ignored = _ignored_modules(model, ignored_names, keep_classifier)
     clf = _classifier(model)
+    fit = None  # the kept classes' images (a specialisation), else the probe data as given
     if keep_classes is not None:
         keep_classes = check_keep_classes(keep_classes, clf)
         responses = class_responses(model, data, probe_batches)
         importance = KeepClassesImportance(importance, responses, keep_classes, keep_classes_mode)
+        # the specialised model is fitted to the kept classes' images: compensation, BatchNorm
+        # statistics and the classifier refit (the ranking reads every class)
+        fit = kept_class_batches(data, keep_classes, max(bn_batches, probe_batches))
     macs0, params0 = _stats(model, example_inputs)
     base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
@@ -841,7 +853,7 @@ def prune_model(
         steps = max(1, max(math.ceil((1 - w / c0) / step_ratio - 1e-9) for _, c0, w in roots.values()))
         bar = progress_bar(total=steps, progress=progress, desc=f"prune {criterion}", leave=False)
         for step in range(1, steps + 1):
-            inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
+            inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate, fit)
             with _torch_pruning_errors(model, "rank and remove the channels of", _STEP_ADVICE):
                 for root, c0, width in roots.values():
                     group = _step_group(
@@ -876,7 +888,7 @@ def prune_model(
         pruner.per_step_pruning_ratio[step] = ratio
         if hasattr(importance, "step_bound") and not global_ranking:
             importance.step_bound = _step_bound(ratio, round_to, first_widths)
-        inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate)
+        inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate, fit)
         if watch:
             check = check or _TargetCheck(model, example_inputs)
             check.start(model, (macs, params))
@@ -903,7 +915,7 @@ def prune_model(
     bar.close()
     model.zero_grad(set_to_none=True)
     if data is not None and bn_batches > 0:
-        reestimate_batchnorm(model, data, max_batches=bn_batches)
+        reestimate_batchnorm(model, fit or data, max_batches=bn_batches)
     if not reached:
         achieved = {
             "macs_reduction": macs0 / max(macs, 1),
@@ -917,7 +929,7 @@ def prune_model(
         )
     inputs = check = None  # the last step's probe activations: freed, and handed back to the OS
     refit = teacher is not None and _refit.refit_classifier(
-        model, teacher, data, max_batches=max(bn_batches, probe_batches), classes=keep_classes
+        model, teacher, fit or data, max_batches=max(bn_batches, probe_batches), classes=keep_classes
     )
     teacher = None
     release_freed_memory()

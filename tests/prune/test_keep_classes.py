@@ -168,3 +168,50 @@ def test_keep_classes_needs_data_and_a_linear_classifier():
         prune_model(
             conv_head, torch.rand(1, 1, 16, 16), target=1.5, data=data, keep_classes=[0, 1], progress=False
         )
+
+
+def test_kept_class_batches_hold_only_the_kept_classes():
+    from icnn_compress.prune import kept_class_batches
+
+    _, data = class_coded_model_and_data()  # 64 images, 16 a batch, classes 0..3 in turn
+    found = kept_class_batches(data, [1, 3], batches=3)
+    assert [len(x) for x, _ in found] == [16, 16]  # all 32 kept images, at the data's batch size
+    assert all(set(y.tolist()) <= {1, 3} for _, y in found)
+    assert [len(x) for x, _ in kept_class_batches(data, [1, 3], batches=1)] == [16]
+    x, y = found[0]
+    assert bool((x[torch.arange(len(y)), y].mean((1, 2)) > 0.5).all())  # images and labels stay paired
+    with pytest.raises(ConfigError, match="no image of these classes"):
+        kept_class_batches([(x, torch.zeros(len(x), dtype=torch.long))], [1, 3], batches=2)
+
+
+def test_a_specialisation_is_compensated_and_refit_on_the_kept_classes(monkeypatch):
+    import icnn_compress.prune._engine as engine
+    import icnn_compress.prune._refit as refit
+
+    seen: list = []
+    collect, fit_head = engine.collect_layer_inputs, refit.refit_classifier
+
+    def spy_collect(model, loader, *args, **kwargs):
+        seen.append(("compensation", torch.cat([b[1] for b in loader])))
+        return collect(model, loader, *args, **kwargs)
+
+    def spy_refit(model, teacher, data, *args, **kwargs):
+        seen.append(("refit", torch.cat([b[1] for b in data])))
+        return fit_head(model, teacher, data, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "collect_layer_inputs", spy_collect)
+    monkeypatch.setattr(refit, "refit_classifier", spy_refit)
+    model, data = class_coded_model_and_data()
+    prune_model(
+        model,
+        torch.rand(1, 4, 8, 8),
+        criterion="l2",
+        target=1.9,
+        data=data,
+        compensate=True,
+        keep_classes=[1, 3],
+        step_ratio=0.25,
+        progress=False,
+    )
+    assert {what for what, _ in seen} == {"compensation", "refit"}
+    assert all(set(labels.tolist()) <= {1, 3} for _, labels in seen)
