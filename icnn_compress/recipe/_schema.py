@@ -210,7 +210,8 @@ class PruneConfig(_Strict):
         None,
         min_length=2,
         description="specialise to these classes: the head keeps them, filters are ranked by their "
-        "relevance to them; recovery, export and measurement then use these classes only",
+        "relevance to them (on every class), compensation, BatchNorm and the classifier refit use "
+        "their images; recovery, export and measurement then use these classes only",
     )
     keep_classes_mode: Literal["relevance", "category"] = Field(
         "relevance", description="keep_classes: weigh scores by relevance, or other categories first"
