@@ -409,21 +409,21 @@ def _ignored_modules(model: nn.Module, ignored_names: list[str], keep_classifier
     return ignored
 
 
-def _prepare_step(model, importance, spec, data, probe_batches: int, compensate: bool, fit=None) -> dict:
-    """Before a pruning step: refresh data-driven scores (and gradients for Taylor); returns the
-    consumers' inputs on the probe batches when compensating (else ``{}``), read from ``fit``
-    when given (the kept classes' images of a specialisation) instead of ``data``."""
+def _prepare_step(model, importance, spec, data, probe_batches: int, compensate: bool, fit) -> dict:
+    """Before a pruning step: refresh data-driven scores on ``data`` (and gradients for Taylor);
+    returns the consumers' inputs on the probe batches of ``fit`` when compensating (else ``{}``):
+    ``data`` itself, or the kept classes' images of a specialisation."""
     if hasattr(importance, "refresh"):
         importance.refresh(model, data)
     if spec.needs_gradients:
         _taylor_gradients(model, data, probe_batches)
     if not compensate:
         return {}
-    shared = _criterion_inputs(importance, probe_batches) if fit is None else None
+    shared = _criterion_inputs(importance, probe_batches) if fit is data else None
     if shared is not None:
         return shared
     consumers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return collect_layer_inputs(model, fit or data, consumers, max_batches=probe_batches)
+    return collect_layer_inputs(model, fit, consumers, max_batches=probe_batches)
 
 
 def _criterion_inputs(importance, probe_batches: int) -> dict | None:
@@ -802,7 +802,7 @@ def prune_model(
     example_inputs = example_inputs.to(device)
     ignored = _ignored_modules(model, ignored_names, keep_classifier)
     clf = _classifier(model)
-    fit = None  # the kept classes' images (a specialisation), else the probe data as given
+    fit = data  # what the pruned model is fitted to: the probe, or the kept classes' images of it
     if keep_classes is not None:
         keep_classes = check_keep_classes(keep_classes, clf)
         responses = class_responses(model, data, probe_batches)
@@ -915,7 +915,7 @@ def prune_model(
     bar.close()
     model.zero_grad(set_to_none=True)
     if data is not None and bn_batches > 0:
-        reestimate_batchnorm(model, fit or data, max_batches=bn_batches)
+        reestimate_batchnorm(model, fit, max_batches=bn_batches)
     if not reached:
         achieved = {
             "macs_reduction": macs0 / max(macs, 1),
@@ -929,7 +929,7 @@ def prune_model(
         )
     inputs = check = None  # the last step's probe activations: freed, and handed back to the OS
     refit = teacher is not None and _refit.refit_classifier(
-        model, teacher, fit or data, max_batches=max(bn_batches, probe_batches), classes=keep_classes
+        model, teacher, fit, max_batches=max(bn_batches, probe_batches), classes=keep_classes
     )
     teacher = None
     release_freed_memory()
