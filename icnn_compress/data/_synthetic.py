@@ -109,6 +109,8 @@ class SyntheticParts(Dataset):
             (0.6-1.25x) and rotation (+-0.8 rad) changes, up to 6 distractors, each part missing
             with probability 0.15, and up to 2 occluders drawn in front of the object (they
             cut the part masks; a landmark they cover is invisible).
+        cache_mb: items are drawn once and kept in memory up to this many MiB (then drawn on each
+            access, as with 0); exact, since an item depends only on ``(seed, split, index)``.
 
     Items:
         image ``float32 (3, S, S)`` in [0, 1]; label ``int``; landmarks ``float32 (P, 3)`` with
@@ -130,6 +132,7 @@ class SyntheticParts(Dataset):
         clutter: int | None = None,
         noise: float = 0.05,
         difficulty: str = "easy",
+        cache_mb: float = 256.0,
     ) -> None:
         if split not in _SPLITS:
             raise DataError(
@@ -152,8 +155,12 @@ class SyntheticParts(Dataset):
         self.clutter, self.noise = clutter, noise
         self.layouts = _class_layouts(num_classes, share=self._d["share"])
         self.classes = [f"class{k}" for k in range(num_classes)]
+        if not cache_mb >= 0:
+            raise DataError(f"cache_mb of SyntheticParts must be >= 0. Got {cache_mb!r} instead.")
         yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
         self._grid = (xx, yy)
+        self._cache: dict[int, tuple] = {}
+        self._cache_left = int(cache_mb * 2**20)  # bytes
 
     def __len__(self) -> int:
         return self.length
@@ -172,6 +179,17 @@ class SyntheticParts(Dataset):
     def __getitem__(self, index: int):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for SyntheticParts of length {self.length}")
+        item = self._cache.get(index)
+        if item is None:
+            item = self._item(index)
+            size = sum(t.nbytes for t in item if isinstance(t, torch.Tensor))
+            if size <= self._cache_left:
+                self._cache[index], self._cache_left = item, self._cache_left - size
+        # copies, so that a caller that changes an item in place cannot change the cached one
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in item)
+
+    def _item(self, index: int) -> tuple:
+        """Item ``index``, drawn from its own generator."""
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], index])
         s = self.image_size
         label = int(rng.integers(self.num_classes))
