@@ -173,3 +173,60 @@ def test_ddp_two_processes_match_one(tmp_path, balance):
     assert torch.equal(s1["categories"], s2["categories"])
     torch.testing.assert_close(s2["log_z"], s1["log_z"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s2["class_stats"], s1["class_stats"], rtol=1e-5, atol=1e-7)
+
+
+# ----- channels-last passes on the CPU -----
+class _FormatSpy:
+    """Records, at each epoch's end, whether the conv weights are in the default format."""
+
+    def __init__(self) -> None:
+        self.contiguous: list[bool] = []
+
+    def on_epoch_end(self, trainer, epoch, metrics) -> None:
+        self.contiguous.append(all(p.is_contiguous() for p in trainer.model.parameters()))
+
+
+def test_channels_last_is_the_cpu_default_and_stays_inside_the_passes():
+    torch.manual_seed(0)
+    model = tiny_net()
+    params = list(model.parameters())
+    spy = _FormatSpy()
+    seen_formats = []
+    model[0].register_forward_pre_hook(
+        lambda m, args: seen_formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    val = loader(make_data(16, 1))
+    t = Trainer(model, loader(make_data()), val, epochs=2, progress=False, callbacks=[spy])
+    assert t.channels_last  # a conv model on the CPU, no process group
+    t.fit()
+    assert seen_formats and all(seen_formats)  # training and evaluation batches were NHWC
+    assert spy.contiguous == [True, True]  # callbacks (pruning) see the default format
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]  # the optimizer's own
+    assert all(any(p is q for q in group["params"]) for group in t.optimizer.param_groups for p in params)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 4))
+    assert not Trainer(mlp, loader(make_data()), progress=False).channels_last
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_channels_last_trains_the_same_model_as_the_default_format(with_teacher):
+    from icnn_compress import Distillation, frozen_copy
+
+    models = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = tiny_net()
+        teacher = Distillation(frozen_copy(model), weight=0.5, temperature=4.0) if with_teacher else None
+        handle = attach_icnn(model, "3", num_classes=4, warmup_steps=0)
+        Trainer(
+            model,
+            loader(make_data()),
+            epochs=2,
+            extra_loss=handle.loss,
+            distill=teacher,
+            progress=False,
+            channels_last=channels_last,
+        ).fit()
+        models[channels_last] = model.state_dict()
+    for k, v in models[False].items():  # the same sums in another order: equal up to rounding
+        torch.testing.assert_close(models[True][k], v, rtol=1e-4, atol=1e-5, msg=k)
