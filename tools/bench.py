@@ -138,6 +138,26 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
         [["bench_zoo.py", "--models", "resnet18", "--criteria", "l2", "--out", "{results}/zoo.json"]],
         (3600.0, 30.0),
     ),
+    "channels_last": (
+        [["bench_channels_last.py", "--threads", "2", "--out", "{results}/channels_last.json"]],
+        [
+            [
+                "bench_channels_last.py",
+                "--threads",
+                "2",
+                "--repeats",
+                "2",
+                "--out",
+                "{results}/channels_last.json",
+            ]
+        ],
+        (150.0, 60.0),
+    ),
+    "quickstart": (
+        [["bench_quickstart.py", "--out", "{results}/quickstart.json"]],
+        [["bench_quickstart.py", "--out", "{results}/quickstart.json"]],
+        (70.0, 70.0),
+    ),
     "cli": (
         [["bench_cli.py", "--out", "{results}/cli.json"]],
         [["bench_cli.py", "--repeats", "3", "--out", "{results}/cli.json"]],
