@@ -20,7 +20,10 @@ order): a negative cost is a gain. Variants:
 * ``extra``: a new 3x3 conv + ReLU on top of the loss layer, initialised to the identity, with
   masks + loss on it alone (the paper's added conv layer; 4% more MACs on resnet_cifar20);
 * ``inner``: (ResNets) masks + loss on the first conv of the last residual block, whose output
-  reaches the classifier through the block's second conv while the identity path bypasses it.
+  reaches the classifier through the block's second conv while the identity path bypasses it;
+* ``below<N>``: masks + loss on the place N below the top (``top_layers``; on resnet_cifar20
+  ``below2`` is the first block of the last stage, whose shortcut is a conv, not the identity, and
+  ``below3`` the last block of the second stage, 16x16 maps at 32 px).
 
 The price in interpretability of each variant is measured on synthetic parts: the same variant
 fine-tunes a plain synthetic-parts base of the same architecture, and the location instability of
@@ -136,6 +139,10 @@ VARIANTS: dict[str, dict] = {
     "top1-now+unmask-ce@e3": _split(warmup_steps=0),
     "top1-w2-now+unmask-ce@e3": _split(weight=2.0, warmup_steps=0),
     "top1x2+unmask-ce@e3": _split(epochs=2, unmask_epochs=1),
+    # session 15: (ResNets) a block below the top, where the shortcut has weights (the last
+    # stage's first block) or the maps are twice as large (the second stage's last block)
+    "below2+unmask-ce@e3": _split(below_top=2),
+    "below3+unmask-ce@e3": _split(below_top=3),
     "inner+unmask-ce@e2": dict(
         icnn=True,
         mask=True,
@@ -213,8 +220,11 @@ def add_extra_convs(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def loss_layers(model: nn.Module, spec: dict) -> list[str]:
-    """The layers a variant puts the loss on: the top ``layers`` places, ``at="inner"``, or
-    ``at="extra"`` (a new identity-initialised conv on top of each: ``add_extra_convs``)."""
+    """The layers a variant puts the loss on: the top ``layers`` places, the place ``below_top``
+    places below the top, ``at="inner"``, or ``at="extra"`` (a new identity-initialised conv on top
+    of each: ``add_extra_convs``)."""
+    if spec.get("below_top"):
+        return ic.icnn.top_layers(model, spec["below_top"] + 1)[:1]
     top = ic.icnn.top_layers(model, spec.get("layers", 1))
     if spec.get("at") == "extra":
         return add_extra_convs(model, top)
