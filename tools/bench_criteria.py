@@ -159,11 +159,25 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
                 handle.freeze()
             atomic_save(model.state_dict(), path)
         variants[variant] = model.eval()
-    if "base" in (a.kd_teacher, a.refit_teacher):  # the model both fine-tunes started from
+    if {"base", "auto"} & {a.kd_teacher, a.refit_teacher}:  # the model both fine-tunes started from
         variants["base"] = ic.models.create(
             model_name, num_classes=10, in_channels=1, weights=str(base_path)
         ).eval()
     return variants
+
+
+TEACHER_WORDS = {
+    "base": "base model",
+    "unpruned": "unpruned model",
+    "auto": "base model for rows that prune the loss model, the unpruned model for the others",
+}
+
+
+def teacher_kind(choice: str, with_loss: bool) -> str:
+    """``"base"`` or ``"unpruned"``: what ``--kd-teacher`` / ``--refit-teacher`` ``choice`` means for a
+    row that prunes the model fine-tuned with the loss (``with_loss``) or the plain one. ``auto`` is
+    the recipes' default: the base model for the loss model, the unpruned model otherwise."""
+    return "base" if choice == "base" or (choice == "auto" and with_loss) else "unpruned"
 
 
 def run_row(
@@ -171,9 +185,11 @@ def run_row(
 ) -> dict:
     """One criterion at one level on one base: ``--seeds`` probe seeds, one-shot and recovered."""
     # icnn-cluster and any "<criterion>@icnn" prune the model fine-tuned with the loss
-    source = variants["icnn" if crit == "icnn-cluster" or crit.endswith("@icnn") else "plain"]
+    with_loss = crit == "icnn-cluster" or crit.endswith("@icnn")
+    source = variants["icnn" if with_loss else "plain"]
     oneshot, recovered, recovered_refit, pre_bn, pre_refit, stats, lat = [], [], [], None, [], None, {}
-    refit_to = variants["base"] if a.refit_teacher == "base" else source  # whose logits the refit fits
+    refit_kind, kd_kind = (teacher_kind(choice, with_loss) for choice in (a.refit_teacher, a.kd_teacher))
+    refit_to = variants["base"] if refit_kind == "base" else source  # whose logits the refit fits
     for seed in range(a.seeds):
         g = torch.Generator().manual_seed(1000 + 100 * b + seed)
         probe = DataLoader(
@@ -208,7 +224,7 @@ def run_row(
         lat = lat or ev
         if a.recover_steps == 0:  # one-shot only
             continue
-        teacher = variants["base"] if a.kd_teacher == "base" else source
+        teacher = variants["base"] if kd_kind == "base" else source
         distill = None if a.no_kd else ic.Distillation(ic.frozen_copy(teacher))
         finetune(
             start.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01, seed=seed, distill=distill
@@ -224,12 +240,12 @@ def run_row(
         "oneshot_before_bn": pre_bn,
         "oneshot_before_refit": pre_refit or None,
         "refit": not a.no_refit,
-        "refit_teacher": a.refit_teacher,
+        "refit_teacher": refit_kind,
         "recovered": recovered or None,
         "recovered_mean": statistics.fmean(recovered) if recovered else None,
         "recovered_std": statistics.pstdev(recovered) if recovered else None,
         "recovered_then_refit": recovered_refit or None,
-        "recovery": "plain" if a.no_kd else ("kd-base" if a.kd_teacher == "base" else "kd"),
+        "recovery": "plain" if a.no_kd else ("kd-base" if kd_kind == "base" else "kd"),
         **lat,
         **stats,
     }
@@ -263,17 +279,18 @@ def main() -> None:
     )
     p.add_argument(
         "--kd-teacher",
-        choices=("unpruned", "base"),
+        choices=("unpruned", "base", "auto"),
         default="unpruned",
         help="recovery distils from the unpruned model each row pruned (default) or from the base "
-        "model both fine-tunes started from (use a new --cache)",
+        "model both fine-tunes started from; auto: the base for rows that prune the loss model, the "
+        "unpruned model for the others, as the recipes do (use a new --cache)",
     )
     p.add_argument(
         "--refit-teacher",
-        choices=("unpruned", "base"),
+        choices=("unpruned", "base", "auto"),
         default="unpruned",
         help="the classifier refit fits the logits of the unpruned model each row pruned (default) or "
-        "of the base model both fine-tunes started from (use a new --cache)",
+        "of the base model both fine-tunes started from; auto: as --kd-teacher auto (use a new --cache)",
     )
     p.add_argument(
         "--no-refit",
@@ -432,10 +449,7 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
             "recovery": f"{a.recover_steps} SGD steps (batch 64, lr 0.01, cosine) per seed from the one-shot "
             "model before the classifier refit"
             + (
-                ""
-                if a.no_kd
-                else f", distilled from the {'base' if a.kd_teacher == 'base' else 'unpruned'} model "
-                "(KL, T=4, weight 0.5)"
+                "" if a.no_kd else f", distilled from the {TEACHER_WORDS[a.kd_teacher]} (KL, T=4, weight 0.5)"
             ),
             "finetune": f"{a.finetune_epochs} epochs; with the loss: layers='auto', masks and loss for "
             f"{a.masked_epochs or a.finetune_epochs - a.finetune_epochs // 2}, then masks off and "
