@@ -88,11 +88,14 @@ class Trainer:
         distill: a ``Distillation`` (frozen teacher, weight, temperature): the task loss becomes
             ``(1 - w) * CE + w * T**2 * KL(teacher || student)``; ``None`` or weight 0: plain CE.
         channels_last: run the training and evaluation passes with the 4-D weights and images in
-            the channels-last memory format (NHWC), which oneDNN's CPU convolutions prefer (a
-            training step of vgg_small / resnet_cifar20 15-20% faster on a 2-core AVX2 CPU); the
-            model is back in the default format between epochs and after ``fit``, so checkpoints,
-            callbacks and pruning see the usual tensors. ``None`` = on for a model with a Conv2d
-            on the CPU without a process group, off otherwise (CUDA and DDP as before).
+            the channels-last memory format (NHWC), which oneDNN's CPU convolutions prefer (an
+            epoch of vgg_small / resnet_cifar20 8-31% shorter on a 2-core AVX2 CPU,
+            tools/bench_channels_last.py); the model is back in the default format between
+            epochs and after ``fit``, so checkpoints, callbacks and pruning see the usual
+            tensors. A model that fails its first channels-last pass (``x.view(n, -1)`` on a map
+            larger than 1x1) trains in the default format instead, with a warning, as if it had
+            from the start. ``None`` = on for a model with a Conv2d on the CPU without a process
+            group, off otherwise (CUDA and DDP as before).
 
     Example:
         >>> icnn = attach_icnn(model, "auto", num_classes=10)
@@ -176,7 +179,7 @@ class Trainer:
                 and not _dist.is_distributed()
                 and any(isinstance(m, nn.Conv2d) for m in self.model.modules())
             )
-        self.channels_last, self._nhwc = bool(channels_last), False
+        self.channels_last, self._nhwc, self._format_checked = bool(channels_last), False, False
         self.progress = progress and _dist.rank() == 0
         self._opt = (optimizer, momentum, weight_decay)
         self.rebuild_optimizer()
@@ -345,6 +348,34 @@ class Trainer:
             for m in modules:
                 m.to(memory_format=torch.contiguous_format)
 
+    def _forward(self, net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(net(x), x)``. The first channels-last pass is a trial: a model that cannot run
+        channels-last (say, ``x.view(n, -1)`` on a map larger than 1x1) raises there; then its
+        BatchNorm statistics and the RNG are put back as they were before the pass, the passes
+        go back to the default format for good (a warning says why), and the batch runs again,
+        so the run is the one the default format would have given."""
+        if not self.channels_last or self._format_checked:
+            return net(x), x
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        rng = torch.get_rng_state()
+        try:
+            out = net(x)
+        except RuntimeError as exc:
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+            torch.set_rng_state(rng)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("this model cannot train channels-last (%s); using the default memory format", reason)
+            self.channels_last = False
+            modules = [self.model] + ([self.distill.teacher] if self.distill is not None else [])
+            for m in modules:
+                m.to(memory_format=torch.contiguous_format)
+            x = x.contiguous()
+            out = net(x)
+        self._format_checked = True
+        return out, x
+
     def _inputs(self, x: Tensor) -> Tensor:
         """A batch of images on the device, channels-last when the passes are."""
         x = x.to(self.device, non_blocking=True)
@@ -400,7 +431,7 @@ class Trainer:
             x, y = self._inputs(batch[0]), batch[1].to(dev, non_blocking=True)
             lr = self._set_lr()
             with torch.autocast(dev.type, dtype=_amp_dtype(dev), enabled=self.amp):
-                out = self.net(x)
+                out, x = self._forward(self.net, x)
                 task = F.cross_entropy(out, y)
                 if self.distill is not None:
                     soft = distillation_loss(
@@ -465,7 +496,7 @@ class Trainer:
         for batch in progress_bar(loader, progress=self.progress, desc="eval", leave=False):
             x, y = self._inputs(batch[0]), batch[1].to(self.device)
             with torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp):
-                out = self.model(x)
+                out, x = self._forward(self.model, x)
             sums += torch.stack(
                 [
                     F.cross_entropy(out.float(), y, reduction="sum").double(),

@@ -230,3 +230,40 @@ def test_channels_last_trains_the_same_model_as_the_default_format(with_teacher)
         models[channels_last] = model.state_dict()
     for k, v in models[False].items():  # the same sums in another order: equal up to rounding
         torch.testing.assert_close(models[True][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+class _ViewNet(nn.Module):
+    """Flattens a 6x6 map with ``view``, which a channels-last tensor does not allow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(4 * 6 * 6, 4)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(self.drop(x.view(x.size(0), -1)))
+
+
+def test_a_model_that_cannot_run_channels_last_trains_as_in_the_default_format(caplog):
+    states = {}
+    for channels_last in (None, False):  # None: tried, then the default format
+        torch.manual_seed(0)
+        model = _ViewNet()
+        val = loader(make_data(16, 1))
+        with caplog.at_level("WARNING", logger="icnn_compress"):
+            t = Trainer(
+                model, loader(make_data()), val, epochs=2, progress=False, channels_last=channels_last
+            )
+            t.fit()
+        states[channels_last] = (model.state_dict(), t.history)
+        if channels_last is None:
+            assert not t.channels_last
+            assert sum("cannot train channels-last" in r.message for r in caplog.records) == 1
+    (tried, hist_tried), (plain, hist_plain) = states[None], states[False]
+    for k, v in plain.items():  # BatchNorm statistics and the dropout RNG were put back: exact
+        assert torch.equal(tried[k], v), k
+    assert [h["val_acc"] for h in hist_tried] == [h["val_acc"] for h in hist_plain]
