@@ -180,6 +180,7 @@ class Trainer:
                 and any(isinstance(m, nn.Conv2d) for m in self.model.modules())
             )
         self.channels_last, self._nhwc, self._format_checked = bool(channels_last), False, False
+        self._teacher_checked, self._teacher_nhwc = False, True  # the teacher's own trial
         self.progress = progress and _dist.rank() == 0
         self._opt = (optimizer, momentum, weight_decay)
         self.rebuild_optimizer()
@@ -337,7 +338,9 @@ class Trainer:
         if not self.channels_last or self._nhwc:
             yield
             return
-        modules = [self.model] + ([self.distill.teacher] if self.distill is not None else [])
+        modules = [self.model]
+        if self.distill is not None and self._teacher_nhwc:
+            modules.append(self.distill.teacher)
         for m in modules:
             m.to(memory_format=torch.channels_last)
         self._nhwc = True
@@ -365,8 +368,10 @@ class Trainer:
                 for b, saved in zip(self.model.buffers(), buffers, strict=True):
                     b.copy_(saved)
             torch.set_rng_state(rng)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log.warning("this model cannot train channels-last (%s); using the default memory format", reason)
+            log.warning(
+                "this model cannot train channels-last (%s); using the default memory format",
+                _first_line(exc),
+            )
             self.channels_last = False
             modules = [self.model] + ([self.distill.teacher] if self.distill is not None else [])
             for m in modules:
@@ -375,6 +380,25 @@ class Trainer:
             out = net(x)
         self._format_checked = True
         return out, x
+
+    def _teacher_logits(self, x: Tensor) -> Tensor:
+        """The teacher's logits for ``x``. Its first channels-last pass is a trial too (eval mode,
+        no autograd: nothing to put back); a teacher that fails it goes back to the default format."""
+        teacher = self.distill.teacher
+        if not self._teacher_checked and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            try:
+                logits = teacher_logits(teacher, x)
+            except RuntimeError as exc:
+                log.warning(
+                    "the teacher cannot run channels-last (%s); it runs in the default memory format",
+                    _first_line(exc),
+                )
+                teacher.to(memory_format=torch.contiguous_format)
+                self._teacher_nhwc = False
+                logits = teacher_logits(teacher, x.contiguous())
+            self._teacher_checked = True
+            return logits
+        return teacher_logits(teacher, x if self._teacher_nhwc else x.contiguous())
 
     def _inputs(self, x: Tensor) -> Tensor:
         """A batch of images on the device, channels-last when the passes are."""
@@ -434,9 +458,7 @@ class Trainer:
                 out, x = self._forward(self.net, x)
                 task = F.cross_entropy(out, y)
                 if self.distill is not None:
-                    soft = distillation_loss(
-                        out, teacher_logits(self.distill.teacher, x), self.distill.temperature
-                    )
+                    soft = distillation_loss(out, self._teacher_logits(x), self.distill.temperature)
                     task = (1 - self.distill.weight) * task + self.distill.weight * soft
                 extra = self.extra_loss(y) if self.extra_loss is not None else None
                 loss = task + extra if extra is not None else task
@@ -506,6 +528,12 @@ class Trainer:
             )
         loss, correct, seen = _dist.all_reduce_(sums).tolist()
         return {"val_loss": loss / max(seen, 1), "val_acc": correct / max(seen, 1)}
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _set_aside(path: Path) -> Path:

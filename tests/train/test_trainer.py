@@ -267,3 +267,34 @@ def test_a_model_that_cannot_run_channels_last_trains_as_in_the_default_format(c
     for k, v in plain.items():  # BatchNorm statistics and the dropout RNG were put back: exact
         assert torch.equal(tried[k], v), k
     assert [h["val_acc"] for h in hist_tried] == [h["val_acc"] for h in hist_plain]
+
+
+def test_a_teacher_that_cannot_run_channels_last_runs_in_the_default_format(caplog):
+    from icnn_compress import Distillation, frozen_copy
+
+    torch.manual_seed(0)
+    teacher_net = _ViewNet()  # the student below can run channels-last, its teacher cannot
+    results = {}
+    for channels_last in (None, False):
+        torch.manual_seed(1)
+        student = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        student.append(nn.Linear(4, 4))
+        teacher = Distillation(frozen_copy(teacher_net), weight=0.5, temperature=4.0)
+        with caplog.at_level("WARNING", logger="icnn_compress"):
+            t = Trainer(
+                student,
+                loader(make_data()),
+                epochs=2,
+                distill=teacher,
+                progress=False,
+                channels_last=channels_last,
+            )
+            t.fit()
+        results[channels_last] = student.state_dict()
+        if channels_last is None:
+            assert t.channels_last  # the student still trains channels-last
+            assert sum("teacher cannot run channels-last" in r.message for r in caplog.records) == 1
+    for k, v in results[False].items():
+        torch.testing.assert_close(results[None][k], v, rtol=1e-4, atol=1e-5, msg=k)
