@@ -368,16 +368,16 @@ class Trainer:
                 for b, saved in zip(self.model.buffers(), buffers, strict=True):
                     b.copy_(saved)
             torch.set_rng_state(rng)
-            log.warning(
-                "this model cannot train channels-last (%s); using the default memory format",
-                _first_line(exc),
-            )
             self.channels_last = False
             modules = [self.model] + ([self.distill.teacher] if self.distill is not None else [])
             for m in modules:
                 m.to(memory_format=torch.contiguous_format)
             x = x.contiguous()
-            out = net(x)
+            out = net(x)  # an error that is not about the format raises here, as it would have
+            log.warning(
+                "this model cannot train channels-last (%s); using the default memory format",
+                _first_line(exc),
+            )
         self._format_checked = True
         return out, x
 
@@ -389,13 +389,13 @@ class Trainer:
             try:
                 logits = teacher_logits(teacher, x)
             except RuntimeError as exc:
+                teacher.to(memory_format=torch.contiguous_format)
+                self._teacher_nhwc = False
+                logits = teacher_logits(teacher, x.contiguous())
                 log.warning(
                     "the teacher cannot run channels-last (%s); it runs in the default memory format",
                     _first_line(exc),
                 )
-                teacher.to(memory_format=torch.contiguous_format)
-                self._teacher_nhwc = False
-                logits = teacher_logits(teacher, x.contiguous())
             self._teacher_checked = True
             return logits
         return teacher_logits(teacher, x if self._teacher_nhwc else x.contiguous())

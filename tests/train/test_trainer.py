@@ -298,3 +298,10 @@ def test_a_teacher_that_cannot_run_channels_last_runs_in_the_default_format(capl
             assert sum("teacher cannot run channels-last" in r.message for r in caplog.records) == 1
     for k, v in results[False].items():
         torch.testing.assert_close(results[None][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_an_error_that_is_not_about_the_format_still_reaches_the_user(caplog):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(7, 4))  # wrong Linear size
+    with caplog.at_level("WARNING", logger="icnn_compress"), pytest.raises(RuntimeError, match="shapes"):
+        Trainer(model, loader(make_data()), progress=False).fit()
+    assert not any("channels-last" in r.message for r in caplog.records)
