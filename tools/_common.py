@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 
@@ -81,6 +82,29 @@ def params_below(model: torch.nn.Module, layer: str) -> list[torch.nn.Parameter]
                 seen.add(id(p))
                 params.append(p)
     return params
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold the lock file ``lock_path`` inside the block, so that two runs never write the same cache.
+
+    A second run that finds it held stops at once with one line naming the lock (the first run's
+    files are left as they are); the lock is released when the block ends, even on an error.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SystemExit(
+            f"another run is writing this cache (lock {lock_path} is held): wait for it to finish, "
+            "or give this run another --cache"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import baseline_path, command_line, first_n_loader
+from _common import baseline_path, command_line, exclusive, first_n_loader
 from _common import frozen as frozen_params
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -328,38 +328,46 @@ def main() -> None:
     plain_train = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
     t_start = time.perf_counter()
     for model_name in a.models.split(","):
-        bases = [load_base(model_name, b, cache, train_dl, a) for b in range(a.bases)]
-        for b, variants in enumerate(bases):
-            key = f"{model_name}/base{b}/unpruned"
-            if key not in rows:
-                evals = {v: onnx_eval(m, eval_dl, a.threads, a.latency_repeats) for v, m in variants.items()}
-                rows[key] = {v: e["acc"] for v, e in evals.items()}
-                rows[key].update({k: v for k, v in evals["plain"].items() if k.startswith("latency")})
-                save_rows(cache, model_name, rows)
-            print(model_name, f"base{b}", "unpruned", rows[key], flush=True)
-        # the compensated rows first (the ones the recipes use), all bases of a row together
-        for comp in {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]:
-            for level in a.levels.split(","):
-                for crit in a.criteria.split(","):
-                    name = crit + ("+comp" if comp else "")
-                    for b, variants in enumerate(bases):
-                        key = f"{model_name}/base{b}/{level}/{name}"
-                        if key in rows and rows[key].get("refit", False) == (not a.no_refit):
-                            continue
-                        t0 = time.perf_counter()
-                        rows[key] = run_row(variants, crit, level, comp, b, plain_train, train_dl, eval_dl, a)
-                        rows[key]["seconds"] = time.perf_counter() - t0
-                        save_rows(cache, model_name, rows)
-                        r = rows[key]
-                        print(
-                            f"{key}: oneshot {r['oneshot_mean']:.4f}±{r['oneshot_std']:.4f} "
-                            f"(before BN {r['oneshot_before_bn']:.4f}) "
-                            f"recovered {r['recovered_mean'] or float('nan'):.4f} "
-                            f"[{r['macs_reduction']:.2f}x, {time.perf_counter() - t0:.0f}s, "
-                            f"total {time.perf_counter() - t_start:.0f}s]",
-                            flush=True,
-                        )
+        with exclusive(cache / f"rows_{model_name}.lock"):
+            run_model(model_name, rows, cache, plain_train, train_dl, eval_dl, a, t_start)
     write_results(load_rows(cache), a, Path(a.out_dir) if a.out_dir else None)
+
+
+def run_model(
+    model_name: str, rows: dict, cache: Path, plain_train, train_dl, eval_dl, a, t_start: float
+) -> None:
+    """Every missing row of one model (its bases, fine-tunes and criteria rows), saved as it goes."""
+    bases = [load_base(model_name, b, cache, train_dl, a) for b in range(a.bases)]
+    for b, variants in enumerate(bases):
+        key = f"{model_name}/base{b}/unpruned"
+        if key not in rows:
+            evals = {v: onnx_eval(m, eval_dl, a.threads, a.latency_repeats) for v, m in variants.items()}
+            rows[key] = {v: e["acc"] for v, e in evals.items()}
+            rows[key].update({k: v for k, v in evals["plain"].items() if k.startswith("latency")})
+            save_rows(cache, model_name, rows)
+        print(model_name, f"base{b}", "unpruned", rows[key], flush=True)
+    # the compensated rows first (the ones the recipes use), all bases of a row together
+    for comp in {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]:
+        for level in a.levels.split(","):
+            for crit in a.criteria.split(","):
+                name = crit + ("+comp" if comp else "")
+                for b, variants in enumerate(bases):
+                    key = f"{model_name}/base{b}/{level}/{name}"
+                    if key in rows and rows[key].get("refit", False) == (not a.no_refit):
+                        continue
+                    t0 = time.perf_counter()
+                    rows[key] = run_row(variants, crit, level, comp, b, plain_train, train_dl, eval_dl, a)
+                    rows[key]["seconds"] = time.perf_counter() - t0
+                    save_rows(cache, model_name, rows)
+                    r = rows[key]
+                    print(
+                        f"{key}: oneshot {r['oneshot_mean']:.4f}±{r['oneshot_std']:.4f} "
+                        f"(before BN {r['oneshot_before_bn']:.4f}) "
+                        f"recovered {r['recovered_mean'] or float('nan'):.4f} "
+                        f"[{r['macs_reduction']:.2f}x, {time.perf_counter() - t0:.0f}s, "
+                        f"total {time.perf_counter() - t_start:.0f}s]",
+                        flush=True,
+                    )
 
 
 def load_rows(cache: Path) -> dict:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import baseline_path, first_n_loader
+from _common import baseline_path, exclusive, first_n_loader
 
 import icnn_compress as ic
 from icnn_compress.io import atomic_save, atomic_write_json, environment_info
@@ -33,6 +33,13 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cache = Path(a.cache) if a.cache else baseline_path(a.model, a.epochs, a.train_size, a.seed)
+    with exclusive(cache.with_suffix(".lock")):
+        train(a, cache)
+
+
+def train(a: argparse.Namespace, cache: Path) -> None:
+    """Train the base model into ``cache`` (skipped when it exists, unless ``--force``) and write
+    tools/results/fashion_<model>.json."""
     if cache.exists() and not a.force:
         print(f"{a.model}: cached weights in {cache} (--force trains again)")
         return

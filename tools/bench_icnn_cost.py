@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, frozen, params_below, top1
+from _common import command_line, exclusive, frozen, params_below, top1
 from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -574,12 +574,12 @@ def main() -> None:
             rows_path = cache / f"rows_{model_name}{suffix}.json"
             own = {k: v for k, v in rows.items() if k.startswith(f"{model_name}/")}  # done in any part
             own.update(load_rows(rows_path))
-            if a.part != "synthetic":
-                run_fashion(model_name, a, own, cache, rows_path, variants)
-            if not a.no_synthetic and a.part != "fashion":
-                run_synthetic(
-                    model_name, a, own, cache, rows_path, [v for v in variants if VARIANTS[v]["icnn"]]
-                )
+            with exclusive(rows_path.with_suffix(".lock")):
+                if a.part != "synthetic":
+                    run_fashion(model_name, a, own, cache, rows_path, variants)
+                if not a.no_synthetic and a.part != "fashion":
+                    icnn_variants = [v for v in variants if VARIANTS[v]["icnn"]]
+                    run_synthetic(model_name, a, own, cache, rows_path, icnn_variants)
             rows.update(own)
     merged = [json.loads(Path(f).read_text()) for f in a.merge or []]
     for m in merged:
