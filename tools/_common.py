@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +84,19 @@ def params_below(model: torch.nn.Module, layer: str) -> list[torch.nn.Parameter]
                 seen.add(id(p))
                 params.append(p)
     return params
+
+
+def log_to_stdout() -> None:
+    """Show the package's INFO lines on stdout with the time (one line per training epoch, the
+    refit, the latency plans...), so that a benchmark running in the background says where it is.
+    Does nothing when the caller has configured the ``icnn_compress`` logger already."""
+    log = logging.getLogger("icnn_compress")
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import baseline_path, command_line, exclusive, first_n_loader
+from _common import baseline_path, command_line, exclusive, first_n_loader, log_to_stdout
 from _common import frozen as frozen_params
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -311,6 +311,7 @@ def main() -> None:
     p.add_argument("--write-only", action="store_true", help="only write the results of the cached rows")
     p.add_argument("--out-dir", default=None, help="where criteria.json/.md go (default tools/results)")
     a = p.parse_args()
+    log_to_stdout()
     if a.masked_epochs is not None and not 1 <= a.masked_epochs <= a.finetune_epochs:
         p.error(
             f"--masked-epochs must be in [1, --finetune-epochs={a.finetune_epochs}]; got {a.masked_epochs}"

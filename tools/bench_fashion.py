@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import baseline_path, exclusive, first_n_loader
+from _common import baseline_path, exclusive, first_n_loader, log_to_stdout
 
 import icnn_compress as ic
 from icnn_compress.io import atomic_save, atomic_write_json, environment_info
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=None, help="train on the first N images (quick runs)")
     p.add_argument("--force", action="store_true", help="train again even if the cached weights exist")
     a = p.parse_args()
+    log_to_stdout()
     torch.set_num_threads(a.threads)
     cache = Path(a.cache) if a.cache else baseline_path(a.model, a.epochs, a.train_size, a.seed)
     with exclusive(cache.with_suffix(".lock")):

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, exclusive, frozen, params_below, top1
+from _common import command_line, exclusive, frozen, log_to_stdout, params_below, top1
 from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -555,6 +555,7 @@ def main() -> None:
         help="run only one half (parallel runs)",
     )
     a = p.parse_args()
+    log_to_stdout()
     cache = apply_budget(a)
     if a.quick:
         a.syn_train, a.syn_base_epochs, a.syn_ft_images = 4000, 3, 2000

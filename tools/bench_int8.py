@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import command_line, first_n_loader
+from _common import command_line, first_n_loader, log_to_stdout
 
 import icnn_compress as ic
 from icnn_compress.export import export_onnx
@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--out", default=str(RESULTS / "int8.json"))
     a = p.parse_args()
+    log_to_stdout()
     torch.set_num_threads(a.threads)
     train_dl, val_dl = ic.data.loaders("fashion-mnist", batch_size=64, seed=0)
     example = torch.rand(1, 1, 28, 28)

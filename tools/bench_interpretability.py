@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line
+from _common import command_line, log_to_stdout
 from torch.utils.data import DataLoader
 
 import icnn_compress as ic
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_interpretability")
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
+    log_to_stdout()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     kw = dict(num_classes=a.classes, image_size=a.image_size, seed=a.seed, difficulty=a.difficulty)

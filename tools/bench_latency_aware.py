@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import baseline_path
+from _common import baseline_path, log_to_stdout
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 import icnn_compress as ic
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "latency_aware.json"))
     p.add_argument("--render", action="store_true", help="only write the .md table from an existing --out")
     a = p.parse_args()
+    log_to_stdout()
     if a.render:
         render(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".md"))
         return

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line
+from _common import command_line, log_to_stdout
 from bench_icnn_cost import (
     VARIANTS,
     apply_budget,
@@ -144,6 +144,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--write-only", action="store_true")
     a = p.parse_args()
+    log_to_stdout()
     cache = apply_budget(a)
     cache.mkdir(parents=True, exist_ok=True)
     rows: dict = {}

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, top1
+from _common import command_line, log_to_stdout, top1
 from torch.utils.data import DataLoader, RandomSampler
 
 import icnn_compress as ic
@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "specialise.json"))
     p.add_argument("--write-only", action="store_true", help="only rewrite the .md from the .json")
     a = p.parse_args()
+    log_to_stdout()
     if a.write_only:
         Path(a.out).with_suffix(".md").write_text(markdown(json.loads(Path(a.out).read_text())) + "\n")
         return

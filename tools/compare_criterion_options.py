@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, load_fashion_model, parse_options, probe_batches
+from _common import command_line, load_fashion_model, log_to_stdout, parse_options, probe_batches
 from bench_icnn_cost import VARIANTS, fine_tune
 from diagnose_groups import per_class_top1
 from torch.utils.data import DataLoader, Subset
@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--ft-lr", type=float, default=0.01)
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    log_to_stdout()
     torch.set_num_threads(a.threads)
     _, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
     plain_train = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset

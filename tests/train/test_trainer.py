@@ -53,6 +53,22 @@ def run(out_dir, epochs, resume=False, with_icnn=True, **kw):
     return t, handle
 
 
+def test_each_epoch_is_one_info_line_with_its_metrics(tmp_path, caplog):
+    """A run in a log file (no progress bar) still shows where training is and how it goes."""
+    with caplog.at_level("INFO", logger="icnn_compress.train"):
+        t, _ = run(tmp_path, 2)
+    lines = [r.getMessage() for r in caplog.records if r.message.startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: ") and lines[1].startswith("epoch 2/2: ")
+    last = t.history[-1]
+    assert f"acc {last['train_acc']:.4f}" in lines[1] and f"acc {last['val_acc']:.4f}" in lines[1]
+    assert f"extra loss {last['train_extra_loss']:.4f}" in lines[1] and f"{last['steps']} steps" in lines[1]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="icnn_compress.train"):
+        run(tmp_path / "plain", 1, with_icnn=False)
+    (line,) = [r.getMessage() for r in caplog.records if r.message.startswith("epoch ")]
+    assert "extra loss" not in line
+
+
 def test_fit_logs_and_checkpoints(tmp_path):
     _t, _ = run(tmp_path, 2)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
