@@ -29,7 +29,9 @@ Accuracy is top-1 of the exported ONNX model in ONNX Runtime (CPU) on the first 
 test images; the latency of the seed-0 one-shot model is measured in the same session (batch 1
 and 32, median of ``--latency-repeats`` after 5 warm-up calls, ``--threads`` intra-op threads).
 Results are cached per row in ``runs/bench_criteria/rows_<model>.json`` (re-runs resume, across
-sessions) and written to tools/results/criteria.json and criteria.md.
+sessions) and written to tools/results/criteria.json and criteria.md. ``--worker K/N`` lets N
+processes share one cache (each its own rows file; a fine-tune is trained once, the other workers
+wait for it); a second run of the same worker on the same cache stops at once.
 
     .venv/bin/python tools/bench_criteria.py [--models vgg_small,resnet_cifar20] [--bases 2] [--seeds 2]
 """
@@ -49,6 +51,7 @@ from pathlib import Path
 import torch
 from _common import baseline_path, command_line, exclusive, first_n_loader, log_to_stdout
 from _common import frozen as frozen_params
+from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
@@ -128,36 +131,38 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
     """Base ``b`` (training seed ``b``, trained by bench_fashion.py if missing) fine-tuned without
     (``plain``) and with (``icnn``) the filter loss, both cached."""
     base_path = baseline_path(model_name, a.baseline_epochs, a.train_size, b)
-    if not base_path.exists():
-        cmd = [sys.executable, "tools/bench_fashion.py", "--model", model_name, "--seed", str(b)]
-        cmd += ["--epochs", str(a.baseline_epochs), "--threads", str(a.threads)]
-        cmd += ["--train-size", str(a.train_size)] if a.train_size else []
-        subprocess.run(cmd, check=True)
+    # workers (--worker) wait for each other here: the first to come trains, the others load
+    with FileLock(f"{base_path}.wait.lock"):
+        if not base_path.exists():
+            cmd = [sys.executable, "tools/bench_fashion.py", "--model", model_name, "--seed", str(b)]
+            cmd += ["--epochs", str(a.baseline_epochs), "--threads", str(a.threads)]
+            cmd += ["--train-size", str(a.train_size)] if a.train_size else []
+            subprocess.run(cmd, check=True)
     variants = {}
     for variant in ("plain", "icnn"):
         path = cache / f"{model_name}_base{b}_{variant}.pt"
         model = ic.models.create(model_name, num_classes=10, in_channels=1, weights=str(base_path))
         handle = ic.attach_icnn(model, "auto", num_classes=10) if variant == "icnn" else None
-        if path.exists():
-            if handle is not None:
-                handle.set_masks(False)
-                handle.freeze()
-            model.load_state_dict(torch.load(path, weights_only=True))
-        else:
-            finetune(
-                model,
-                train_dl,
-                steps=a.finetune_steps,
-                epochs=a.finetune_epochs,
-                lr=0.01,
-                handle=handle,
-                seed=b,
-                masked_epochs=a.masked_epochs,
-            )
-            if handle is not None:
-                handle.set_masks(False)
-                handle.freeze()
-            atomic_save(model.state_dict(), path)
+        with FileLock(f"{path}.lock"):
+            if not path.exists():
+                finetune(
+                    model,
+                    train_dl,
+                    steps=a.finetune_steps,
+                    epochs=a.finetune_epochs,
+                    lr=0.01,
+                    handle=handle,
+                    seed=b,
+                    masked_epochs=a.masked_epochs,
+                )
+                if handle is not None:
+                    handle.set_masks(False)
+                    handle.freeze()
+                atomic_save(model.state_dict(), path)
+        if handle is not None:  # (a no-op after the fine-tune above)
+            handle.set_masks(False)
+            handle.freeze()
+        model.load_state_dict(torch.load(path, weights_only=True))
         variants[variant] = model.eval()
     if {"base", "auto"} & {a.kd_teacher, a.refit_teacher}:  # the model both fine-tunes started from
         variants["base"] = ic.models.create(
@@ -308,6 +313,13 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="runs/bench_criteria")
+    p.add_argument(
+        "--worker",
+        default=None,
+        metavar="K/N",
+        help="compute only every N-th missing row, starting at the K-th (0-based), so that N processes "
+        "share one --cache; fine-tunes are trained once, by whichever worker comes first",
+    )
     p.add_argument("--write-only", action="store_true", help="only write the results of the cached rows")
     p.add_argument("--out-dir", default=None, help="where criteria.json/.md go (default tools/results)")
     a = p.parse_args()
@@ -316,6 +328,7 @@ def main() -> None:
         p.error(
             f"--masked-epochs must be in [1, --finetune-epochs={a.finetune_epochs}]; got {a.masked_epochs}"
         )
+    worker = parse_worker(p, a.worker)
     torch.set_num_threads(a.threads)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -329,24 +342,57 @@ def main() -> None:
     plain_train = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
     t_start = time.perf_counter()
     for model_name in a.models.split(","):
-        with exclusive(cache / f"rows_{model_name}.lock"):
-            run_model(model_name, rows, cache, plain_train, train_dl, eval_dl, a, t_start)
+        rows_file = cache / f"rows_{model_name}{worker_suffix(worker)}.json"
+        with exclusive(rows_file.with_suffix(".lock")):
+            run_model(model_name, rows, rows_file, worker, plain_train, train_dl, eval_dl, a, t_start)
     write_results(load_rows(cache), a, Path(a.out_dir) if a.out_dir else None)
 
 
+def parse_worker(p: argparse.ArgumentParser, text: str | None) -> tuple[int, int]:
+    """``--worker K/N`` as ``(K, N)``; ``(0, 1)`` without it."""
+    if text is None:
+        return 0, 1
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        p.error(f"--worker must be K/N with 0 <= K < N (e.g. 0/2); got {text!r}")
+    return k, n
+
+
+def worker_suffix(worker: tuple[int, int]) -> str:
+    """Where a worker's rows go: ``rows_<model>.json`` alone, ``rows_<model>.w<K>of<N>.json`` as one of N."""
+    k, n = worker
+    return "" if n == 1 else f".w{k}of{n}"
+
+
 def run_model(
-    model_name: str, rows: dict, cache: Path, plain_train, train_dl, eval_dl, a, t_start: float
+    model_name: str,
+    rows: dict,
+    rows_file: Path,
+    worker: tuple[int, int],
+    plain_train,
+    train_dl,
+    eval_dl,
+    a,
+    t_start: float,
 ) -> None:
-    """Every missing row of one model (its bases, fine-tunes and criteria rows), saved as it goes."""
-    bases = [load_base(model_name, b, cache, train_dl, a) for b in range(a.bases)]
+    """Every missing row of one model (its bases, fine-tunes and criteria rows) that falls to
+    ``worker`` = (K, N), saved to ``rows_file`` as it goes. Worker K fine-tunes base K first."""
+    k, n = worker
+    order = [(k + i) % a.bases for i in range(a.bases)]
+    loaded = {b: load_base(model_name, b, rows_file.parent, train_dl, a) for b in order}
+    bases = [loaded[b] for b in range(a.bases)]
     for b, variants in enumerate(bases):
         key = f"{model_name}/base{b}/unpruned"
         if key not in rows:
             evals = {v: onnx_eval(m, eval_dl, a.threads, a.latency_repeats) for v, m in variants.items()}
             rows[key] = {v: e["acc"] for v, e in evals.items()}
             rows[key].update({k: v for k, v in evals["plain"].items() if k.startswith("latency")})
-            save_rows(cache, model_name, rows)
+            save_rows(rows_file, model_name, rows)
         print(model_name, f"base{b}", "unpruned", rows[key], flush=True)
+    index = -1  # of every row in the same order in every worker, cached or not
     # the compensated rows first (the ones the recipes use), all bases of a row together
     for comp in {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]:
         for level in a.levels.split(","):
@@ -354,12 +400,15 @@ def run_model(
                 name = crit + ("+comp" if comp else "")
                 for b, variants in enumerate(bases):
                     key = f"{model_name}/base{b}/{level}/{name}"
+                    index += 1
+                    if index % n != k:  # another worker's row
+                        continue
                     if key in rows and rows[key].get("refit", False) == (not a.no_refit):
                         continue
                     t0 = time.perf_counter()
                     rows[key] = run_row(variants, crit, level, comp, b, plain_train, train_dl, eval_dl, a)
                     rows[key]["seconds"] = time.perf_counter() - t0
-                    save_rows(cache, model_name, rows)
+                    save_rows(rows_file, model_name, rows)
                     r = rows[key]
                     print(
                         f"{key}: oneshot {r['oneshot_mean']:.4f}±{r['oneshot_std']:.4f} "
@@ -384,9 +433,10 @@ def load_rows(cache: Path) -> dict:
     return rows
 
 
-def save_rows(cache: Path, model_name: str, rows: dict) -> None:
+def save_rows(rows_file: Path, model_name: str, rows: dict) -> None:
+    """``model_name``'s rows into ``rows_file`` (atomically), with this script's cache version."""
     mine = {k: v for k, v in rows.items() if k.split("/")[0] == model_name}
-    atomic_write_json({"_version": CACHE_VERSION, **mine}, cache / f"rows_{model_name}.json")
+    atomic_write_json({"_version": CACHE_VERSION, **mine}, rows_file)
 
 
 def summarise(rows: dict, bases: int) -> dict:

@@ -50,3 +50,15 @@ def test_a_second_base_training_on_the_same_cache_stops_before_any_work(tmp_path
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "base.lock" in lines[0] and "Traceback" not in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.lock"]
+
+
+@pytest.mark.parametrize("worker", ["2/2", "a/b"])
+def test_a_bad_worker_split_is_refused_in_one_line(worker):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_criteria.py"), "--worker", worker],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"--worker must be K/N with 0 <= K < N (e.g. 0/2); got {worker!r}" in done.stderr.splitlines()[-1]
