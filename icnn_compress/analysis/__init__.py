@@ -12,7 +12,11 @@ from icnn_compress.analysis._clusters import (
     filter_distances,
     ground_truth_parts,
 )
-from icnn_compress.analysis._metrics import location_instability, part_interpretability
+from icnn_compress.analysis._metrics import (
+    location_instability,
+    location_instability_reference,
+    part_interpretability,
+)
 from icnn_compress.analysis._pictures import (
     plot_cluster_overview,
     plot_filter_gallery,
@@ -39,6 +43,7 @@ __all__ = [
     "layer_maps_point",
     "layer_maps_points",
     "location_instability",
+    "location_instability_reference",
     "part_interpretability",
     "plot_cluster_overview",
     "plot_filter_gallery",

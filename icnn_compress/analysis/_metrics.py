@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -13,7 +14,7 @@ from icnn_compress._progress import progress_bar
 from icnn_compress.analysis._signatures import LayerSignature, layer_maps_point
 from icnn_compress.errors import ConfigError
 
-__all__ = ["location_instability", "part_interpretability"]
+__all__ = ["location_instability", "location_instability_reference", "part_interpretability"]
 
 
 def location_instability(
@@ -71,6 +72,66 @@ def location_instability(
         scores[f] = best
     valid = scores[~scores.isnan()]
     return {"score": float(valid.mean()) if valid.numel() else float("nan"), "per_filter": scores}
+
+
+def location_instability_reference(
+    sig: LayerSignature, *, top: int = 100, per: str = "best", min_images: int = 5
+) -> dict:
+    """What ``location_instability`` gives filters whose behaviour is known, on the same probe set
+    and layer: the scale against which a layer's score reads.
+
+    * ``part_detectors``: ``(P,)`` the score of an ideal detector of each landmark: it fires exactly
+      on the images where the landmark is visible, at the unit of the layer's map nearest to it
+      (the best a filter of this layer can localise; NaN for a landmark seen on fewer than
+      ``min_images`` images of every category);
+    * ``floor``: the lowest of them, ``part_mean`` their mean;
+    * ``fixed``: a filter that fires on every image at the unit nearest the image centre, whatever
+      the image shows (no localisation at all).
+
+    A detector of one part still scores above 0, because the score averages over every landmark
+    and the other parts move relative to it; and the map's stride rounds every position. A layer
+    whose filters score near ``floor`` localises about as well as its resolution allows; one near
+    ``fixed`` no better than a constant position. ``top``, ``per``, ``min_images``: as in
+    ``location_instability`` (``per="category"`` is read as ``"best"``: the ideal detectors have no
+    category).
+    """
+    if sig.landmarks is None:
+        raise ConfigError(
+            f"location_instability_reference needs landmarks: the probe set of layer {sig.layer!r} had "
+            "none (use a dataset with landmarks, e.g. SyntheticParts(annotations=True))."
+        )
+    lm = sig.landmarks.float()
+    n, parts = lm.shape[0], lm.shape[1]
+    h, w = sig.mean_map.shape[-2:]
+    rf = sig.rf
+
+    def on_map(xy: Tensor) -> Tensor:  # the receptive-field centre of the unit nearest to xy
+        col = ((xy[..., 0] - rf.offset) / rf.stride).round().clamp(0, w - 1)
+        row = ((xy[..., 1] - rf.offset) / rf.stride).round().clamp(0, h - 1)
+        return torch.stack([rf.offset + rf.stride * col, rf.offset + rf.stride * row], -1)
+
+    height, width = sig.image_size
+    centre = on_map(torch.tensor([(width - 1) / 2, (height - 1) / 2])).expand(n, 2)
+    peak_xy = torch.cat([on_map(lm[:, :, :2]), centre[:, None]], dim=1)  # (N, P + 1, 2)
+    fires = torch.cat([(lm[:, :, 2] > 0).float(), torch.ones(n, 1)], dim=1)
+    ideal = dataclasses.replace(
+        sig,
+        peak_xy=peak_xy,
+        peak_value=fires,
+        category=torch.zeros(parts + 1, dtype=torch.long),
+        class_mean=torch.zeros(parts + 1, sig.class_mean.shape[1]),
+    )
+    scores = location_instability(
+        ideal, top=top, per="all" if per == "all" else "best", min_images=min_images
+    )["per_filter"]
+    detectors = scores[:parts]
+    seen = detectors[~detectors.isnan()]
+    return {
+        "part_detectors": detectors,
+        "floor": float(seen.min()) if seen.numel() else float("nan"),
+        "part_mean": float(seen.mean()) if seen.numel() else float("nan"),
+        "fixed": float(scores[parts]),
+    }
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from icnn_compress.analysis import (
     cluster_filters,
     filter_signatures,
     location_instability,
+    location_instability_reference,
     part_interpretability,
     receptive_field,
 )
@@ -118,6 +119,19 @@ def test_location_instability_detectors_vs_random(planted):
     assert float(random.min()) > 2 * float(detectors.max())
 
 
+def test_the_reference_scores_ideal_detectors_as_the_planted_ones_score(planted):
+    """The planted filters are exact part detectors, so they must score what the reference says
+    an ideal detector of their part scores; the random filters score worse than a fixed position."""
+    _, _, sig = planted
+    ref = location_instability_reference(sig)
+    per = location_instability(sig)["per_filter"]
+    assert ref["part_detectors"].shape == (PARTS,)
+    assert per[: len(DETECTS)].tolist() == pytest.approx(ref["part_detectors"][DETECTS].tolist(), abs=1e-6)
+    assert ref["floor"] == pytest.approx(float(ref["part_detectors"].min()))
+    assert ref["part_mean"] == pytest.approx(float(ref["part_detectors"].mean()))
+    assert 0 < ref["floor"] < ref["part_mean"] < ref["fixed"] < float(per[len(DETECTS) :].min())
+
+
 def test_part_interpretability_detectors_vs_random(planted):
     model, loader, _ = planted
     # parts cover ~1% of all positions here, so the top-0.5% threshold of the spec would keep only
@@ -135,6 +149,8 @@ def test_metrics_need_annotations():
     sig = filter_signatures(model, loader, "2", num_classes=CLASSES, progress=False)["2"]
     with pytest.raises(ConfigError, match="needs landmarks"):
         location_instability(sig)
+    with pytest.raises(ConfigError, match="needs landmarks"):
+        location_instability_reference(sig)
     with pytest.raises(ConfigError, match="needs part masks"):
         part_interpretability(model, loader, "2", progress=False)
 
