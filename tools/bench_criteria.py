@@ -143,8 +143,9 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
         path = cache / f"{model_name}_base{b}_{variant}.pt"
         model = ic.models.create(model_name, num_classes=10, in_channels=1, weights=str(base_path))
         handle = ic.attach_icnn(model, "auto", num_classes=10) if variant == "icnn" else None
-        with FileLock(f"{path}.lock"):
-            if not path.exists():
+        with FileLock(f"{path}.lock"):  # one worker trains, the others wait and load
+            cached = path.exists()
+            if not cached:
                 finetune(
                     model,
                     train_dl,
@@ -155,14 +156,13 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
                     seed=b,
                     masked_epochs=a.masked_epochs,
                 )
-                if handle is not None:
-                    handle.set_masks(False)
-                    handle.freeze()
+            if handle is not None:
+                handle.set_masks(False)
+                handle.freeze()
+            if cached:
+                model.load_state_dict(torch.load(path, weights_only=True))
+            else:
                 atomic_save(model.state_dict(), path)
-        if handle is not None:  # (a no-op after the fine-tune above)
-            handle.set_masks(False)
-            handle.freeze()
-        model.load_state_dict(torch.load(path, weights_only=True))
         variants[variant] = model.eval()
     if {"base", "auto"} & {a.kd_teacher, a.refit_teacher}:  # the model both fine-tunes started from
         variants["base"] = ic.models.create(
@@ -317,8 +317,8 @@ def main() -> None:
         "--worker",
         default=None,
         metavar="K/N",
-        help="compute only every N-th missing row, starting at the K-th (0-based), so that N processes "
-        "share one --cache; fine-tunes are trained once, by whichever worker comes first",
+        help="compute only every N-th row (cached or not), starting at the K-th (0-based), so that N "
+        "processes share one --cache; fine-tunes are trained once, by whichever worker comes first",
     )
     p.add_argument("--write-only", action="store_true", help="only write the results of the cached rows")
     p.add_argument("--out-dir", default=None, help="where criteria.json/.md go (default tools/results)")
