@@ -84,7 +84,9 @@ def location_instability_reference(
       on the images where the landmark is visible, at the unit of the layer's map nearest to it
       (the best a filter of this layer can localise; NaN for a landmark seen on fewer than
       ``min_images`` images of every category);
-    * ``floor``: the lowest of them, ``part_mean`` their mean;
+    * ``floor``: the lowest of them, ``part_mean`` their mean; ``floor_exact``: the lowest with
+      each detector's peak exactly on its landmark, not rounded to a unit (what a finer map could
+      approach);
     * ``fixed``: a filter that fires on every image at the unit nearest the image centre, whatever
       the image shows (no localisation at all).
 
@@ -112,25 +114,29 @@ def location_instability_reference(
 
     height, width = sig.image_size
     centre = on_map(torch.tensor([(width - 1) / 2, (height - 1) / 2])).expand(n, 2)
-    peak_xy = torch.cat([on_map(lm[:, :, :2]), centre[:, None]], dim=1)  # (N, P + 1, 2)
-    fires = torch.cat([(lm[:, :, 2] > 0).float(), torch.ones(n, 1)], dim=1)
+    # filters: P detectors on the map, P exactly on the landmarks, one fixed at the centre
+    peak_xy = torch.cat([on_map(lm[:, :, :2]), lm[:, :, :2], centre[:, None]], dim=1)  # (N, 2P + 1, 2)
+    visible = (lm[:, :, 2] > 0).float()
+    fires = torch.cat([visible, visible, torch.ones(n, 1)], dim=1)
     ideal = dataclasses.replace(
         sig,
         peak_xy=peak_xy,
         peak_value=fires,
-        category=torch.zeros(parts + 1, dtype=torch.long),
-        class_mean=torch.zeros(parts + 1, sig.class_mean.shape[1]),
+        category=torch.zeros(2 * parts + 1, dtype=torch.long),
+        class_mean=torch.zeros(2 * parts + 1, sig.class_mean.shape[1]),
     )
     scores = location_instability(
         ideal, top=top, per="all" if per == "all" else "best", min_images=min_images
     )["per_filter"]
-    detectors = scores[:parts]
-    seen = detectors[~detectors.isnan()]
+    detectors, exact = scores[:parts], scores[parts : 2 * parts]
+    seen, seen_exact = detectors[~detectors.isnan()], exact[~exact.isnan()]
+    nan = float("nan")
     return {
         "part_detectors": detectors,
-        "floor": float(seen.min()) if seen.numel() else float("nan"),
-        "part_mean": float(seen.mean()) if seen.numel() else float("nan"),
-        "fixed": float(scores[parts]),
+        "floor": float(seen.min()) if seen.numel() else nan,
+        "part_mean": float(seen.mean()) if seen.numel() else nan,
+        "floor_exact": float(seen_exact.min()) if seen_exact.numel() else nan,
+        "fixed": float(scores[2 * parts]),
     }
 
 

@@ -130,6 +130,8 @@ def test_the_reference_scores_ideal_detectors_as_the_planted_ones_score(planted)
     assert ref["floor"] == pytest.approx(float(ref["part_detectors"].min()))
     assert ref["part_mean"] == pytest.approx(float(ref["part_detectors"].mean()))
     assert 0 < ref["floor"] < ref["part_mean"] < ref["fixed"] < float(per[len(DETECTS) :].min())
+    # exactly on its part, a detector keeps only the other parts' own jitter, not the map's rounding
+    assert ref["floor_exact"] < ref["floor"]
 
 
 def test_part_interpretability_detectors_vs_random(planted):
