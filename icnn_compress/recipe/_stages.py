@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from torch import nn
+from torch.utils.data import DataLoader
 
 import icnn_compress as ic
 from icnn_compress import _dist
@@ -141,6 +142,9 @@ def analyse(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     from icnn_compress.analysis import (
         cluster_filters,
         filter_signatures,
+        location_instability,
+        location_instability_reference,
+        part_interpretability,
         plot_cluster_overview,
         plot_filter_gallery,
     )
@@ -148,9 +152,10 @@ def analyse(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     model, spec = _finetuned(ctx, run)
     layers = spec["layers"] if spec else ic.icnn.top_layers(model, 1)
     probe = ctx.loaders()[1]
+    annotated = _annotated_probe(ctx)
     sigs = filter_signatures(
         model,
-        probe,
+        annotated or probe,
         layers,
         num_classes=ctx.recipe.data.num_classes,
         max_images=ctx.recipe.analysis.probe_images,
@@ -167,6 +172,16 @@ def analyse(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
             "categories": sig.category.tolist(),
             "labels": cl.labels.tolist(),
         }
+        if annotated is not None:  # the parts are known: how well do the filters localise them?
+            reference = location_instability_reference(sig)
+            summary[name] |= {
+                "location_instability": location_instability(sig)["score"],
+                "location_instability_floor": reference["floor"],
+                "location_instability_fixed": reference["fixed"],
+                "part_interpretability": part_interpretability(
+                    model, annotated, name, max_images=ctx.recipe.analysis.probe_images, progress=False
+                )["score"],
+            }
         if ctx.recipe.analysis.pictures:
             png = f"clusters_{name.replace('.', '_')}.png"
             plot_cluster_overview(sig, cl, out / png)
@@ -183,6 +198,24 @@ def analyse(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
             files += [png, gallery]
     atomic_write_json(summary, out / "analysis.json")
     return files, summary
+
+
+def _annotated_probe(ctx: RunContext) -> DataLoader | None:
+    """The validation images with their part landmarks and masks, where the data set has them
+    (synthetic parts; the same images as the validation loader's), else ``None``."""
+    d = ctx.recipe.data
+    if d.name != "synthetic-parts":
+        return None
+    images = ic.data.SyntheticParts(
+        "val",
+        d.val_size,
+        annotations=True,
+        num_classes=d.num_classes,
+        image_size=d.image_size,
+        seed=d.seed,
+        difficulty=d.difficulty,
+    )
+    return DataLoader(images, batch_size=ctx.loaders()[1].batch_size)
 
 
 def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
@@ -398,11 +431,25 @@ def report(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
         title=f"icnn-compress: {ctx.recipe.name}",
         speedup_batch=batch,
         removed_filters=_removed_filters(run),
+        interpretability=_analysed_layers(run),
     )
     analysed = run.stage_dir("analyse")
     pictures = sorted(analysed.glob("*.png")) if run.finished("analyse")[0] else []
     paths = write_report(rep, out, analysis_pictures=pictures, batch=batch)
     return [p.name for p in paths.values()], {"report": str(paths["html"])}
+
+
+def _analysed_layers(run: RunDirectory) -> list[dict]:
+    """One row per analysed layer for the report (``analysis.json`` without the per-filter lists;
+    empty when the run has no analysis)."""
+    analysis_file = run.stage_dir("analyse") / "analysis.json"
+    if not (run.finished("analyse")[0] and analysis_file.is_file()):
+        return []
+    per_filter = ("categories", "labels")
+    return [
+        {"layer": layer, **{k: v for k, v in info.items() if k not in per_filter}}
+        for layer, info in json.loads(analysis_file.read_text()).items()
+    ]
 
 
 def _removed_filters(run: RunDirectory) -> list[dict]:

@@ -22,6 +22,11 @@ JSON schema (``schema_version`` 1):
         {"layer", "filter", "cluster"?, "category"?,
          "absorbed_by": [[kept filter, compensation coefficient, its cluster or null], ...]}
       ],
+      "interpretability": [                 # the analysed layers (from the analysis stage)
+        {"layer", "filters", "clusters", "ari"?,   # ARI of the clusters against the true parts
+         "location_instability"?, "location_instability_floor"?, "location_instability_fixed"?,
+         "part_interpretability"?}        # where the probe data has part annotations
+      ],
       "figures": {"<name>": "<file name>"}, # PNGs written next to the report
       "analysis_pictures": ["<file name>"]  # copied from the analysis stage when given
     }
@@ -55,9 +60,11 @@ def build_report(
     baseline: str | None = None,
     speedup_batch: int = 32,
     removed_filters: list[dict] | None = None,
+    interpretability: list[dict] | None = None,
 ) -> dict:
     """Assemble the JSON document; adds MACs reduction, speedup and the latency guard per model
-    relative to ``baseline`` (default: the first model). ``removed_filters``: see the schema."""
+    relative to ``baseline`` (default: the first model). ``removed_filters``, ``interpretability``:
+    see the schema."""
     if not models:
         raise ValueError("build_report needs at least one measured model.")
     base = next((m for m in models if m["name"] == baseline), models[0])
@@ -98,6 +105,7 @@ def build_report(
         "baseline": base["name"],
         "models": out,
         "removed_filters": list(removed_filters or []),
+        "interpretability": list(interpretability or []),
         "figures": {},
         "analysis_pictures": [],
     }
@@ -156,6 +164,39 @@ def _grouped_bars(
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+INTERPRETABILITY_TITLE = "Interpretability of the analysed layers"
+
+
+def _interpretability_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the analysed layers' table; the localisation columns only where the
+    probe had part annotations."""
+    layers = report.get("interpretability", [])
+    parts = any("location_instability" in r for r in layers)
+
+    def num(v, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    head = ["layer", "filters", "clusters", "ARI of the clusters vs the true parts"]
+    if parts:
+        head += [
+            "location instability (lower is better)",
+            "ideal part detectors / a fixed position",
+            "part interpretability",
+        ]
+    rows = []
+    for r in layers:
+        row = [r["layer"], str(r["filters"]), str(r["clusters"]), num(r.get("ari"), ".3f")]
+        if parts:
+            floor, fixed = r.get("location_instability_floor"), r.get("location_instability_fixed")
+            row += [
+                num(r.get("location_instability"), ".4f"),
+                "" if floor is None or fixed is None else f"{floor:.4f} / {fixed:.4f}",
+                num(r.get("part_interpretability"), ".3f"),
+            ]
+        rows.append(row)
+    return head, rows
 
 
 def _removed_table(report: dict, limit: int = 64) -> tuple[list[str], list[list[str]]]:
@@ -269,6 +310,7 @@ def _markdown(report: dict, batch: int) -> str:
     for title, (head, rows) in (
         ("Accuracy per class", _class_table(report)),
         (REMOVED_TITLE, _removed_table(report)),
+        (INTERPRETABILITY_TITLE, _interpretability_table(report)),
     ):
         if rows:
             lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -308,13 +350,12 @@ def _html(report: dict, md_table: str, out: Path) -> str:
         for n, f in report["figures"].items()
     )
     class_table = _html_table("Accuracy per class", *_class_table(report))
-    removed_table = _html_table(
-        "Removed filters and the kept filters that absorbed them", *_removed_table(report)
-    )
+    removed_table = _html_table(REMOVED_TITLE, *_removed_table(report))
     pictures = "".join(
         f"<figure>{img(p)}<figcaption>{html.escape(p)}</figcaption></figure>"
         for p in report["analysis_pictures"]
     )
+    interpretability = _html_table(INTERPRETABILITY_TITLE, *_interpretability_table(report))
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(report['title'])}</title><style>body{{font-family:sans-serif;margin:2em}}"
@@ -327,6 +368,7 @@ def _html(report: dict, md_table: str, out: Path) -> str:
         + class_table
         + figures
         + removed_table
+        + interpretability
         + (f"<h2>Filter analysis</h2>{pictures}" if pictures else "")
         + "</body></html>\n"
     )

@@ -72,6 +72,14 @@ def test_run_end_to_end_and_resume(recipe, tmp_path, capsys):
     assert "<table>" in html and "pruned" in html
     # the removed filters of the analysed layer, each with the kept filters that absorbed it
     assert "Removed filters and the kept filters that absorbed them" in html and "layer3</td>" in html
+    # synthetic parts have landmarks: the analysed layer's localisation, on the scale of ideal detectors
+    analysed = json.loads((run / "2_analyse" / "analysis.json").read_text())["layer3"]
+    # (on 16 px images and 4x4 maps a fixed position can score as well as a part detector)
+    assert analysed["location_instability_floor"] > 0 and analysed["location_instability_fixed"] > 0
+    assert analysed["location_instability"] > 0 and 0 <= analysed["part_interpretability"] <= 1
+    assert analysed["ari"] is not None
+    assert "Interpretability of the analysed layers" in html
+    assert f"{analysed['location_instability']:.4f}</td>" in html
     measured = json.loads((run / "7_measure" / "measurements.json").read_text())
     assert measured[1]["macs"] * 1.5 <= measured[0]["macs"]
     # refit_classifier: null refits the classifier only where no recovery follows
@@ -96,6 +104,7 @@ def test_run_end_to_end_and_resume(recipe, tmp_path, capsys):
         set(report)
         | {k for m in report["models"] for k in m}
         | {k for r in report["removed_filters"] for k in r}
+        | {k for r in report["interpretability"] for k in r}
     )
     keys |= {k for m in report["models"] for lat in m["latency"].values() for k in lat}
     keys = {re.sub(r"^speedup_b\d+$", "speedup_b<N>", k) for k in keys}
