@@ -430,7 +430,7 @@ def _cmd_report(a) -> int:
         recipe = Recipe.model_validate(json.loads(resolved.read_text()))
     except (ValueError, ValidationError, OSError):
         raise _Usage(f"{resolved} is unreadable or not a recipe; run the recipe again") from None
-    Runner(recipe, run_dir, resume=True, stages=["report"], progress=False).run()
+    Runner(recipe, run_dir, resume=True, stages=["report"], rerun=["report"], progress=False).run()
     print(f"report: {Runner.report_file(run_dir)}")
     return EXIT_OK
 

@@ -95,6 +95,9 @@ class Runner:
         stages: run only these stages; the stages they read from must be finished or listed.
         device: ``"cpu"``, ``"cuda"``...; ``None`` = CUDA when available.
         progress: progress bars and one line per stage on stdout.
+        rerun: stages that run again even when they finished with the same key (``prune-recipe
+            report`` rewrites the report this way); a stage after them runs again only if its key
+            changes.
     """
 
     def __init__(
@@ -107,11 +110,13 @@ class Runner:
         stages: list[str] | None = None,
         device: str | None = None,
         progress: bool = True,
+        rerun: list[str] | tuple[str, ...] = (),
     ) -> None:
-        if stages is not None:
-            bad = [s for s in stages if s not in STAGES]
-            if bad or not stages:
-                raise ConfigError(f"Unknown stage(s) {bad or stages}; stages are {', '.join(STAGES)}.")
+        for given in (stages, rerun):
+            if given is not None:
+                bad = [s for s in given if s not in STAGES]
+                if bad or (given is stages and not stages):
+                    raise ConfigError(f"Unknown stage(s) {bad or given}; stages are {', '.join(STAGES)}.")
         if resume and force:
             raise ConfigError("--resume and --force contradict each other: pass one of them.")
         self.recipe = recipe
@@ -120,6 +125,7 @@ class Runner:
         self.run_dir = self.dir.path
         self.resume, self.force = resume, force
         self.stages = [s for s in STAGES if s in (stages or STAGES)]
+        self.rerun = set(rerun)  # stages that run again even when they finished with this key
         self.progress = progress
         self.hash = recipe_hash(recipe)
         self._keys: dict[str, str] = {}
@@ -202,9 +208,11 @@ class Runner:
         """The stage's key and a fresh stage folder, or ``None`` when it finished earlier."""
         key = self.stage_key(stage)
         done, why = self.dir.finished(stage, key)
-        if done:
+        if done and stage not in self.rerun:
             self._say(f"[{stage}] finished earlier, checksums verified: skipped")
             return None
+        if done:
+            why = "asked to run it again"
         if (self.stage_dir(stage) / "manifest.json").exists():
             self._say(f"[{stage}] {why}: running the stage again")
         self._t0 = time.perf_counter()

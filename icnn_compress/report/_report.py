@@ -309,8 +309,8 @@ def _markdown(report: dict, batch: int) -> str:
         lines += ["", "## Warnings", "", *warnings]
     for title, (head, rows) in (
         ("Accuracy per class", _class_table(report)),
-        (REMOVED_TITLE, _removed_table(report)),
         (INTERPRETABILITY_TITLE, _interpretability_table(report)),
+        (REMOVED_TITLE, _removed_table(report)),
     ):
         if rows:
             lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -367,8 +367,8 @@ def _html(report: dict, md_table: str, out: Path) -> str:
         + (f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
         + class_table
         + figures
-        + removed_table
         + interpretability
+        + removed_table
         + (f"<h2>Filter analysis</h2>{pictures}" if pictures else "")
         + "</body></html>\n"
     )

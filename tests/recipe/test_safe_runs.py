@@ -157,6 +157,23 @@ def test_corrupt_manifest_and_killed_export_temp_files_are_handled_on_resume(fin
     assert not tmp.exists()
 
 
+def test_report_command_writes_the_report_again(finished_run, capsys):
+    """``prune-recipe report RUN`` rewrites the report of a finished run (e.g. after an upgrade),
+    and leaves every other stage as it was."""
+    recipe, run = finished_run
+    page = run / "8_report" / "report.html"
+    page.write_text("<html>an old report</html>")  # a report from another version, say
+    trained = (run / "1_finetune" / "manifest.json").read_text()
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out and "<table>" in page.read_text() and "an old report" not in page.read_text()
+    assert (run / "1_finetune" / "manifest.json").read_text() == trained
+    # the rewritten report is a finished stage like any other
+    assert main(["run", str(recipe), "--out", str(run), "--resume"]) == 0
+    assert "[report] finished earlier" in capsys.readouterr().out
+
+
 def test_report_on_a_broken_run_is_one_line(tmp_path, capsys):
     assert "not a run directory" in _one_line_error(capsys, main(["report", str(tmp_path)]))
     (tmp_path / MARKER).write_text("{}")
