@@ -1,7 +1,8 @@
 """Train a small model on Fashion-MNIST on the CPU and record accuracy and wall time.
 
 The trained weights are cached (``--cache``, default ``runs/baselines/<model>_fashion_e<epochs>.pt``)
-for the pruning benchmarks, which then skip training. Writes tools/results/fashion_<model>.json.
+for the pruning benchmarks, which then skip training. Writes tools/results/fashion_<model>.json
+(``--out``: elsewhere, e.g. for a base that the published tables did not use).
 
     .venv/bin/python tools/bench_fashion.py --model vgg_small --epochs 6
 """
@@ -30,6 +31,12 @@ def main() -> None:
     p.add_argument("--cache", default=None)
     p.add_argument("--train-size", type=int, default=None, help="train on the first N images (quick runs)")
     p.add_argument("--force", action="store_true", help="train again even if the cached weights exist")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="result JSON (default tools/results/fashion_<model>[_s<seed>].json; quick runs on a "
+        "subset write none unless given)",
+    )
     a = p.parse_args()
     log_to_stdout()
     torch.set_num_threads(a.threads)
@@ -86,7 +93,9 @@ def train(a: argparse.Namespace, cache: Path) -> None:
         "history": trainer.history,
         "summary": {"test_acc": trainer.history[-1]["val_acc"], "wall_seconds": wall, "epochs": a.epochs},
     }
-    if not a.train_size:  # quick runs on a subset do not replace the published result
+    if a.out:
+        atomic_write_json(result, Path(a.out))
+    elif not a.train_size:  # quick runs on a subset do not replace the published result
         name = f"fashion_{a.model}" + (f"_s{a.seed}" if a.seed else "")
         atomic_write_json(result, Path(__file__).parent / "results" / f"{name}.json")
     print(f"{a.model}: test acc {result['summary']['test_acc']:.4f} after {a.epochs} epochs, {wall:.0f} s")
