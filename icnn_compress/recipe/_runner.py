@@ -112,11 +112,9 @@ class Runner:
         progress: bool = True,
         rerun: list[str] | tuple[str, ...] = (),
     ) -> None:
-        for given in (stages, rerun):
-            if given is not None:
-                bad = [s for s in given if s not in STAGES]
-                if bad or (given is stages and not stages):
-                    raise ConfigError(f"Unknown stage(s) {bad or given}; stages are {', '.join(STAGES)}.")
+        bad = [s for s in (*(stages or ()), *rerun) if s not in STAGES]
+        if bad or stages == []:
+            raise ConfigError(f"Unknown stage(s) {bad or stages}; stages are {', '.join(STAGES)}.")
         if resume and force:
             raise ConfigError("--resume and --force contradict each other: pass one of them.")
         self.recipe = recipe

@@ -425,13 +425,14 @@ def report(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     from icnn_compress.report import build_report, write_report
 
     entries = json.loads((run.stage_dir("measure") / "measurements.json").read_text())
+    analysis = _analysis(run)
     batch = max(ctx.recipe.measure.batch_sizes)
     rep = build_report(
         entries,
         title=f"icnn-compress: {ctx.recipe.name}",
         speedup_batch=batch,
-        removed_filters=_removed_filters(run),
-        interpretability=_analysed_layers(run),
+        removed_filters=_removed_filters(run, analysis),
+        interpretability=_analysed_layers(analysis),
     )
     analysed = run.stage_dir("analyse")
     pictures = sorted(analysed.glob("*.png")) if run.finished("analyse")[0] else []
@@ -439,28 +440,31 @@ def report(ctx: RunContext, run: RunDirectory, out: Path, key: str) -> Output:
     return [p.name for p in paths.values()], {"report": str(paths["html"])}
 
 
-def _analysed_layers(run: RunDirectory) -> list[dict]:
-    """One row per analysed layer for the report (``analysis.json`` without the per-filter lists;
-    empty when the run has no analysis)."""
+def _analysis(run: RunDirectory) -> dict:
+    """The finished analyse stage's ``analysis.json`` (layer -> summary), or ``{}``."""
     analysis_file = run.stage_dir("analyse") / "analysis.json"
     if not (run.finished("analyse")[0] and analysis_file.is_file()):
-        return []
+        return {}
+    return json.loads(analysis_file.read_text())
+
+
+def _analysed_layers(analysis: dict) -> list[dict]:
+    """One row per analysed layer for the report: ``analysis`` without the per-filter lists."""
     per_filter = ("categories", "labels")
     return [
         {"layer": layer, **{k: v for k, v in info.items() if k not in per_filter}}
-        for layer, info in json.loads(analysis_file.read_text()).items()
+        for layer, info in analysis.items()
     ]
 
 
-def _removed_filters(run: RunDirectory) -> list[dict]:
+def _removed_filters(run: RunDirectory, analysis: dict) -> list[dict]:
     """The analysed layers' removed filters with their cluster and category and the kept filters
-    that absorbed them (from ``analysis.json`` and ``prune.json``; empty when either is missing).
+    that absorbed them (from ``analysis`` and ``prune.json``; empty when either is missing).
     A layer that is a block (ResNet) is matched to its last conv, whose outputs are the block's."""
-    analysis_file = run.stage_dir("analyse") / "analysis.json"
     prune_file = run.stage_dir("prune") / "prune.json"
-    if not (analysis_file.is_file() and prune_file.is_file()):
+    if not (analysis and prune_file.is_file()):
         return []
-    analysis, pruned = json.loads(analysis_file.read_text()), json.loads(prune_file.read_text())
+    pruned = json.loads(prune_file.read_text())
     absorbed = pruned.get("absorbed", {})
     rows = []
     for layer, info in analysis.items():
