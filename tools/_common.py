@@ -86,6 +86,17 @@ def params_below(model: torch.nn.Module, layer: str) -> list[torch.nn.Parameter]
     return params
 
 
+def synthetic_part(seed: int) -> str:
+    """The key part of bench_icnn_cost's rows for the synthetic-parts base with data and training
+    seed ``seed``: ``synthetic`` for 0, ``synthetic-s<seed>`` otherwise (``synthetic_seed`` inverts it)."""
+    return "synthetic" if seed == 0 else f"synthetic-s{seed}"
+
+
+def synthetic_seed(part: str) -> int:
+    """The seed of a rows' key part written by ``synthetic_part``."""
+    return 0 if part == "synthetic" else int(part.removeprefix("synthetic-s"))
+
+
 def log_to_stdout() -> None:
     """Show the package's INFO lines on stdout with the time (one line per training epoch, the
     refit, the latency plans...), so that a benchmark running in the background says where it is.

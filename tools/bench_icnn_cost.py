@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command_line, exclusive, frozen, log_to_stdout, params_below, top1
+from _common import command_line, exclusive, frozen, log_to_stdout, params_below, synthetic_part, top1
 from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -325,11 +325,6 @@ def run_fashion(model_name: str, a, rows: dict, cache: Path, rows_path: Path, va
                 }
                 save_rows(rows_path, rows)
                 print(f"{key}: {rows[key]['top1']:.4f} ({rows[key]['seconds']:.0f} s)", flush=True)
-
-
-def synthetic_part(seed: int) -> str:
-    """The rows' key part of the synthetic-parts base with data and training seed ``seed``."""
-    return "synthetic" if seed == 0 else f"synthetic-s{seed}"
 
 
 def run_synthetic(model_name: str, a, rows: dict, cache: Path, rows_path: Path, variants: list[str]) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from _common import command_line
+from _common import command_line, synthetic_seed
 from torch.utils.data import DataLoader
 
 import icnn_compress as ic
@@ -47,11 +47,6 @@ RESULTS = ",".join(
         "interpretability_hard_s2",
     )
 )
-
-
-def synthetic_seed(part: str) -> int:
-    """The synthetic-parts seed of a rows' key part (``synthetic`` = 0, ``synthetic-s2`` = 2)."""
-    return 0 if part == "synthetic" else int(part.removeprefix("synthetic-s"))
 
 
 def reference(model_name: str, layers: list[str], probe_kw: dict, cache: dict) -> dict:
