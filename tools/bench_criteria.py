@@ -97,11 +97,13 @@ def finetune(
     distill=None,
     masked_epochs: int | None = None,
     frozen: list | None = None,
+    device: str = "cpu",
 ) -> None:
     """The same short fine-tune for everyone (SGD, cosine). With an ICNN ``handle``: masks and loss
     for ``masked_epochs`` (``None``: the first half of the epochs), then the masks off and
     cross-entropy only (the recipes' ``icnn.unmask_epochs``); ``distill``: an ``ic.Distillation``
-    (recovery); ``frozen``: parameters that do not train during the masked epochs."""
+    (recovery); ``frozen``: parameters that do not train during the masked epochs; ``device``: where
+    to train (float32, no AMP); the model is back on the CPU afterwards."""
     if steps is not None:
         train_dl = first_n_loader(train_dl, steps * train_dl.batch_size, train_dl.batch_size, seed)
     if handle is None:
@@ -121,10 +123,17 @@ def finetune(
                 seed=seed,
                 distill=distill,
                 progress=False,
+                device=device,
+                amp=False,
             ).fit()
     if unmask:
         handle.set_masks(False)
-        ic.Trainer(model, train_dl, epochs=unmask, lr=lr, seed=seed + 1, progress=False).fit()
+        ic.Trainer(
+            model, train_dl, epochs=unmask, lr=lr, seed=seed + 1, progress=False, device=device, amp=False
+        ).fit()
+    model.cpu()
+    if distill is not None:
+        distill.teacher.cpu()
 
 
 def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn.Module]:
@@ -135,7 +144,7 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
     with FileLock(f"{base_path}.wait.lock"):
         if not base_path.exists():
             cmd = [sys.executable, "tools/bench_fashion.py", "--model", model_name, "--seed", str(b)]
-            cmd += ["--epochs", str(a.baseline_epochs), "--threads", str(a.threads)]
+            cmd += ["--epochs", str(a.baseline_epochs), "--threads", str(a.threads), "--device", a.device]
             cmd += ["--train-size", str(a.train_size)] if a.train_size else []
             subprocess.run(cmd, check=True)
     variants = {}
@@ -155,6 +164,7 @@ def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn
                     handle=handle,
                     seed=b,
                     masked_epochs=a.masked_epochs,
+                    device=a.device,
                 )
             if handle is not None:
                 handle.set_masks(False)
@@ -232,7 +242,14 @@ def run_row(
         teacher = variants["base"] if kd_kind == "base" else source
         distill = None if a.no_kd else ic.Distillation(ic.frozen_copy(teacher))
         finetune(
-            start.train(), train_dl, steps=a.recover_steps, epochs=1, lr=0.01, seed=seed, distill=distill
+            start.train(),
+            train_dl,
+            steps=a.recover_steps,
+            epochs=1,
+            lr=0.01,
+            seed=seed,
+            distill=distill,
+            device=a.device,
         )
         recovered.append(onnx_acc(start, eval_dl, a.threads))
         if not a.no_refit:  # the classifier refit after recovery, on the same probe
@@ -312,6 +329,12 @@ def main() -> None:
         "--round-to", type=int, default=8, help="widths multiples of this (prune_model's default); 0: free"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the base models, fine-tunes and recoveries train (cpu, cuda; float32, no AMP); "
+        "pruning and ONNX measurements stay on the CPU",
+    )
     p.add_argument("--cache", default="runs/bench_criteria")
     p.add_argument(
         "--worker",

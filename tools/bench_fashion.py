@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda (float32, no AMP)")
     p.add_argument("--cache", default=None)
     p.add_argument("--train-size", type=int, default=None, help="train on the first N images (quick runs)")
     p.add_argument("--force", action="store_true", help="train again even if the cached weights exist")
@@ -67,10 +68,12 @@ def train(a: argparse.Namespace, cache: Path) -> None:
         seed=a.seed,
         out_dir=cache.parent / f"{cache.stem}_run",
         resume=True,
+        device=a.device,
+        amp=False,
     )
     trainer.fit()
     wall = time.perf_counter() - t0
-    atomic_save(model.state_dict(), cache)
+    atomic_save(model.cpu().state_dict(), cache)
     result = {
         "benchmark": f"fashion_{a.model}",
         "command": f"python tools/bench_fashion.py --model {a.model} --epochs {a.epochs}"
@@ -87,6 +90,7 @@ def train(a: argparse.Namespace, cache: Path) -> None:
             "augment": "random crop (pad 2) + horizontal flip",
             "seed": a.seed,
             "threads": a.threads,
+            "device": a.device,
             "train_size": a.train_size or len(train_dl.dataset),
             "params": sum(p.numel() for p in model.parameters()),
         },
