@@ -337,6 +337,9 @@ def main() -> None:
     )
     p.add_argument("--cache", default="runs/bench_criteria")
     p.add_argument(
+        "--note", default=None, help="a sentence kept in the results' setup (e.g. where each model trained)"
+    )
+    p.add_argument(
         "--worker",
         default=None,
         metavar="K/N",
@@ -520,7 +523,7 @@ def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
     summary = summarise(rows, a.bases)
     result = {
         "benchmark": "criteria",
-        "command": command_line("bench_criteria.py", a, skip=("write_only", "out_dir")),
+        "command": command_line("bench_criteria.py", a, skip=("write_only", "out_dir", "note")),
         "environment": environment_info(),
         "setup": {
             **vars(a),
