@@ -94,3 +94,34 @@ def test_criteria_measured_with_the_refit_say_so(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "README.md").read_text()
     assert "the classifier refit to the unpruned model's logits" in text and "*not* refit" not in text
+
+
+def test_goals_are_measured_from_the_results(tmp_path):
+    """The issue-13 lines: the loss's cost per base, icnn-cluster against @plain and the best row,
+    the best row below the unpruned model, each with met/missed computed, not written."""
+    result = criteria_result()
+    lv = result["summary"]["m"]
+    lv["unpruned_bases"] = [{"plain": 0.9, "icnn": 0.895}, {"plain": 0.9, "icnn": 0.885}]
+    for level in ("2x", "3x", "4x"):
+        for regime in ("oneshot", "recovered"):
+            lv[level][regime]["icnn-cluster@plain+comp"] = lv[level][regime]["icnn-cluster+comp"] + 0.0005
+        lv[level]["recovery"] = {"icnn-cluster+comp": "kd-base", "l1+comp": "kd", "l1": "kd"}
+    result["setup"].update(no_kd=False, kd_teacher="auto", finetune_epochs=3, masked_epochs=1)
+    (tmp_path / "criteria.json").write_text(json.dumps(result))
+    (tmp_path / "README.md").write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    cmd = [sys.executable, str(TOOLS / "bench_summary.py"), "--results", ".", "--readme", "README.md"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "README.md").read_text()
+    assert (
+        "- m: the fine-tune with the loss costs 1.00 pt (per base 0.50 / 1.50); goal <= 0.3: missed." in text
+    )
+    assert (
+        "icnn-cluster+comp distilled from the base model; l1, l1+comp distilled from the unpruned model"
+        in text
+    )
+    # -0.05 pt against @plain meets the -0.1 margin at every level; l1+comp stays the best row
+    assert "-0.05 / -0.05 / -0.05 pt at 2x / 3x / 4x (goal >= -0.1: met at 3 of 3)" in text
+    assert "the best row at 3x l1+comp (2.00 pt ahead)" in text
+    assert "one-shot at 2x 3.00 pt (l1+comp; goal <= 0.5: missed)" in text
+    assert "1 with masks + loss on the top layer" in text
