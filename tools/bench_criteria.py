@@ -515,11 +515,31 @@ def summarise(rows: dict, bases: int) -> dict:
     return summary
 
 
+def _named(key: str, a) -> bool:
+    """Whether the row ``key`` (``model/base<b>/unpruned`` or ``model/base<b>/<level>/<criterion>``)
+    is one that the options ``a`` ask for."""
+    model, base, *rest = key.split("/")
+    if model not in a.models.split(",") or int(base.removeprefix("base")) >= a.bases:
+        return False
+    if rest == ["unpruned"]:
+        return True
+    level, name = rest
+    comp = name.endswith("+comp")
+    wanted_comp = {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]
+    return (
+        level in a.levels.split(",")
+        and name.removesuffix("+comp") in a.criteria.split(",")
+        and comp in wanted_comp
+    )
+
+
 def write_results(rows: dict, a, out_dir: Path | None = None) -> dict:
     """Write criteria.json (``summary.<model>.<level>.<regime>.<criterion>`` = mean top-1, with
-    ``<regime>_std`` beside it) and criteria.md into ``out_dir`` (default tools/results)."""
+    ``<regime>_std`` beside it) and criteria.md into ``out_dir`` (default tools/results), from the
+    cached rows that the command names: its models, bases, levels and criteria (a cache can hold
+    more, e.g. diagnostic rows of another run)."""
     out_dir = out_dir or Path(__file__).parent / "results"
-    rows = {k: v for k, v in rows.items() if not k.startswith("_")}
+    rows = {k: v for k, v in rows.items() if not k.startswith("_") and _named(k, a)}
     summary = summarise(rows, a.bases)
     result = {
         "benchmark": "criteria",
