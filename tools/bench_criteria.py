@@ -132,8 +132,6 @@ def finetune(
             model, train_dl, epochs=unmask, lr=lr, seed=seed + 1, progress=False, device=device, amp=False
         ).fit()
     model.cpu()
-    if distill is not None:
-        distill.teacher.cpu()
 
 
 def load_base(model_name: str, b: int, cache: Path, train_dl, a) -> dict[str, nn.Module]:
