@@ -63,6 +63,7 @@ from icnn_compress.prune import Target, prune_model, reestimate_batchnorm, refit
 
 CRITERIA = ["icnn-cluster", "icnn-cluster@plain", "l1", "l2", "fpgm", "taylor", "bn-scale", "lamp", "random"]
 LEVELS = {"2x": 2.0, "3x": 3.0, "4x": 4.0}
+COMPENSATION = {"both": (True, False), "on": (True,), "off": (False,)}  # --compensation -> rows
 CACHE_VERSION = 5  # cached rows written by another version of this script are ignored
 
 
@@ -418,7 +419,7 @@ def run_model(
         print(model_name, f"base{b}", "unpruned", rows[key], flush=True)
     index = -1  # of every row in the same order in every worker, cached or not
     # the compensated rows first (the ones the recipes use), all bases of a row together
-    for comp in {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]:
+    for comp in COMPENSATION[a.compensation]:
         for level in a.levels.split(","):
             for crit in a.criteria.split(","):
                 name = crit + ("+comp" if comp else "")
@@ -522,12 +523,10 @@ def _named(key: str, a) -> bool:
     if rest == ["unpruned"]:
         return True
     level, name = rest
-    comp = name.endswith("+comp")
-    wanted_comp = {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]
     return (
         level in a.levels.split(",")
         and name.removesuffix("+comp") in a.criteria.split(",")
-        and comp in wanted_comp
+        and name.endswith("+comp") in COMPENSATION[a.compensation]
     )
 
 
