@@ -204,7 +204,8 @@ class PruneConfig(_Strict):
         "base model the fine-tune started from (needs model.weights); auto: the base model when the "
         "fine-tune used the filter loss and model.weights is a whole trained model, else the "
         "fine-tuned model (quick bases, one-shot top-1 of the loss model: resnet_cifar20 +0.26 to "
-        "+0.41 point, vgg_small +0.05 to +0.24; benchmarks table 10d)",
+        "+0.41 point, vgg_small +0.05 to +0.24; benchmarks table 10d; at the full budget a tie, "
+        "table 10f)",
     )
     keep_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
@@ -255,7 +256,7 @@ class RecoverConfig(_Strict):
         "the fine-tune started from (needs model.weights); auto: the base model when the fine-tune "
         "used the filter loss and model.weights is a whole trained model, else the fine-tuned model "
         "(quick bases, recovered top-1 of the loss model: resnet_cifar20 +0.25 to +0.35 point, "
-        "vgg_small +0.29 to +0.35; benchmarks table 10c)",
+        "vgg_small +0.29 to +0.35; benchmarks table 10c; at the full budget a tie, table 10f)",
     )
 
 
