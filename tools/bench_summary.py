@@ -187,6 +187,7 @@ def verdict_md(c: dict) -> list[str]:
 
 GOALS = {"loss_cost": 0.3, "margin": 0.1, "recovered_2x": 0.3, "oneshot_2x": 0.5, "oneshot_3x": 1.5}
 OURS, OURS_PLAIN = "icnn-cluster+comp", "icnn-cluster@plain+comp"
+REGIME_WORDS = {"oneshot": "one-shot", "recovered": "recovered"}
 
 
 def _met(ok: bool) -> str:
@@ -230,7 +231,6 @@ def goals_md(c: dict) -> list[str]:
                     diff = 100 * (d[OURS] - d[OURS_PLAIN])
                     vs_plain.append((level, diff))
                 best_name = max(d, key=d.get)
-                behind = 100 * (d[best_name] - d[OURS])
                 if level == "2x":
                     base = max((v for k, v in d.items() if not k.startswith("icnn-cluster")), default=None)
                     if base is not None:
@@ -240,12 +240,13 @@ def goals_md(c: dict) -> list[str]:
                             f"-{GOALS['margin']}: {_met(diff >= -GOALS['margin'])})"
                         )
                 else:
+                    behind = 100 * (d[best_name] - d[OURS])
                     who = "it is" if best_name == OURS else f"{best_name} ({behind:.2f} pt ahead)"
                     best_rows.append(f"at {level} {who}")
             if not vs_plain and not best_rows:
                 continue
             met = sum(diff >= -GOALS["margin"] for _, diff in vs_plain)
-            text = f"- {model}, {'one-shot' if regime == 'oneshot' else 'recovered'}: {OURS} "
+            text = f"- {model}, {REGIME_WORDS[regime]}: {OURS} "
             if vs_plain:
                 text += (
                     f"against {OURS_PLAIN} "
@@ -267,7 +268,7 @@ def goals_md(c: dict) -> list[str]:
                 name = max(d, key=d.get)
                 gap = 100 * (lv["unpruned"] - d[name])
                 below.append(
-                    f"{'recovered' if regime == 'recovered' else 'one-shot'} at {level} {gap:.2f} pt "
+                    f"{REGIME_WORDS[regime]} at {level} {gap:.2f} pt "
                     f"({name}; goal <= {GOALS[goal]}: {_met(gap <= GOALS[goal])})"
                 )
         if below:
