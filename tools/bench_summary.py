@@ -100,9 +100,11 @@ def criteria_md(c: dict) -> list[str]:
     )
     finetune = ""
     if "finetune_epochs" in setup:
-        masked = setup.get("masked_epochs") or setup["finetune_epochs"] // 2 or setup["finetune_epochs"]
+        epochs = setup["finetune_epochs"]
+        # bench_criteria's split: masked_epochs, else the first half (all of a single epoch)
+        masked = setup.get("masked_epochs") or epochs - epochs // 2
         finetune = (
-            f"Both unpruned models are the base fine-tuned for {setup['finetune_epochs']} epochs, without "
+            f"Both unpruned models are the base fine-tuned for {epochs} epochs, without "
             f"the loss and with it ({masked} with masks + loss on the top layer, then without). "
         )
     md = [

@@ -7,7 +7,8 @@
 #
 #     MODELS=resnet_cifar20 WORKERS=12 DEADLINE=500 bash tools/gpu_criteria.sh
 #
-# Settings (environment): MODELS, WORKERS, DEADLINE (seconds), CACHE, OUT_DIR, PYTHON, and EXTRA
+# Settings (environment): MODELS, WORKERS, DEADLINE (seconds), DEVICE (default cuda), CACHE,
+# OUT_DIR, PYTHON, and EXTRA
 # (more bench_criteria options; the defaults below are the recipes' defaults at the full budget).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -125,3 +125,13 @@ def test_goals_are_measured_from_the_results(tmp_path):
     assert "the best row at 3x l1+comp (2.00 pt ahead)" in text
     assert "one-shot at 2x 3.00 pt (l1+comp; goal <= 0.5: missed)" in text
     assert "1 with masks + loss on the top layer" in text
+
+
+def test_the_default_split_is_stated_as_bench_criteria_runs_it(tmp_path):
+    """Without --masked-epochs, bench_criteria masks the first half of the epochs (2 of 3)."""
+    proc = run_summary(tmp_path, "<!-- bench:start -->\n<!-- bench:end -->\n", finetune_epochs=3)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "fine-tuned for 3 epochs, without the loss and with it (2 with masks"
+        in (tmp_path / "README.md").read_text()
+    )
