@@ -53,6 +53,16 @@ def _rf_window(sig: LayerSignature, image: int, f: int, hw) -> tuple[tuple[int, 
     return (y0, max(y1, min(h, y0 + 4))), (x0, max(x1, min(w, x0 + 4)))
 
 
+def _blend(picture: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """``picture`` (H, W, 3) in [0, 1] with ``heat`` (H, W) drawn over it in the jet colour map,
+    scaled to the heat's own range (as ``imshow`` would)."""
+    from matplotlib import colormaps
+
+    lo, hi = float(heat.min()), float(heat.max())
+    colour = colormaps["jet"]((heat - lo) / max(hi - lo, 1e-8))[..., :3]
+    return (1 - alpha) * picture + alpha * colour
+
+
 @torch.no_grad()
 def plot_filter_gallery(
     model: nn.Module,
@@ -75,13 +85,12 @@ def plot_filter_gallery(
 
     ``dataset`` must be the probe set in the order it was probed (``sig.topk_index`` indexes it).
     ``crop``: show the patch the filter sees, the receptive field around the peak of its map
-    (clipped at the image border), instead of the whole image.
+    (clipped at the image border, so a patch at the border is smaller), instead of the whole image.
+    All patches share one scale; the picture is one mosaic drawn in a single pass.
     """
     from icnn_compress.analysis._signatures import filter_parts
 
     parts = filter_parts(sig)
-    plt = _plt()
-    device = next(model.parameters()).device
     if clusters is not None:
         groups = sorted(clusters.medoids, key=lambda c: -len(clusters.members(c)))[:max_clusters]
         rows = []
@@ -90,52 +99,75 @@ def plot_filter_gallery(
             rows += [(c, f) for f in members[:filters_per_cluster]]
     else:
         rows = [(None, f) for f in range(min(sig.num_filters, max_clusters * filters_per_cluster))]
+    shown = min(images_per_filter, int(sig.topk_index.shape[1]))
+    wanted = sorted({int(sig.topk_index[f, k]) for _, f in rows for k in range(shown)})
+    images = {i: dataset[i][0] for i in wanted}
     maps: dict = {}
     hook = model.get_submodule(sig.point).register_forward_hook(lambda m, i, o: maps.__setitem__("x", o))
     was_training = model.training
     model.eval()
-    fig, axes = plt.subplots(
-        len(rows), images_per_filter, figsize=(1.6 * images_per_filter, 1.6 * len(rows)), squeeze=False
-    )
-    try:
-        for r, (c, f) in enumerate(rows):
-            for k in range(images_per_filter):
-                ax = axes[r][k]
-                ax.axis("off")
-                if k >= sig.topk_index.shape[1]:
-                    continue
-                idx = int(sig.topk_index[f, k])
-                img = dataset[idx][0]
-                model(img[None].to(device))
-                heat = (
-                    F.interpolate(
-                        maps["x"][:, f : f + 1].float().clamp_min(0),
-                        size=img.shape[-2:],
-                        mode="bilinear",
-                        align_corners=False,
-                    )[0, 0]
-                    .cpu()
-                    .numpy()
-                )
-                picture = _to_rgb(img.cpu())
-                if crop:
-                    (y0, y1), (x0, x1) = _rf_window(sig, idx, f, img.shape[-2:])
-                    picture, heat = picture[y0:y1, x0:x1], heat[y0:y1, x0:x1]
-                ax.imshow(picture)
-                ax.imshow(heat, cmap="jet", alpha=0.45)
-                if k == 0:
-                    cat = int(sig.category[f])
-                    label = f"f{f}" + (f" c{c}" if c is not None else "")
-                    label += f" {class_names[cat] if class_names and cat < len(class_names) else f'cat{cat}'}"
-                    if parts is not None and int(parts[f]) >= 0:
-                        p = int(parts[f])
-                        label += f" / {part_names[p] if part_names and p < len(part_names) else f'part{p}'}"
-                    ax.set_title(label, fontsize=7, loc="left")
+    try:  # one batched pass over every image the gallery shows
+        device = next(model.parameters()).device
+        batch = torch.stack([images[i] for i in wanted]) if wanted else None
+        if batch is not None:
+            model(batch.to(device))
     finally:
         hook.remove()
         model.train(was_training)
-    fig.suptitle(f"{sig.layer}: top images per filter, grouped by cluster", fontsize=9)
-    fig.tight_layout()
+    position = {i: n for n, i in enumerate(wanted)}
+    cells: list[list[np.ndarray | None]] = []
+    for _, f in rows:
+        line: list[np.ndarray | None] = []
+        for k in range(images_per_filter):
+            if k >= shown:
+                line.append(None)
+                continue
+            idx = int(sig.topk_index[f, k])
+            img = images[idx]
+            heat = F.interpolate(
+                maps["x"][position[idx] : position[idx] + 1, f : f + 1].float().clamp_min(0).cpu(),
+                size=img.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0].numpy()
+            picture = _to_rgb(img.cpu())
+            if crop:
+                (y0, y1), (x0, x1) = _rf_window(sig, idx, f, img.shape[-2:])
+                picture, heat = picture[y0:y1, x0:x1], heat[y0:y1, x0:x1]
+            line.append(_blend(picture, heat))
+        cells.append(line)
+    drawn = [c for line in cells for c in line if c is not None]
+    side = max((max(c.shape[:2]) for c in drawn), default=8)
+    gap, band = max(1, side // 12), max(6, int(round(side * 0.28)))  # pixels: between cells, for a title
+    width = images_per_filter * (side + gap) + gap
+    height = len(rows) * (band + side) + gap
+    mosaic = np.ones((height, width, 3))
+    for r, line in enumerate(cells):
+        top = r * (band + side) + band
+        for k, cell in enumerate(line):
+            if cell is None:
+                continue
+            h, w = cell.shape[:2]  # a patch clipped at the border sits centred in its cell
+            y, x = top + (side - h) // 2, gap + k * (side + gap) + (side - w) // 2
+            mosaic[y : y + h, x : x + w] = cell
+    plt = _plt()
+    inch = 1.6 * images_per_filter / width  # inches per mosaic pixel
+    title = 0.35
+    total = height * inch + title
+    fig = plt.figure(figsize=(width * inch, total))
+    ax = fig.add_axes((0, 0, 1, height * inch / total))
+    ax.imshow(np.clip(mosaic, 0, 1), interpolation="nearest")
+    ax.set_axis_off()
+    for r, (c, f) in enumerate(rows):
+        cat = int(sig.category[f])
+        label = f"f{f}" + (f" c{c}" if c is not None else "")
+        label += f" {class_names[cat] if class_names and cat < len(class_names) else f'cat{cat}'}"
+        if parts is not None and int(parts[f]) >= 0:
+            p = int(parts[f])
+            label += f" / {part_names[p] if part_names and p < len(part_names) else f'part{p}'}"
+        ax.text(gap, r * (band + side) + band - 1, label, fontsize=7, va="bottom", ha="left")
+    heading = f"{sig.layer}: top images per filter, grouped by cluster"
+    fig.suptitle(heading, fontsize=9, y=1 - title / 2 / total, va="center")
     return _save(fig, path)
 
 

@@ -581,3 +581,33 @@ def test_a_base_whose_classifier_was_left_at_init_does_not_teach(tmp_path, monke
     data["recover"] = {"epochs": 1, "teacher": "base"}
     with pytest.raises(ConfigError, match=r"recover.teacher: 'base', but model.weights .* leaves 2 tensors"):
         RunContext(load_recipe(data)).check()
+
+
+def test_console_script_exits_quickly_but_completely(tmp_path):
+    """console_main skips the interpreter's teardown, yet keeps the exit code, flushes every byte
+    written to a pipe and runs the exit handlers (temporary files, logging)."""
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "atexit-ran"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a user runs it
+    code = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "sys.stdout.write('x' * 5000)\n"  # left in the buffer: a pipe is block-buffered
+        "from icnn_compress.cli import console_main\n"
+        "sys.argv = ['prune-recipe', *sys.argv[1:]]\n"
+        "console_main()\n"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "validate", "no-such-recipe"], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and bad.stdout == "x" * 5000 and marker.read_text() == "yes"
+    assert bad.stderr.count("\n") == 1 and "no-such-recipe" in bad.stderr
+    marker.unlink()
+    good = subprocess.run(
+        [sys.executable, "-c", code, "show", "quickstart", "--json"], capture_output=True, text=True, env=env
+    )
+    assert good.returncode == 0 and marker.read_text() == "yes"
+    assert json.loads(good.stdout[5000:])["name"] == "quickstart"
