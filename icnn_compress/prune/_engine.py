@@ -409,14 +409,17 @@ def _ignored_modules(model: nn.Module, ignored_names: list[str], keep_classifier
     return ignored
 
 
-def _prepare_step(model, importance, spec, data, probe_batches: int, compensate: bool, fit) -> dict:
-    """Before a pruning step: refresh data-driven scores on ``data`` (and gradients for Taylor);
-    returns the consumers' inputs on the probe batches of ``fit`` when compensating (else ``{}``):
-    ``data`` itself, or the kept classes' images of a specialisation."""
+def _prepare_step(
+    model, importance, spec, data, probe_batches: int, compensate: bool, fit, labelled=None
+) -> dict:
+    """Before a pruning step: refresh data-driven scores on ``data`` and, for Taylor, the loss
+    gradients on ``labelled`` (default ``data``; a specialisation's kept-class batches, labels
+    numbered as its restricted head); returns the consumers' inputs on the probe batches of
+    ``fit`` when compensating (else ``{}``): ``data`` itself, or the kept classes' images."""
     if hasattr(importance, "refresh"):
         importance.refresh(model, data)
     if spec.needs_gradients:
-        _taylor_gradients(model, data, probe_batches)
+        _taylor_gradients(model, data if labelled is None else labelled, probe_batches)
     if not compensate:
         return {}
     shared = _criterion_inputs(importance, probe_batches) if fit is data else None
@@ -803,6 +806,7 @@ def prune_model(
     ignored = _ignored_modules(model, ignored_names, keep_classifier)
     clf = _classifier(model)
     fit = data  # what the pruned model is fitted to: the probe, or the kept classes' images of it
+    labelled = None  # what taylor's gradients are taken on, when not ``data``
     if keep_classes is not None:
         keep_classes = check_keep_classes(keep_classes, clf)
         responses = class_responses(model, data, probe_batches)
@@ -810,6 +814,10 @@ def prune_model(
         # the specialised model is fitted to the kept classes' images: compensation, BatchNorm
         # statistics and the classifier refit (the ranking reads every class)
         fit = kept_class_batches(data, keep_classes, max(bn_batches, probe_batches))
+        # the loss gradients (taylor) are taken through the restricted head: labels renumbered
+        renumber = torch.full((clf.out_features,), -1, dtype=torch.long)
+        renumber[keep_classes] = torch.arange(len(keep_classes))
+        labelled = [(x, renumber[y.cpu()].to(y.device)) for x, y in fit]
     macs0, params0 = _stats(model, example_inputs)
     base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
@@ -853,7 +861,7 @@ def prune_model(
         steps = max(1, max(math.ceil((1 - w / c0) / step_ratio - 1e-9) for _, c0, w in roots.values()))
         bar = progress_bar(total=steps, progress=progress, desc=f"prune {criterion}", leave=False)
         for step in range(1, steps + 1):
-            inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate, fit)
+            inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate, fit, labelled)
             with _torch_pruning_errors(model, "rank and remove the channels of", _STEP_ADVICE):
                 for root, c0, width in roots.values():
                     group = _step_group(
@@ -888,7 +896,7 @@ def prune_model(
         pruner.per_step_pruning_ratio[step] = ratio
         if hasattr(importance, "step_bound") and not global_ranking:
             importance.step_bound = _step_bound(ratio, round_to, first_widths)
-        inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate, fit)
+        inputs = _prepare_step(model, importance, spec, data, probe_batches, compensate, fit, labelled)
         if watch:
             check = check or _TargetCheck(model, example_inputs)
             check.start(model, (macs, params))

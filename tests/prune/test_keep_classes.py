@@ -215,3 +215,34 @@ def test_a_specialisation_is_compensated_and_refit_on_the_kept_classes(monkeypat
     )
     assert {what for what, _ in seen} == {"compensation", "refit"}
     assert all(set(labels.tolist()) <= {1, 3} for _, labels in seen)
+
+
+def test_taylor_takes_its_gradients_through_the_restricted_head(monkeypatch):
+    """criterion='taylor' with keep_classes: the loss is taken on the kept classes' images with their
+    labels renumbered as the restricted head's outputs (before: class 3 against a 2-way head,
+    IndexError), and the filters of the dropped classes, which the kept loss does not use, go."""
+    from icnn_compress.prune import _engine as engine
+
+    seen: list = []
+    gradients = engine._taylor_gradients
+
+    def spy(model, loader, batches):
+        seen.append((torch.cat([b[1] for b in loader]), model[4].out_features))
+        return gradients(model, loader, batches)
+
+    monkeypatch.setattr(engine, "_taylor_gradients", spy)
+    model, data = class_coded_model_and_data()
+    res = prune_model(
+        model,
+        torch.rand(1, 4, 8, 8),
+        criterion="taylor",
+        target=1.9,
+        data=data,
+        keep_classes=[1, 3],
+        keep_classes_mode="relevance",
+        step_ratio=0.25,
+        progress=False,
+        bn_batches=0,
+    )
+    assert seen and all(heads == 2 and set(labels.tolist()) == {0, 1} for labels, heads in seen)
+    assert res.removed["0"] and all(f % 4 in (0, 2) for f in res.removed["0"])
