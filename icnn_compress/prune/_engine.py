@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from icnn_compress._memory import release_freed_memory
 from icnn_compress._progress import progress_bar
-from icnn_compress.errors import ConfigError, IcnnCompressError
+from icnn_compress.errors import ConfigError, DataError, IcnnCompressError
 from icnn_compress.prune import _refit
 from icnn_compress.prune._classes import (
     KeepClassesImportance,
@@ -357,7 +357,16 @@ def _taylor_gradients(model: nn.Module, loader: DataLoader, batches: int) -> Non
         if i >= batches:
             break
         out = model(batch[0].to(device))
-        nn.functional.cross_entropy(out, batch[1].to(device)).backward()
+        labels = batch[1].to(device)
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < out.shape[1]:
+            model.zero_grad()
+            model.train(was)
+            raise DataError(
+                f"criterion 'taylor': the data's labels run from {int(labels.min())} to "
+                f"{int(labels.max())}, but the model has {out.shape[1]} outputs (labels must be "
+                f"0..{out.shape[1] - 1}, numbered as the model's outputs)."
+            )
+        nn.functional.cross_entropy(out, labels).backward()
     model.train(was)
 
 
