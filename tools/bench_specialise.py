@@ -9,7 +9,11 @@ reach the same MACs with compensation:
   its response to the kept classes over its response to all);
 * ``head+<criterion>``: the head restricted to the same classes, then ``<criterion>`` alone,
   ranked and compensated on the probe of every class;
-* ``head+<criterion>@kept``: the same on the probe of the kept classes only.
+* ``head+<criterion>@kept``: the same on the probe of the kept classes only;
+* ``--modes`` entries ``<mode>:<criterion>`` run ``keep_classes`` with another criterion (e.g.
+  ``criterion:taylor``: the kept classes' loss gradients through the restricted head), and
+  ``full:<criterion>`` prunes the unrestricted model with it on every class, then restricts the
+  head (the control: the same criterion without the kept classes).
 
 ``keep_classes`` ranks on the probe of every class (the categories need them all) and compensates
 on its kept classes' images (``kept_class_batches``). Every model is measured one-shot
@@ -50,7 +54,12 @@ def main() -> None:
     )
     p.add_argument("--levels", default="2,4,8")
     p.add_argument("--criterion", default="l2")
-    p.add_argument("--modes", default="category,relevance", help="keep_classes_mode values to compare")
+    p.add_argument(
+        "--modes",
+        default="category,relevance",
+        help="keep_classes_mode values to compare; <mode>:<criterion> with another criterion, "
+        "full:<criterion> for that criterion on every class, then the head restricted",
+    )
     p.add_argument("--recover-steps", type=int, default=100)
     p.add_argument("--step-ratio", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
@@ -100,37 +109,38 @@ def main() -> None:
                     heads = (f"head+{a.criterion}", f"head+{a.criterion}@kept")
                     for method in (*a.modes.split(","), *heads):
                         t0 = time.perf_counter()
-                        if not method.startswith("head+"):
+                        mode, _, crit = method.partition(":")
+                        common = dict(
+                            target=Target(macs_reduction=float(level)),
+                            compensate=True,
+                            bn_batches=0,
+                            step_ratio=a.step_ratio,
+                            round_to=None,  # free widths, as when the published numbers were measured
+                            refit_classifier=False,  # as the published numbers were measured
+                            progress=False,
+                        )
+                        if mode == "full":  # the criterion on every class, the head restricted after
+                            res = prune_model(base, example, criterion=crit, data=everything, **common)
+                            res.model = restrict_classifier(res.model, kept)
+                        elif not method.startswith("head+"):
                             res = prune_model(
                                 base,
                                 example,
-                                criterion=a.criterion,
-                                target=Target(macs_reduction=float(level)),
+                                criterion=crit or a.criterion,
                                 data=everything,
-                                compensate=True,
                                 keep_classes=kept,
-                                keep_classes_mode=method,
-                                bn_batches=0,
-                                step_ratio=a.step_ratio,
-                                round_to=None,  # free widths, as when the published numbers were measured
-                                refit_classifier=False,  # as the published numbers were measured
-                                progress=False,
+                                keep_classes_mode=mode,
+                                **common,
                             )
                         else:
                             res = prune_model(
                                 restrict_classifier(base, kept),
                                 example,
                                 criterion=a.criterion,
-                                target=Target(macs_reduction=float(level)),
                                 # @kept: ranked and compensated on the kept classes' images, as
                                 # keep_classes compensates
                                 data=probe if method.endswith("@kept") else everything,
-                                compensate=True,
-                                bn_batches=0,
-                                step_ratio=a.step_ratio,
-                                round_to=None,  # free widths, as when the published numbers were measured
-                                refit_classifier=False,  # as the published numbers were measured
-                                progress=False,
+                                **common,
                             )
                         reestimate_batchnorm(res.model, probe, max_batches=20)
                         oneshot = top1(res.model, test_dl)

@@ -23,7 +23,7 @@ __all__ = [
     "kept_class_batches",
     "restrict_classifier",
 ]
-KEEP_MODES = ("category", "relevance")
+KEEP_MODES = ("category", "relevance", "criterion")
 
 
 def restrict_classifier(model: nn.Module, classes) -> nn.Module:
@@ -115,7 +115,11 @@ class KeepClassesImportance(tp.importance.Importance):
       below all the others, each side in the criterion's own order;
     * ``"relevance"``: the criterion's score (scaled to [0, 1]) times the channel's relevance to
       the kept classes, its mean response to them over its mean response to all classes: generic
-      filters keep their rank, those selective for dropped classes fall, those for kept ones rise.
+      filters keep their rank, those selective for dropped classes fall, those for kept ones rise;
+    * ``"criterion"``: the criterion's own scores. The kept classes still shape them where the
+      criterion reads labels: ``taylor`` takes its loss gradients through the restricted head on
+      the kept classes' images, so each channel scores what removing it costs the kept classes'
+      loss (to first order); the strongest specialisation measured (benchmarks table 8c).
 
     ``bind`` gives it the engine's bookkeeping of which original channels each conv still has,
     so responses measured once stay aligned."""
@@ -149,7 +153,7 @@ class KeepClassesImportance(tp.importance.Importance):
     def __call__(self, group, **kwargs) -> Tensor:
         scores = self.inner(group, **kwargs)
         name = self.names.get(group[0].dep.target.module)
-        if name not in self.outside or name not in self.alive or scores is None:
+        if self.mode == "criterion" or name not in self.outside or name not in self.alive or scores is None:
             return scores
         original = torch.as_tensor(self.alive[name])
         idxs = torch.as_tensor(list(group[0].idxs))

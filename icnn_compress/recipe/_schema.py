@@ -214,8 +214,10 @@ class PruneConfig(_Strict):
         "relevance to them (on every class), compensation, BatchNorm and the classifier refit use "
         "their images; recovery, export and measurement then use these classes only",
     )
-    keep_classes_mode: Literal["relevance", "category"] = Field(
-        "relevance", description="keep_classes: weigh scores by relevance, or other categories first"
+    keep_classes_mode: Literal["relevance", "category", "criterion"] = Field(
+        "relevance",
+        description="keep_classes: weigh scores by relevance, other categories first, or the criterion's "
+        "own scores (with criterion 'taylor': the kept classes' loss through the restricted head)",
     )
 
     @model_validator(mode="after")

@@ -262,3 +262,19 @@ def test_taylor_refuses_labels_the_head_has_no_output_for():
             progress=False,
             bn_batches=0,
         )
+
+
+def test_criterion_mode_keeps_the_criterions_own_order():
+    """keep_classes_mode='criterion': l2 removes exactly what it removes on the model with the
+    restricted head, here the kept classes' weak filters, where 'category' removes the others."""
+    model, data = class_coded_model_and_data()
+    with torch.no_grad():  # the kept classes' filters are the weak ones
+        for f in range(16):
+            model[0].weight[f, f % 4, 1, 1] = 0.2 if f % 4 in (1, 3) else 3.0
+    common = dict(criterion="l2", target=1.9, data=data, step_ratio=0.25, progress=False, bn_batches=0)
+    example = torch.rand(1, 4, 8, 8)
+    own = prune_model(model, example, keep_classes=[1, 3], keep_classes_mode="criterion", **common)
+    head = prune_model(restrict_classifier(model, [1, 3]), example, **common)
+    other = prune_model(model, example, keep_classes=[1, 3], keep_classes_mode="category", **common)
+    assert own.removed["0"] and sorted(own.removed["0"]) == sorted(head.removed["0"])
+    assert {f % 4 for f in own.removed["0"]} == {1, 3} and {f % 4 for f in other.removed["0"]} == {0, 2}
