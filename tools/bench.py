@@ -154,9 +154,9 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
         (150.0, 60.0),
     ),
     "quickstart": (
+        [["bench_quickstart.py", "--runs", "3", "--out", "{results}/quickstart.json"]],
         [["bench_quickstart.py", "--out", "{results}/quickstart.json"]],
-        [["bench_quickstart.py", "--out", "{results}/quickstart.json"]],
-        (70.0, 70.0),
+        (180.0, 60.0),
     ),
     "cli": (
         [["bench_cli.py", "--out", "{results}/cli.json"]],
