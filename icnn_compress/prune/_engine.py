@@ -820,7 +820,8 @@ def prune_model(
     labelled = None  # what taylor's gradients are taken on, when not ``data``
     if keep_classes is not None:
         keep_classes = check_keep_classes(keep_classes, clf)
-        responses = class_responses(model, data, probe_batches)
+        # the class responses weigh the scores in every mode but 'criterion' (a probe pass saved there)
+        responses = {} if keep_classes_mode == "criterion" else class_responses(model, data, probe_batches)
         importance = KeepClassesImportance(importance, responses, keep_classes, keep_classes_mode)
         # the specialised model is fitted to the kept classes' images: compensation, BatchNorm
         # statistics and the classifier refit (the ranking reads every class)
