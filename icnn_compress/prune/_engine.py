@@ -826,10 +826,10 @@ def prune_model(
         # the specialised model is fitted to the kept classes' images: compensation, BatchNorm
         # statistics and the classifier refit (the ranking reads every class)
         fit = kept_class_batches(data, keep_classes, max(bn_batches, probe_batches))
-        # the loss gradients (taylor) are taken through the restricted head: labels renumbered
-        renumber = torch.full((clf.out_features,), -1, dtype=torch.long)
-        renumber[keep_classes] = torch.arange(len(keep_classes))
-        labelled = [(x, renumber[y.cpu()].to(y.device)) for x, y in fit]
+        if spec.needs_gradients:  # taylor's loss goes through the restricted head: labels renumbered
+            renumber = torch.full((clf.out_features,), -1, dtype=torch.long)
+            renumber[keep_classes] = torch.arange(len(keep_classes))
+            labelled = [(x, renumber[y.cpu()].to(y.device)) for x, y in fit]
     macs0, params0 = _stats(model, example_inputs)
     base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
