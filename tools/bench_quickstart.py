@@ -75,11 +75,9 @@ def _one_run(overrides: list[str]) -> dict:
         child = subprocess.Popen([str(exe), "run", "quickstart", "--out", str(run), "--quiet", *overrides])
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - t0
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode:
-            raise SystemExit(
-                f"bench_quickstart: prune-recipe run quickstart failed (exit {child.returncode})"
-            )
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            raise SystemExit(f"bench_quickstart: prune-recipe run quickstart failed (exit {code})")
         stages = {
             d.name.split("_", 1)[1]: json.loads((d / "manifest.json").read_text())["seconds"]
             for d in sorted(run.iterdir())
