@@ -7,13 +7,15 @@ alone, as a one-node ONNX model with the layer's kernel, stride, padding and inp
 output widths (``vary="out"``, input width full) or input widths (``vary="in"``, output width full),
 on the machine, provider, thread count and batch that will run the model.
 
-Tables are cached per machine, ONNX Runtime version, provider, threads, batch and layer shape in
-``~/.cache/icnn_compress/latency_tables.json`` (``ICNN_COMPRESS_CACHE`` moves it; a file lock keeps
-parallel processes from losing each other's entries), so a model is measured once per machine.
+Tables are cached per machine (host, CPU model, instruction sets, CPU count), ONNX Runtime
+version, provider, threads, batch and layer shape in ``~/.cache/icnn_compress/latency_tables.json``
+(``ICNN_COMPRESS_CACHE`` moves it; a file lock keeps parallel processes from losing each other's
+entries), so a model is measured once per machine.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ __all__ = [
     "latency_table_cache",
     "layer_io_shapes",
     "machine_key",
+    "parse_cpuinfo",
     "read_cached",
     "write_cached",
 ]
@@ -121,11 +124,47 @@ def _one_conv_model(conv: nn.Conv2d, cin: int, cout: int, hw: tuple[int, int]) -
     return model.SerializeToString()
 
 
+# the instruction sets ONNX Runtime's CPU kernels dispatch on: a host that gains or loses one runs
+# other kernels, so its tables are not this host's
+_KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def parse_cpuinfo(text: str) -> tuple[str, str]:
+    """``(CPU model name, the kernel-relevant instruction sets joined by "+")`` from the text of
+    ``/proc/cpuinfo`` (x86 ``flags`` or Arm ``Features``); empty strings for what it lacks."""
+    name, flags = "", ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            present = set(value.split())
+            flags = "+".join(f for f in _KERNEL_FLAGS if f in present)
+    return name, flags
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_identity() -> tuple[str, str]:
+    """This host's ``parse_cpuinfo``; off Linux, ``platform.processor()`` (or the architecture)."""
+    try:
+        name, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        name, flags = "", ""
+    return name or platform.processor() or platform.machine(), flags
+
+
 def machine_key() -> list[str]:
-    """What any measured latency depends on besides the model: host, CPU and ONNX Runtime version."""
+    """What any measured latency depends on besides the model: host name, CPU model, the
+    instruction sets the kernels dispatch on, logical CPU count and ONNX Runtime version.
+
+    A virtual machine's host name (often just ``vm``) and ``platform.processor()`` (empty on
+    Linux) do not tell one CPU from another; tables measured on one host must not be read on
+    another, so the CPU itself is part of the key."""
     import onnxruntime as ort
 
-    return [platform.node(), platform.processor() or platform.machine(), ort.__version__]
+    name, flags = _cpu_identity()
+    return [platform.node(), name, flags, f"{os.cpu_count()} cpus", ort.__version__]
 
 
 def _key(conv: nn.Conv2d, hw, vary: str, batch: int, threads: int, provider: str) -> str:

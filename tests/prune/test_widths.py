@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -79,6 +81,29 @@ def test_conv_latency_table_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert built == []
     with pytest.raises(ValueError, match="vary must be one of"):
         conv_latency_table(conv, (8, 8), vary="both")
+
+
+def test_latency_tables_of_another_cpu_are_not_reused(tmp_path, monkeypatch):
+    # a VM's host name ("vm") and platform.processor() ("") are the same on every host: the key
+    # must tell CPUs apart by model and instruction sets, or one host's tables plan another's widths
+    epyc = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma f16c\n"
+    xeon = "model name\t: Intel Xeon\nflags\t\t: fpu avx2 fma avx512f avx512bw avx512_vnni\n"
+    assert _layer_latency.parse_cpuinfo(epyc) == ("AMD EPYC", "avx2+fma")
+    assert _layer_latency.parse_cpuinfo(xeon) == ("Intel Xeon", "avx2+fma+avx512f+avx512bw+avx512_vnni")
+    assert _layer_latency.parse_cpuinfo("") == ("", "")
+    monkeypatch.setenv("ICNN_COMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(_layer_latency, "_MEMORY", {})
+    monkeypatch.setattr(_layer_latency, "_cpu_identity", lambda: _layer_latency.parse_cpuinfo(epyc))
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    conv_latency_table(conv, (8, 8), batch=1, threads=1, repeats=2)
+    monkeypatch.setattr(_layer_latency, "_MEMORY", {})
+    monkeypatch.setattr(_layer_latency, "_cpu_identity", lambda: _layer_latency.parse_cpuinfo(xeon))
+    built = []
+    real = _layer_latency._one_conv_model
+    monkeypatch.setattr(_layer_latency, "_one_conv_model", lambda *a: built.append(a) or real(*a))
+    conv_latency_table(conv, (8, 8), batch=1, threads=1, repeats=2)
+    assert built, "the other CPU's table was read from the cache instead of measured"
+    assert len(json.loads(latency_table_cache().read_text())) == 2
 
 
 def test_latency_aware_widths_meet_a_macs_target_on_kernel_friendly_widths(tmp_path, monkeypatch):
