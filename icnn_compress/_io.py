@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,7 +14,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "environment_info", "sha256_file"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "cpu_identity",
+    "environment_info",
+    "parse_cpuinfo",
+    "sha256_file",
+]
 
 
 def _atomic(path: Path, write) -> None:
@@ -51,16 +60,38 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     _atomic(Path(path), lambda f: f.write(data))
 
 
-def _cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (Linux), else ``None``."""
+# the instruction sets ONNX Runtime's CPU kernels dispatch on: a host that gains or loses one runs
+# other kernels, so its tables are not this host's
+_KERNEL_FLAGS = (
+    *("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"),
+    *("asimddp", "i8mm", "sve"),  # Arm: dot product, int8 matrix multiply, scalable vectors
+)
+
+
+def parse_cpuinfo(text: str) -> tuple[str, str]:
+    """``(CPU model name, the kernel-relevant instruction sets joined by "+")`` from the text of
+    ``/proc/cpuinfo`` (x86 ``flags`` or Arm ``Features``); empty strings for what it lacks."""
+    name, flags = "", ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            present = set(value.split())
+            flags = "+".join(f for f in _KERNEL_FLAGS if f in present)
+    return name, flags
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_identity() -> tuple[str, str]:
+    """This host's ``(CPU model, instruction sets)`` (``parse_cpuinfo``); off Linux the model is
+    ``platform.processor()`` (or the architecture)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        name, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
     except OSError:
-        pass
-    return None
+        name, flags = "", ""
+    return name or platform.processor() or platform.machine(), flags
 
 
 def environment_info() -> dict:
@@ -69,7 +100,8 @@ def environment_info() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_identity()[0],
+        "cpu_flags": cpu_identity()[1],  # the instruction sets the kernels dispatch on
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD kernels torch uses
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,

@@ -6,7 +6,8 @@
 
 Stages: the Fashion-MNIST baselines (trained once, cached in runs/baselines), the loss's
 training-step overhead, interpretability on synthetic parts, ONNX Runtime latency, latency-aware
-widths on trained models (bench_latency_aware.py), INT8, the torchvision model zoo
+widths on trained models (bench_latency_aware.py), how far latency can follow MACs
+(latency_reach.py), INT8, the torchvision model zoo
 (bench_zoo.py), the pruning criteria, where the loss's accuracy cost comes from
 (bench_icnn_cost.py) and the interpretable route over two independently trained bases
 (bench_route.py), then ``tools/bench_summary.py``
@@ -132,6 +133,25 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
             ]
         ],
         (900.0, 120.0),
+    ),
+    "latency_reach": (
+        [["latency_reach.py", "--threads", "2", "--out", "{results}/latency_reach.json"]],
+        [
+            [
+                "latency_reach.py",
+                "--models",
+                "resnet_cifar20",
+                "--levels",
+                "2",
+                "--scales",
+                "0.75,0.5",
+                "--repeats",
+                "10",
+                "--out",
+                "{results}/latency_reach.json",
+            ]
+        ],
+        (1500.0, 60.0),
     ),
     "zoo": (
         [["bench_zoo.py", "--out", "{results}/zoo.json"]],

@@ -174,33 +174,10 @@ def main() -> None:
 
 
 def render(result: dict, path: Path) -> None:
-    """The README's table 2c (markdown) from a latency_aware.json result."""
-    md = [
-        "| model | MACs target | widths | MACs reduction | speedup b32 / b1 | speedup per MACs b32 / b1 "
-        "| one-shot | recovered |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        md.append(
-            f"| {r['model']} | {r['level']} | {r['rule']} | {r['macs_reduction']:.2f}x | "
-            f"{r['speedup_b32']:.2f}x / {r['speedup_b1']:.2f}x | "
-            f"{r['speedup_over_macs_b32']:.2f} / {r['speedup_over_macs_b1']:.2f} | "
-            f"{r['oneshot']:.4f} | {r['recovered']:.4f} |"
-        )
-    md += [
-        "",
-        "| model | latency_speedup target | measured (b32) | error | MACs reduction |",
-        "|---|---|---|---|---|",
-    ]
-    for model, entry in result["summary"].items():
-        if model == "targets":
-            continue
-        for goal, t in entry.get("latency_targets", {}).items():
-            md.append(
-                f"| {model} | {float(goal):g}x | {t['measured']:.2f}x | {100 * t['error']:+.1f}% | "
-                f"{t['macs_reduction']:.2f}x |"
-            )
-    path.write_text("\n".join(md) + "\n")
+    """The README's table 2c (markdown, as tools/bench_summary.py writes it) from a result."""
+    from bench_summary import latency_aware_md
+
+    path.write_text("\n".join(latency_aware_md(result)) + "\n")
 
 
 def _recover(model: torch.nn.Module, source: torch.nn.Module, train_dl, steps: int) -> None:

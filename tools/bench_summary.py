@@ -32,6 +32,8 @@ LEVELS = ("2x", "3x", "4x")
 SECTIONS = {
     "criteria": "criteria.json",
     "latency": "latency.json",
+    "latency_aware": "latency_aware.json",
+    "latency_reach": "latency_reach.json",
     "int8": "int8.json",
     "interpretability": "interpretability.json",
     "overhead": "icnn_overhead.json",
@@ -55,8 +57,10 @@ def _load(results: Path) -> dict[str, dict]:
 
 def _machine(env: dict) -> str:
     cuda = f", {env['cuda']}" if env.get("cuda") else ""
+    flags = f" ({env['cpu_flags']})" if env.get("cpu_flags") else ""
     return (
-        f"{env.get('cpu_count', '?')}-core {env.get('processor', '?')}{cuda}; torch {env.get('torch')}, "
+        f"{env.get('cpu_count', '?')}-core {env.get('cpu_model') or env.get('processor', '?')}{flags}{cuda}; "
+        f"torch {env.get('torch')}, "
         f"onnxruntime {env.get('onnxruntime')}, torch-pruning {env.get('torch_pruning')}"
     )
 
@@ -308,6 +312,86 @@ def latency_md(lat: dict) -> list[str]:
             f"{ms(r, 'eager_b32'):.2f} | {ms(b, 'ort_b1') / ms(r, 'ort_b1'):.2f}x / "
             f"{ms(b, 'ort_b32') / ms(r, 'ort_b32'):.2f}x |"
         )
+    return md
+
+
+def latency_aware_md(result: dict) -> list[str]:
+    """Table 2c: latency-aware widths against multiples of 8 on trained models, and how close
+    ``latency_speedup`` targets land (from latency_aware.json)."""
+    setup = result["setup"]
+    md = [
+        f"The Fashion-MNIST baselines (`{setup['weights']}`), pruned with `{setup['criterion']}` to "
+        'each MACs target with `round_to=8` (the default) and with `allocation="latency"` (widths '
+        "planned from conv latency tables measured on the machine: ONNX Runtime, batch 32, "
+        f"{setup['threads']} threads); BatchNorm re-estimated on 20 probe batches (one-shot), then "
+        f"{setup['recover_steps']} SGD steps distilled from the unpruned model (recovered). Top-1 in "
+        f"ONNX Runtime on the first {setup['eval_size']} test images; latency medians of "
+        f"{setup['repeats']} runs after 10, the unpruned model timed in the same run. Then "
+        "`Target(latency_speedup=...)` with latency-aware widths, measured again after pruning. "
+        f"Machine: {_machine(result['environment'])}. Reproduce: `{result['command']}`.",
+        "",
+        "| model | MACs target | widths | MACs reduction | speedup b32 / b1 | speedup per MACs b32 / b1 "
+        "| one-shot | recovered |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        md.append(
+            f"| {r['model']} | {r['level']} | {r['rule']} | {r['macs_reduction']:.2f}x | "
+            f"{r['speedup_b32']:.2f}x / {r['speedup_b1']:.2f}x | "
+            f"{r['speedup_over_macs_b32']:.2f} / {r['speedup_over_macs_b1']:.2f} | "
+            f"{r['oneshot']:.4f} | {r['recovered']:.4f} |"
+        )
+    md += [
+        "",
+        "| model | latency_speedup target | measured (b32) | error | MACs reduction |",
+        "|---|---|---|---|---|",
+    ]
+    for model, entry in result["summary"].items():
+        if model == "targets":
+            continue
+        for goal, t in entry.get("latency_targets", {}).items():
+            md.append(
+                f"| {model} | {float(goal):g}x | {t['measured']:.2f}x | {100 * t['error']:+.1f}% | "
+                f"{t['macs_reduction']:.2f}x |"
+            )
+    return md
+
+
+def latency_reach_md(result: dict) -> list[str]:
+    """Table 2d: the speedup per MACs reduction reachable on the machine (latency_reach.json):
+    the floor's bounds, uniform kernel-aligned widths, and the pruner's two width rules."""
+    setup, summary = result["setup"], result["summary"]
+    md = [
+        "Speedup / MACs reduction in ONNX Runtime (CPU provider, all graph optimisations, "
+        f"{result['command'].split('--threads ')[1].split()[0]} intra-op threads, input {setup['input']}), "
+        "each speedup the median of alternating rounds against the unpruned model. "
+        "`floor`: the model with every layer 1, 4 or 8 channels wide, the fastest of the three; "
+        "a pruned model keeps all its ops and maps, so `hard bound` = T(unpruned) / (T(floor) x "
+        "MACs reduction) caps its ratio; `linear model`: the ratio if everything above the floor "
+        "fell in proportion to the MACs (not a bound). `uniform`: the model built with every width "
+        "scaled by one factor and rounded to the kernels' channel blocks (4 up to 16 channels, else "
+        "8), interpolated between the two builds around the level. `round_to=8` and "
+        "`latency-aware`: `l1` pruning to the level with each width rule. Random weights "
+        "(latency depends on the widths only). "
+        f"Machine: {_machine(result['environment'])}. Reproduce: `{result['command']}`.",
+        "",
+        "| model | batch | floor share of the unpruned time | level | hard bound | linear model "
+        "| uniform | round_to=8 | latency-aware | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    targets = summary.get("targets", {})
+    for model, entry in summary.items():
+        if model == "targets":
+            continue
+        for b in ("b32", "b1"):
+            for level, cell in entry[b].items():
+                goal = targets.get(f"speedup_over_macs_{b}", "")
+                uniform = f"{cell['uniform']:.2f}" if "uniform" in cell else "-"
+                md.append(
+                    f"| {model} | {b[1:]} | {100 * entry[f'floor_share_{b}']:.1f}% | {level} | "
+                    f"{cell['hard_bound']:.2f} | {cell['linear_model']:.2f} | {uniform} | "
+                    f"{cell['round_to=8']:.2f} | {cell['latency-aware']:.2f} | {goal} |"
+                )
     return md
 
 
@@ -564,6 +648,20 @@ def main() -> None:
         ]
     if "int8" in sections:
         md += ["", "#### 2b. INT8 after pruning", "", *int8_md(sections["int8"])]
+    if "latency_aware" in sections:
+        md += [
+            "",
+            "#### 2c. Latency-aware widths against multiples of 8, on trained models",
+            "",
+            *latency_aware_md(sections["latency_aware"]),
+        ]
+    if "latency_reach" in sections:
+        md += [
+            "",
+            "#### 2d. How far latency can follow MACs on this machine",
+            "",
+            *latency_reach_md(sections["latency_reach"]),
+        ]
     if "interpretability" in sections:
         md += [
             "",

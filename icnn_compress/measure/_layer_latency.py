@@ -15,7 +15,6 @@ entries), so a model is measured once per machine.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from icnn_compress._io import atomic_write_json
+from icnn_compress._io import atomic_write_json, cpu_identity
 from icnn_compress.measure._latency import ort_latency, ort_session
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,6 @@ __all__ = [
     "latency_table_cache",
     "layer_io_shapes",
     "machine_key",
-    "parse_cpuinfo",
     "read_cached",
     "write_cached",
 ]
@@ -124,36 +122,6 @@ def _one_conv_model(conv: nn.Conv2d, cin: int, cout: int, hw: tuple[int, int]) -
     return model.SerializeToString()
 
 
-# the instruction sets ONNX Runtime's CPU kernels dispatch on: a host that gains or loses one runs
-# other kernels, so its tables are not this host's
-_KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-
-
-def parse_cpuinfo(text: str) -> tuple[str, str]:
-    """``(CPU model name, the kernel-relevant instruction sets joined by "+")`` from the text of
-    ``/proc/cpuinfo`` (x86 ``flags`` or Arm ``Features``); empty strings for what it lacks."""
-    name, flags = "", ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not name:
-            name = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            present = set(value.split())
-            flags = "+".join(f for f in _KERNEL_FLAGS if f in present)
-    return name, flags
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_identity() -> tuple[str, str]:
-    """This host's ``parse_cpuinfo``; off Linux, ``platform.processor()`` (or the architecture)."""
-    try:
-        name, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
-    except OSError:
-        name, flags = "", ""
-    return name or platform.processor() or platform.machine(), flags
-
-
 def machine_key() -> list[str]:
     """What any measured latency depends on besides the model: host name, CPU model, the
     instruction sets the kernels dispatch on, logical CPU count and ONNX Runtime version.
@@ -163,7 +131,7 @@ def machine_key() -> list[str]:
     another, so the CPU itself is part of the key."""
     import onnxruntime as ort
 
-    name, flags = _cpu_identity()
+    name, flags = cpu_identity()
     return [platform.node(), name, flags, f"{os.cpu_count()} cpus", ort.__version__]
 
 

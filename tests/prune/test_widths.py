@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from icnn_compress import ConfigError, models
+from icnn_compress._io import parse_cpuinfo
 from icnn_compress.measure import _layer_latency
 from icnn_compress.measure._layer_latency import conv_latency_table, latency_table_cache
 from icnn_compress.prune import Target, prune_model
@@ -88,16 +89,16 @@ def test_latency_tables_of_another_cpu_are_not_reused(tmp_path, monkeypatch):
     # must tell CPUs apart by model and instruction sets, or one host's tables plan another's widths
     epyc = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma f16c\n"
     xeon = "model name\t: Intel Xeon\nflags\t\t: fpu avx2 fma avx512f avx512bw avx512_vnni\n"
-    assert _layer_latency.parse_cpuinfo(epyc) == ("AMD EPYC", "avx2+fma")
-    assert _layer_latency.parse_cpuinfo(xeon) == ("Intel Xeon", "avx2+fma+avx512f+avx512bw+avx512_vnni")
-    assert _layer_latency.parse_cpuinfo("") == ("", "")
+    assert parse_cpuinfo(epyc) == ("AMD EPYC", "avx2+fma")
+    assert parse_cpuinfo(xeon) == ("Intel Xeon", "avx2+fma+avx512f+avx512bw+avx512_vnni")
+    assert parse_cpuinfo("") == ("", "")
     monkeypatch.setenv("ICNN_COMPRESS_CACHE", str(tmp_path))
     monkeypatch.setattr(_layer_latency, "_MEMORY", {})
-    monkeypatch.setattr(_layer_latency, "_cpu_identity", lambda: _layer_latency.parse_cpuinfo(epyc))
+    monkeypatch.setattr(_layer_latency, "cpu_identity", lambda: parse_cpuinfo(epyc))
     conv = nn.Conv2d(8, 12, 3, padding=1)
     conv_latency_table(conv, (8, 8), batch=1, threads=1, repeats=2)
     monkeypatch.setattr(_layer_latency, "_MEMORY", {})
-    monkeypatch.setattr(_layer_latency, "_cpu_identity", lambda: _layer_latency.parse_cpuinfo(xeon))
+    monkeypatch.setattr(_layer_latency, "cpu_identity", lambda: parse_cpuinfo(xeon))
     built = []
     real = _layer_latency._one_conv_model
     monkeypatch.setattr(_layer_latency, "_one_conv_model", lambda *a: built.append(a) or real(*a))

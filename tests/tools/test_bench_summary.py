@@ -135,3 +135,67 @@ def test_the_default_split_is_stated_as_bench_criteria_runs_it(tmp_path):
         "fine-tuned for 3 epochs, without the loss and with it (2 with masks"
         in (tmp_path / "README.md").read_text()
     )
+
+
+def test_latency_aware_and_reach_tables_are_part_of_the_readme_block(tmp_path):
+    """Tables 2c and 2d are generated with the rest: a README regenerated from the results keeps
+    them (2c was once lost that way, leaving the README pointing at a table it no longer had)."""
+    aware = {
+        "command": "python tools/bench_latency_aware.py --threads 2",
+        "environment": ENV,
+        "setup": {
+            "weights": "w.pt",
+            "criterion": "l2 + compensation",
+            "threads": 2,
+            "recover_steps": 5,
+            "eval_size": 100,
+            "repeats": 3,
+        },
+        "rows": [
+            {
+                "model": "m",
+                "level": "2x",
+                "rule": "latency-aware",
+                "macs_reduction": 2.0,
+                "speedup_b32": 1.9,
+                "speedup_b1": 1.5,
+                "speedup_over_macs_b32": 0.95,
+                "speedup_over_macs_b1": 0.75,
+                "oneshot": 0.8,
+                "recovered": 0.85,
+            }
+        ],
+        "summary": {"m": {"latency_targets": {"2": {"measured": 2.1, "error": 0.05, "macs_reduction": 2.4}}}},
+    }
+    cell = {
+        "hard_bound": 1.5,
+        "linear_model": 0.7,
+        "round_to=8": 0.5,
+        "latency-aware": 0.6,
+        "reachable": True,
+    }
+    reach = {
+        "command": "python tools/latency_reach.py --models m --levels 2 --threads 2",
+        "environment": ENV,
+        "setup": {"input": "1x28x28"},
+        "summary": {
+            "m": {
+                "floor_share_b32": 0.25,
+                "floor_share_b1": 0.4,
+                "b32": {"2x": {**cell, "uniform": 0.8}},
+                "b1": {"2x": cell},
+            },
+            "targets": {"speedup_over_macs_b32": ">= 0.9", "speedup_over_macs_b1": ">= 0.8"},
+        },
+    }
+    (tmp_path / "latency_aware.json").write_text(json.dumps(aware))
+    (tmp_path / "latency_reach.json").write_text(json.dumps(reach))
+    proc = run_summary(tmp_path, "<!-- bench:start -->\n<!-- bench:end -->\n")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "README.md").read_text()
+    assert "#### 2c. Latency-aware widths" in text
+    assert "| m | 2x | latency-aware | 2.00x | 1.90x / 1.50x | 0.95 / 0.75 | 0.8000 | 0.8500 |" in text
+    assert "| m | 2x | 2.10x | +5.0% | 2.40x |" in text
+    assert "#### 2d. How far latency can follow MACs" in text
+    assert "| m | 32 | 25.0% | 2x | 1.50 | 0.70 | 0.80 | 0.50 | 0.60 | >= 0.9 |" in text
+    assert "| m | 1 | 40.0% | 2x | 1.50 | 0.70 | - | 0.50 | 0.60 | >= 0.8 |" in text
