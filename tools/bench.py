@@ -7,10 +7,10 @@
 Stages: the Fashion-MNIST baselines (trained once, cached in runs/baselines), the loss's
 training-step overhead, interpretability on synthetic parts, ONNX Runtime latency, latency-aware
 widths on trained models (bench_latency_aware.py), how far latency can follow MACs
-(latency_reach.py), INT8, the torchvision model zoo
-(bench_zoo.py), the pruning criteria, where the loss's accuracy cost comes from
-(bench_icnn_cost.py) and the interpretable route over two independently trained bases
-(bench_route.py), then ``tools/bench_summary.py``
+(latency_reach.py), INT8, the torchvision model zoo (bench_zoo.py), the pruning criteria, where
+the loss's accuracy cost comes from (bench_icnn_cost.py), the interpretable route over two
+independently trained bases (bench_route.py) and category-aware compression
+(bench_specialise.py, tables 8-8c), then ``tools/bench_summary.py``
 (results/summary.json, results/summary.md, the accuracy-vs-latency plot and, for the full run,
 the table in README.md). Every stage caches what it trains under runs/ and the criteria, cost and
 route stages resume row by row, so a re-run skips finished work.
@@ -44,6 +44,21 @@ CRITERIA_FULL = [
     "1",
 ]
 CRITERIA_FULL += ["--out-dir", "{results}"]
+
+KEPT = "0,6;2,4;0,2,3,4,6;1,3,5,7,9"  # the kept-class sets of tables 8-8c
+E4_BASES = "runs/baselines/vgg_small_fashion_e4_n20000.pt,runs/baselines/vgg_small_fashion_e4_n20000_s1.pt"
+QUICK_BASES = (
+    "runs/bench_icnn_cost/quick/base_vgg_small_s0.pt,runs/bench_icnn_cost/quick/base_vgg_small_s1.pt"
+)
+
+
+def _specialise(weights: str, kept: str, levels: str, modes: str, out: str, *extra: str) -> list[str]:
+    """A bench_specialise.py command writing ``{results}/<out>.json``."""
+    return [
+        *("bench_specialise.py", "--weights", weights, "--kept", kept, "--levels", levels),
+        *("--modes", modes, *extra, "--out", f"{{results}}/{out}.json"),
+    ]
+
 
 # stage -> (commands of the full run, of --quick, guessed seconds full / quick); a command that
 # starts with "&" runs in the background, and the next plain command waits for all of them
@@ -298,6 +313,37 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
             ]
         ],
         (5400.0, 300.0),
+    ),
+    "specialise": (  # tables 8-8c; the e4/n20000 bases are trained here, the quick ones by icnn_cost
+        [
+            ["bench_fashion.py", "--model", "vgg_small", "--epochs", "4", "--train-size", "20000"],
+            [
+                "bench_fashion.py",
+                "--model",
+                "vgg_small",
+                "--epochs",
+                "4",
+                "--train-size",
+                "20000",
+                "--seed",
+                "1",
+            ],
+            _specialise(QUICK_BASES, KEPT, "2,4,8", "category,relevance", "specialise", "--threads", "1"),
+            _specialise(E4_BASES, KEPT, "2,4", "category,relevance", "specialise_kept"),
+            _specialise(E4_BASES, KEPT, "4", "criterion:taylor,full:taylor,relevance", "specialise_taylor"),
+        ],
+        [
+            _specialise(
+                "runs/baselines/vgg_small_fashion_e1_n6000.pt",
+                "0,6",
+                "4",
+                "relevance",
+                "specialise",
+                "--recover-steps",
+                "5",
+            )
+        ],
+        (7200.0, 60.0),
     ),
     "summary": (
         [["bench_summary.py", "--results", "{results}", "--readme", "README.md"]],
