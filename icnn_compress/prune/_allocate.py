@@ -34,9 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch_pruning as tp
@@ -259,6 +257,7 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
     """``prune_model(..., allocation="latency")``: plan widths, prune to them, check, re-plan."""
     from icnn_compress.prune._criteria import criterion_spec
     from icnn_compress.prune._engine import (
+        SpeedupTimer,
         TargetError,
         _dependency_graph,
         _ignored_modules,
@@ -317,7 +316,7 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
     plans = plan_latency_widths(groups, latency, spatial, base_macs=macs0)
     if not plans:
         raise TargetError(f"Target {target.kind}={target.value:g}: no layer can be narrowed.")
-    timer = _SpeedupTimer(work, example, target) if target.kind == "latency_speedup" else None
+    timer = SpeedupTimer(work, example, target) if target.kind == "latency_speedup" else None
     common = dict(
         max_layer_ratio=kw["max_layer_ratio"],
         ignored_layers=kw["ignored_layers"],
@@ -388,40 +387,6 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
         inplace=kw["inplace"],
         **{**common, "progress": kw["progress"]},
     )
-
-
-class _SpeedupTimer:
-    """Measured ONNX Runtime speedup of a model over a reference, robust to a machine whose speed
-    drifts: the two are timed in alternation (three rounds) and the median ratio is kept."""
-
-    def __init__(self, reference: nn.Module, example: Tensor, target) -> None:
-        self.tmp = tempfile.TemporaryDirectory()
-        self.target, self.example = target, example
-        self.reference = self._session(reference, "reference")
-
-    def _session(self, model: nn.Module, name: str):
-        from icnn_compress.export import export_onnx
-        from icnn_compress.measure import ort_session
-
-        device = next(model.parameters()).device
-        path = Path(self.tmp.name) / f"{name}.onnx"
-        export_onnx(model.cpu(), path, self.example[:1].cpu(), check=False)
-        model.to(device)
-        return path, ort_session(path, provider="cpu", threads=self.target.latency_threads)
-
-    def _ms(self, entry) -> float:
-        from icnn_compress.measure import ort_latency
-
-        path, sess = entry
-        t = self.target
-        return ort_latency(
-            path, t.latency_batch, session=sess, threads=t.latency_threads, warmup=5, repeats=20
-        ).median_ms
-
-    def speedup(self, model: nn.Module) -> float:
-        candidate = self._session(model, "candidate")
-        ratios = sorted(self._ms(self.reference) / self._ms(candidate) for _ in range(3))
-        return ratios[1]
 
 
 def _channels(module: nn.Module) -> int:

@@ -120,7 +120,9 @@ def _failing_layer(frames: list, model: nn.Module) -> str:
 @dataclass(frozen=True)
 class Target:
     """What to prune to: exactly one of a MACs reduction, a parameter reduction (both as factors,
-    e.g. 2.0 = half) or a measured ONNX Runtime latency speedup (batch ``latency_batch``)."""
+    e.g. 2.0 = half) or a measured ONNX Runtime latency speedup (batch ``latency_batch``, CPU
+    provider, ``latency_threads`` threads; each candidate timed in alternation with the unpruned
+    model, the median ratio of three rounds: ``SpeedupTimer``)."""
 
     macs_reduction: float | None = None
     params_reduction: float | None = None
@@ -335,17 +337,41 @@ def _stats(model: nn.Module, example: Tensor) -> tuple[int, int]:
     return stats["macs"], stats["params"]
 
 
-def _latency_ms(model: nn.Module, example: Tensor, target: Target) -> float:
-    from icnn_compress.export import export_onnx
-    from icnn_compress.measure import ort_latency
+class SpeedupTimer:
+    """Measured ONNX Runtime speedup of models over a reference (the unpruned model, exported when
+    the timer is made), robust to a machine whose speed drifts: reference and candidate are timed
+    in alternation, ``rounds`` times, and the median ratio is kept. Timed on the CPU provider at
+    ``target.latency_batch`` with ``target.latency_threads`` threads, 20 calls after 5 warm-up."""
 
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "m.onnx"
-        export_onnx(model.cpu(), path, example[:1].cpu(), check=False)
-        stats = ort_latency(
-            path, target.latency_batch, provider="cpu", threads=target.latency_threads, warmup=5, repeats=20
-        )
-    return stats.median_ms
+    def __init__(self, reference: nn.Module, example: Tensor, target: Target, rounds: int = 3) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.target, self.example, self.rounds = target, example[:1], rounds
+        self.reference = self._session(reference, "reference")
+
+    def _session(self, model: nn.Module, name: str):
+        from icnn_compress.export import export_onnx
+        from icnn_compress.measure import ort_session
+
+        device = next(model.parameters()).device
+        path = Path(self._tmp.name) / f"{name}.onnx"
+        export_onnx(model.cpu(), path, self.example.cpu(), check=False)
+        model.to(device)
+        return path, ort_session(path, provider="cpu", threads=self.target.latency_threads)
+
+    def _ms(self, entry) -> float:
+        from icnn_compress.measure import ort_latency
+
+        path, sess = entry
+        t = self.target
+        return ort_latency(
+            path, t.latency_batch, session=sess, threads=t.latency_threads, warmup=5, repeats=20
+        ).median_ms
+
+    def speedup(self, model: nn.Module) -> float:
+        """Reference latency over ``model``'s: the median of ``rounds`` alternating rounds."""
+        candidate = self._session(model, "candidate")
+        ratios = sorted(self._ms(self.reference) / self._ms(candidate) for _ in range(self.rounds))
+        return ratios[len(ratios) // 2]
 
 
 def _taylor_gradients(model: nn.Module, loader: DataLoader, batches: int) -> None:
@@ -831,7 +857,8 @@ def prune_model(
             renumber[keep_classes] = torch.arange(len(keep_classes))
             labelled = [(x, renumber[y.cpu()].to(y.device)) for x, y in fit]
     macs0, params0 = _stats(model, example_inputs)
-    base_latency = _latency_ms(model, example_inputs, target) if target.kind == "latency_speedup" else None
+    # the unpruned model is exported now and timed again beside every candidate
+    timer = SpeedupTimer(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
     # the per-step channel ratios are chosen as we go (see _next_ratio), so the list is only storage
     pruner = _dependency_graph(
@@ -887,8 +914,7 @@ def prune_model(
         bar.close()
         macs, params = _stats(model, example_inputs)
         if target.kind == "latency_speedup":
-            speedup = base_latency / _latency_ms(model, example_inputs, target)
-            model.to(device)
+            speedup = timer.speedup(model)
         reached = True
     history = [(0.0, 1.0)]  # (channel ratio, reduction reached)
     check = None  # the target check after every group, built on the first step
@@ -924,8 +950,7 @@ def prune_model(
         bar.update(1)
         bar.set_postfix(macs=f"{macs0 / max(macs, 1):.2f}x")
         if target.kind == "latency_speedup":
-            speedup = achieved = base_latency / _latency_ms(model, example_inputs, target)
-            model.to(device)
+            speedup = achieved = timer.speedup(model)
         else:
             achieved = _reduction(target, (macs0, params0), (macs, params))
         history.append((ratio, achieved))

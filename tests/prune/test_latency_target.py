@@ -1,0 +1,58 @@
+"""``Target(latency_speedup=...)``: the speedup is measured against the unpruned model timed again
+beside every candidate, so a machine whose speed drifts during pruning does not skew it."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import icnn_compress.measure as measure
+from icnn_compress import models
+from icnn_compress.export import export_onnx
+from icnn_compress.prune import PruneResult, Target, prune_model
+
+
+@pytest.fixture
+def drifting_timer(monkeypatch):
+    """ONNX Runtime timing replaced by a model's file size (the "true" cost) times a machine that
+    gets 4% slower with every timing call; the list of timed files."""
+    calls = []
+
+    def fake(path, batch_size, **kw):
+        calls.append(path)
+        return types.SimpleNamespace(median_ms=Path(path).stat().st_size * 1.04 ** len(calls))
+
+    monkeypatch.setattr(measure, "ort_latency", fake)
+    return calls
+
+
+def prune_to_speedup(tmp_path: Path, **kw) -> tuple[PruneResult, float]:
+    """resnet_cifar8 pruned to a 1.6x latency speedup; the result and its true (file size) speedup."""
+    torch.manual_seed(0)
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1).eval()
+    example = torch.rand(1, 1, 16, 16)
+    target = Target(latency_speedup=1.6, latency_batch=2, latency_threads=1)
+    res = prune_model(model, example, criterion="l1", target=target, progress=False, **kw)
+    export_onnx(model, tmp_path / "ref.onnx", example, check=False)
+    export_onnx(res.model, tmp_path / "pruned.onnx", example, check=False)
+    return res, (tmp_path / "ref.onnx").stat().st_size / (tmp_path / "pruned.onnx").stat().st_size
+
+
+def test_latency_target_is_measured_in_alternation_with_the_unpruned_model(drifting_timer, tmp_path):
+    res, true = prune_to_speedup(tmp_path, round_to=None, step_ratio=0.05)
+    # timed once at the start, the reference would look faster than the candidates the more calls
+    # follow (1.64x reported for a true 2.08x); in alternation each round's drift is one call (4%)
+    assert res.latency_speedup == pytest.approx(true, rel=0.06)
+    assert len(drifting_timer) > 20  # several steps, each timed in rounds: the drift compounds to > 2x
+    assert res.latency_speedup >= 1.6 and true >= 1.6 / 1.06
+
+
+def test_latency_aware_widths_land_on_a_latency_target_under_drift(drifting_timer, tmp_path):
+    """The plan's stop is found by bisection on quick copies, each timed in alternation with the
+    unpruned model, and the pruned model's speedup is measured the same way."""
+    res, true = prune_to_speedup(tmp_path, allocation="latency")
+    assert res.latency_speedup == pytest.approx(true, rel=0.06)
+    assert true == pytest.approx(1.6, rel=0.1)  # aimed at within 5%, plus one round's drift
