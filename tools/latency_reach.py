@@ -31,16 +31,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import icnn_compress as ic
-from icnn_compress.export import export_onnx
 from icnn_compress.io import atomic_write_json, environment_info
-from icnn_compress.measure import model_stats, ort_latency, ort_session
+from icnn_compress.measure import SpeedupTimer, model_stats
 from icnn_compress.prune import Target, prune_model
 
 BATCHES = (1, 32)
@@ -74,34 +72,12 @@ def build(name: str, width=None) -> nn.Module:
     raise SystemExit(f"--models: {name!r} has no width-scaled builder here (vgg_small, resnet_cifar20).")
 
 
-class Timer:
-    """Median speedup of candidates over one reference model, in alternating rounds."""
-
-    def __init__(self, tmp: Path, example: torch.Tensor, a: argparse.Namespace) -> None:
-        self.tmp, self.example, self.a = tmp, example, a
-        self.count = 0
-
-    def session(self, model: nn.Module):
-        self.count += 1
-        path = self.tmp / f"m{self.count}.onnx"
-        export_onnx(model, path, self.example, check=False)
-        return path, ort_session(path, provider="cpu", threads=self.a.threads)
-
-    def ms(self, entry, batch: int) -> float:
-        path, sess = entry
-        return ort_latency(
-            path, batch, session=sess, threads=self.a.threads, warmup=self.a.warmup, repeats=self.a.repeats
-        ).median_ms
-
-    def compare(self, reference, candidate, batch: int) -> tuple[float, float, float]:
-        """``(reference ms, candidate ms, speedup)`` of the round with the median speedup, over
-        ``--rounds`` alternating rounds (a round slowed by another process does not count)."""
-        rounds = []
-        for _ in range(self.a.rounds):
-            r, c = self.ms(reference, batch), self.ms(candidate, batch)
-            rounds.append((r / c, r, c))
-        ratio, r, c = sorted(rounds)[len(rounds) // 2]
-        return r, c, ratio
+def compare(timer: SpeedupTimer, model: nn.Module) -> tuple[float, float, float]:
+    """``(reference ms, candidate ms, speedup)`` of the round with the median speedup (a round
+    slowed by another process does not count)."""
+    rounds = sorted((r / c, r, c) for r, c in timer.rounds_ms(model))
+    ratio, r, c = rounds[len(rounds) // 2]
+    return r, c, ratio
 
 
 def main() -> None:
@@ -123,49 +99,47 @@ def main() -> None:
     example = torch.rand(1, 1, 28, 28)
     levels = [float(x) for x in a.levels.split(",")]
     rows, summary = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        timer = Timer(Path(tmp), example, a)
-        for name in a.models.split(","):
-            base = build(name, None)
-            ref = timer.session(base)
-            macs0 = model_stats(base, example)["macs"]
-            variants: list[tuple[str, float | None, nn.Module]] = [
-                ("floor", w, build(name, lambda c, w=w: w)) for w in FLOOR_WIDTHS
-            ]
-            variants += [
-                ("uniform", float(s), build(name, lambda c, s=float(s): _block(c * s)))
-                for s in a.scales.split(",")
-            ]
-            for level in levels:
-                for kind, kw in (
-                    ("round_to=8", {"round_to": 8}),
-                    ("latency-aware", {"allocation": "latency"}),
-                ):
-                    res = prune_model(
-                        base,
-                        example,
-                        criterion="l1",
-                        target=Target(macs_reduction=level, latency_threads=a.threads),
-                        refit_classifier=False,
-                        progress=False,
-                        **{"round_to": None, **kw},
-                    )
-                    variants.append((kind, level, res.model.eval()))
-            for kind, setting, model in variants:
-                cand = timer.session(model)
-                row = {"model": name, "kind": kind, "setting": setting}
-                row["macs_reduction"] = macs0 / model_stats(model, example)["macs"]
-                for b in BATCHES:
-                    ref_ms, ms, speedup = timer.compare(ref, cand, b)
-                    row[f"unpruned_ms_b{b}"], row[f"ms_b{b}"], row[f"speedup_b{b}"] = ref_ms, ms, speedup
-                    row[f"speedup_over_macs_b{b}"] = speedup / row["macs_reduction"]
-                rows.append(row)
-                print(
-                    f"{name} {kind} {setting}: MACs {row['macs_reduction']:.2f}x, b1 {row['ms_b1']:.3f} ms "
-                    f"({row['speedup_b1']:.2f}x), b32 {row['ms_b32']:.2f} ms ({row['speedup_b32']:.2f}x)",
-                    flush=True,
+    timing = dict(threads=a.threads, rounds=a.rounds, warmup=a.warmup, repeats=a.repeats)
+    for name in a.models.split(","):
+        base = build(name, None)
+        timers = {b: SpeedupTimer(base, example, batch=b, **timing) for b in BATCHES}
+        macs0 = model_stats(base, example)["macs"]
+        variants: list[tuple[str, float | None, nn.Module]] = [
+            ("floor", w, build(name, lambda c, w=w: w)) for w in FLOOR_WIDTHS
+        ]
+        variants += [
+            ("uniform", float(s), build(name, lambda c, s=float(s): _block(c * s)))
+            for s in a.scales.split(",")
+        ]
+        for level in levels:
+            for kind, kw in (
+                ("round_to=8", {"round_to": 8}),
+                ("latency-aware", {"allocation": "latency"}),
+            ):
+                res = prune_model(
+                    base,
+                    example,
+                    criterion="l1",
+                    target=Target(macs_reduction=level, latency_threads=a.threads),
+                    refit_classifier=False,
+                    progress=False,
+                    **{"round_to": None, **kw},
                 )
-            summary[name] = summarise([r for r in rows if r["model"] == name], levels)
+                variants.append((kind, level, res.model.eval()))
+        for kind, setting, model in variants:
+            row = {"model": name, "kind": kind, "setting": setting}
+            row["macs_reduction"] = macs0 / model_stats(model, example)["macs"]
+            for b in BATCHES:
+                ref_ms, ms, speedup = compare(timers[b], model)
+                row[f"unpruned_ms_b{b}"], row[f"ms_b{b}"], row[f"speedup_b{b}"] = ref_ms, ms, speedup
+                row[f"speedup_over_macs_b{b}"] = speedup / row["macs_reduction"]
+            rows.append(row)
+            print(
+                f"{name} {kind} {setting}: MACs {row['macs_reduction']:.2f}x, b1 {row['ms_b1']:.3f} ms "
+                f"({row['speedup_b1']:.2f}x), b32 {row['ms_b32']:.2f} ms ({row['speedup_b32']:.2f}x)",
+                flush=True,
+            )
+        summary[name] = summarise([r for r in rows if r["model"] == name], levels)
     summary["targets"] = {f"speedup_over_macs_{b}": f">= {t}" for b, t in TARGETS.items()}
     result = {
         "benchmark": "latency_reach",

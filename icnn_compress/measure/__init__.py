@@ -10,9 +10,11 @@ from icnn_compress.measure._latency import (
     time_callable,
     torch_latency,
 )
+from icnn_compress.measure._speedup import SpeedupTimer
 
 __all__ = [
     "LatencyStats",
+    "SpeedupTimer",
     "class_accuracy",
     "latency_guard",
     "measure",

@@ -257,11 +257,11 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
     """``prune_model(..., allocation="latency")``: plan widths, prune to them, check, re-plan."""
     from icnn_compress.prune._criteria import criterion_spec
     from icnn_compress.prune._engine import (
-        SpeedupTimer,
         TargetError,
         _dependency_graph,
         _ignored_modules,
         _importance,
+        _speedup_timer,
         _stats,
         _taylor_gradients,
         ignored_module_names,
@@ -316,7 +316,7 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
     plans = plan_latency_widths(groups, latency, spatial, base_macs=macs0)
     if not plans:
         raise TargetError(f"Target {target.kind}={target.value:g}: no layer can be narrowed.")
-    timer = SpeedupTimer(work, example, target) if target.kind == "latency_speedup" else None
+    timer = _speedup_timer(work, example, target) if target.kind == "latency_speedup" else None
     common = dict(
         max_layer_ratio=kw["max_layer_ratio"],
         ignored_layers=kw["ignored_layers"],

@@ -6,13 +6,11 @@ import contextlib
 import copy
 import logging
 import math
-import tempfile
 import traceback
 import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,7 +120,7 @@ class Target:
     """What to prune to: exactly one of a MACs reduction, a parameter reduction (both as factors,
     e.g. 2.0 = half) or a measured ONNX Runtime latency speedup (batch ``latency_batch``, CPU
     provider, ``latency_threads`` threads; each candidate timed in alternation with the unpruned
-    model, the median ratio of three rounds: ``SpeedupTimer``)."""
+    model, the median ratio of three rounds: ``measure.SpeedupTimer``)."""
 
     macs_reduction: float | None = None
     params_reduction: float | None = None
@@ -337,41 +335,11 @@ def _stats(model: nn.Module, example: Tensor) -> tuple[int, int]:
     return stats["macs"], stats["params"]
 
 
-class SpeedupTimer:
-    """Measured ONNX Runtime speedup of models over a reference (the unpruned model, exported when
-    the timer is made), robust to a machine whose speed drifts: reference and candidate are timed
-    in alternation, ``rounds`` times, and the median ratio is kept. Timed on the CPU provider at
-    ``target.latency_batch`` with ``target.latency_threads`` threads, 20 calls after 5 warm-up."""
+def _speedup_timer(model: nn.Module, example: Tensor, target: Target):
+    """A ``SpeedupTimer`` against ``model`` as it is now, on ``target``'s batch and threads."""
+    from icnn_compress.measure import SpeedupTimer
 
-    def __init__(self, reference: nn.Module, example: Tensor, target: Target, rounds: int = 3) -> None:
-        self._tmp = tempfile.TemporaryDirectory()
-        self.target, self.example, self.rounds = target, example[:1], rounds
-        self.reference = self._session(reference, "reference")
-
-    def _session(self, model: nn.Module, name: str):
-        from icnn_compress.export import export_onnx
-        from icnn_compress.measure import ort_session
-
-        device = next(model.parameters()).device
-        path = Path(self._tmp.name) / f"{name}.onnx"
-        export_onnx(model.cpu(), path, self.example.cpu(), check=False)
-        model.to(device)
-        return path, ort_session(path, provider="cpu", threads=self.target.latency_threads)
-
-    def _ms(self, entry) -> float:
-        from icnn_compress.measure import ort_latency
-
-        path, sess = entry
-        t = self.target
-        return ort_latency(
-            path, t.latency_batch, session=sess, threads=t.latency_threads, warmup=5, repeats=20
-        ).median_ms
-
-    def speedup(self, model: nn.Module) -> float:
-        """Reference latency over ``model``'s: the median of ``rounds`` alternating rounds."""
-        candidate = self._session(model, "candidate")
-        ratios = sorted(self._ms(self.reference) / self._ms(candidate) for _ in range(self.rounds))
-        return ratios[len(ratios) // 2]
+    return SpeedupTimer(model, example, batch=target.latency_batch, threads=target.latency_threads)
 
 
 def _taylor_gradients(model: nn.Module, loader: DataLoader, batches: int) -> None:
@@ -858,7 +826,7 @@ def prune_model(
             labelled = [(x, renumber[y.cpu()].to(y.device)) for x, y in fit]
     macs0, params0 = _stats(model, example_inputs)
     # the unpruned model is exported now and timed again beside every candidate
-    timer = SpeedupTimer(model, example_inputs, target) if target.kind == "latency_speedup" else None
+    timer = _speedup_timer(model, example_inputs, target) if target.kind == "latency_speedup" else None
     steps_max = max(1, int(math.ceil(max_layer_ratio / step_ratio)))
     # the per-step channel ratios are chosen as we go (see _next_ratio), so the list is only storage
     pruner = _dependency_graph(

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import icnn_compress.measure as measure
 from icnn_compress import models
 from icnn_compress.export import export_onnx
+from icnn_compress.measure import SpeedupTimer, _speedup
 from icnn_compress.prune import PruneResult, Target, prune_model
 
 
@@ -25,7 +25,7 @@ def drifting_timer(monkeypatch):
         calls.append(path)
         return types.SimpleNamespace(median_ms=Path(path).stat().st_size * 1.04 ** len(calls))
 
-    monkeypatch.setattr(measure, "ort_latency", fake)
+    monkeypatch.setattr(_speedup, "ort_latency", fake)
     return calls
 
 
@@ -56,3 +56,12 @@ def test_latency_aware_widths_land_on_a_latency_target_under_drift(drifting_time
     res, true = prune_to_speedup(tmp_path, allocation="latency")
     assert res.latency_speedup == pytest.approx(true, rel=0.06)
     assert true == pytest.approx(1.6, rel=0.1)  # aimed at within 5%, plus one round's drift
+
+
+def test_speedup_timer_alternates_reference_and_candidate(drifting_timer):
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1).eval()
+    timer = SpeedupTimer(model, torch.rand(1, 1, 16, 16), batch=2, threads=1, rounds=5)
+    assert len(timer.rounds_ms(model)) == 5
+    assert [Path(p).stem for p in drifting_timer] == ["reference", "candidate"] * 5
+    # the same model against itself: each round's candidate ran one call (4%) later
+    assert timer.speedup(model) == pytest.approx(1 / 1.04)

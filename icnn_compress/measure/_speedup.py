@@ -1,0 +1,72 @@
+"""Measured speedup of a model over a reference in ONNX Runtime, robust to a drifting machine.
+
+A speedup computed from two timings taken minutes apart inherits whatever the machine did in
+between (another process, a throttled core, a noisy neighbour on a VM). ``SpeedupTimer`` exports
+the reference once and times it again beside every candidate, in alternating rounds, and keeps the
+median ratio, so a slowdown that hits both shows in neither.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from icnn_compress.measure._latency import ort_latency, ort_session
+
+__all__ = ["SpeedupTimer"]
+
+
+class SpeedupTimer:
+    """ONNX Runtime speedup of models over ``reference`` (exported when the timer is made).
+
+    Args:
+        reference: the model to compare against (usually the unpruned one); left where it is.
+        example: ``(1, C, H, W)`` input for the export; the batch is ``batch``.
+        batch, threads, provider: how the models are run (``ort_session``/``ort_latency``).
+        rounds: alternating (reference, candidate) rounds; the median ratio is kept.
+        warmup, repeats: calls per timing (the median of ``repeats`` after ``warmup``).
+    """
+
+    def __init__(
+        self,
+        reference: nn.Module,
+        example: Tensor,
+        *,
+        batch: int = 32,
+        threads: int | None = 2,
+        provider: str = "cpu",
+        rounds: int = 3,
+        warmup: int = 5,
+        repeats: int = 20,
+    ) -> None:
+        self._tmp = tempfile.TemporaryDirectory()  # removed with the timer
+        self.example, self.batch, self.threads, self.provider = example[:1], batch, threads, provider
+        self.rounds, self.warmup, self.repeats = rounds, warmup, repeats
+        self.reference = self._session(reference, "reference")
+
+    def _session(self, model: nn.Module, name: str):
+        from icnn_compress.export import export_onnx
+
+        device = next(model.parameters()).device
+        path = Path(self._tmp.name) / f"{name}.onnx"
+        export_onnx(model.cpu(), path, self.example.cpu(), check=False)
+        model.to(device)
+        return path, ort_session(path, provider=self.provider, threads=self.threads)
+
+    def _ms(self, entry) -> float:
+        path, sess = entry
+        return ort_latency(
+            path, self.batch, session=sess, threads=self.threads, warmup=self.warmup, repeats=self.repeats
+        ).median_ms
+
+    def rounds_ms(self, model: nn.Module) -> list[tuple[float, float]]:
+        """``[(reference ms, model ms), ...]``, one pair per round, timed in alternation."""
+        candidate = self._session(model, "candidate")
+        return [(self._ms(self.reference), self._ms(candidate)) for _ in range(self.rounds)]
+
+    def speedup(self, model: nn.Module) -> float:
+        """Reference latency over ``model``'s: the median ratio of the alternating rounds."""
+        ratios = sorted(r / c for r, c in self.rounds_ms(model))
+        return ratios[len(ratios) // 2]
