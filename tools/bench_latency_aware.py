@@ -5,7 +5,7 @@ model is pruned with ``l2`` + compensation twice: uniform widths in multiples of
 (``round_to=8``, the default) and latency-aware widths (``allocation="latency"``, planned on this
 machine for ONNX Runtime at batch 32 and ``--threads``). Each pruned model gets its BatchNorm
 re-estimated on 20 probe batches (one-shot), is exported and timed in ONNX Runtime at batch 1 and 32
-(speedups: the unpruned model timed again beside each pruned one, the median ratio of three
+(speedups: the unpruned model timed again beside each pruned one, the median ratio of five
 alternating rounds of ``--repeats`` calls after 10), scored on the first
 ``--eval-size`` test images, then recovered (``--recover-steps`` SGD steps at lr 0.01, distilled
 from the unpruned model) and scored again. Then ``Target(latency_speedup=...)`` at each of

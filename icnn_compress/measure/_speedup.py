@@ -25,7 +25,9 @@ class SpeedupTimer:
         reference: the model to compare against (usually the unpruned one); left where it is.
         example: ``(1, C, H, W)`` input for the export; the batch is ``batch``.
         batch, threads, provider: how the models are run (``ort_session``/``ort_latency``).
-        rounds: alternating (reference, candidate) rounds; the median ratio is kept.
+        rounds: alternating (reference, candidate) rounds; the median ratio is kept. Five: on a
+            2-core VM, ten measurements of one pruned model's speedup spread -1.8% to +2.8% around
+            their median with five rounds, -11.6% to +3.0% with three (one slowed round decides).
         warmup, repeats: calls per timing (the median of ``repeats`` after ``warmup``).
     """
 
@@ -37,7 +39,7 @@ class SpeedupTimer:
         batch: int = 32,
         threads: int | None = 2,
         provider: str = "cpu",
-        rounds: int = 3,
+        rounds: int = 5,
         warmup: int = 5,
         repeats: int = 20,
     ) -> None:
