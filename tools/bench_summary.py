@@ -325,8 +325,9 @@ def latency_aware_md(result: dict) -> list[str]:
         "planned from conv latency tables measured on the machine: ONNX Runtime, batch 32, "
         f"{setup['threads']} threads); BatchNorm re-estimated on 20 probe batches (one-shot), then "
         f"{setup['recover_steps']} SGD steps distilled from the unpruned model (recovered). Top-1 in "
-        f"ONNX Runtime on the first {setup['eval_size']} test images; latency medians of "
-        f"{setup['repeats']} runs after 10, the unpruned model timed in the same run. Then "
+        f"ONNX Runtime on the first {setup['eval_size']} test images; speedups: the unpruned model "
+        "timed again beside each pruned one, the median ratio of five alternating rounds of "
+        f"{setup['repeats']} calls after 10 (`measure.SpeedupTimer`). Then "
         "`Target(latency_speedup=...)` with latency-aware widths, measured again after pruning. "
         f"Machine: {_machine(result['environment'])}. Reproduce: `{result['command']}`.",
         "",

@@ -728,8 +728,8 @@ def prune_model(
             least importance lost, at widths on the fast side of each latency step; a
             the point where the target is met is found by bisection on quick copies that are
             measured (real MACs, or ONNX Runtime latency timed against the unpruned model), so a
-            ``latency_speedup`` target lands near it (within 5% in 4 of 6 benchmark cases, at most
-            +7.7%). Takes a ``macs_reduction`` or ``latency_speedup`` target. See
+            ``latency_speedup`` target lands near it (within 5% in 5 of 6 benchmark cases, at most
+            +5.4%). Takes a ``macs_reduction`` or ``latency_speedup`` target. See
             ``icnn_compress.prune._allocate``.
         refit_classifier: when ``data`` is given, refit the last ``nn.Linear`` at the end (after
             BatchNorm re-estimation) so that its outputs match the unpruned model's on up to
