@@ -7,10 +7,11 @@
 Stages: the Fashion-MNIST baselines (trained once, cached in runs/baselines), the loss's
 training-step overhead, interpretability on synthetic parts, ONNX Runtime latency, latency-aware
 widths on trained models (bench_latency_aware.py), how far latency can follow MACs
-(latency_reach.py), INT8, the torchvision model zoo (bench_zoo.py), the pruning criteria, where
-the loss's accuracy cost comes from (bench_icnn_cost.py), the interpretable route over two
-independently trained bases (bench_route.py) and category-aware compression
-(bench_specialise.py, tables 8-8c), then ``tools/bench_summary.py``
+(latency_reach.py), how repeatable a measured speedup is (bench_speedup_timer.py), INT8, the
+torchvision model zoo (bench_zoo.py), the pruning criteria, where the loss's accuracy cost comes
+from (bench_icnn_cost.py), the interpretable route over two independently trained bases
+(bench_route.py) and category-aware compression (bench_specialise.py, tables 8-8c), then
+``tools/bench_summary.py``
 (results/summary.json, results/summary.md, the accuracy-vs-latency plot and, for the full run,
 the table in README.md). Every stage caches what it trains under runs/ and the criteria, cost and
 route stages resume row by row, so a re-run skips finished work.
@@ -167,6 +168,17 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
             ]
         ],
         (1500.0, 60.0),
+    ),
+    "speedup_timer": (
+        [["bench_speedup_timer.py", "--out", "{results}/speedup_timer.json"]],
+        [
+            [
+                "bench_speedup_timer.py",
+                *("--models", "resnet_cifar20", "--trials", "3", "--repeats", "5"),
+                *("--out", "{results}/speedup_timer.json"),
+            ]
+        ],
+        (240.0, 20.0),
     ),
     "zoo": (
         [["bench_zoo.py", "--out", "{results}/zoo.json"]],

@@ -25,9 +25,10 @@ class SpeedupTimer:
         reference: the model to compare against (usually the unpruned one); left where it is.
         example: ``(1, C, H, W)`` input for the export; the batch is ``batch``.
         batch, threads, provider: how the models are run (``ort_session``/``ort_latency``).
-        rounds: alternating (reference, candidate) rounds; the median ratio is kept. Five: on a
-            2-core VM, ten measurements of one pruned model's speedup spread -1.8% to +2.8% around
-            their median with five rounds, -11.6% to +3.0% with three (one slowed round decides).
+        rounds: alternating (reference, candidate) rounds; the median ratio is kept. Five, so that
+            two slowed rounds do not decide it: in two runs of ten measurements of one pruned
+            model on a 2-core VM (tools/bench_speedup_timer.py), five rounds stayed within -3.5% to
+            +6.9% of the median, three once read 11.6% low, the ratio of minima -16% to +10%.
         warmup, repeats: calls per timing (the median of ``repeats`` after ``warmup``).
     """
 
