@@ -5,6 +5,8 @@ latency-aware widths, ``allocation="latency"``, planned for batch 32 on the same
 exported to ONNX and timed in ONNX Runtime (graph optimisations on, sequential, ``--threads``
 intra-op threads) and in PyTorch eager (``torch.inference_mode``, same threads), at batch 1 and 32.
 Medians over ``--repeats`` calls after ``--warmup``; all numbers from one process on one machine.
+ORT speedups are measured with ``measure.SpeedupTimer``: the unpruned model timed again beside each
+pruned one, the median ratio of five alternating rounds.
 Writes tools/results/latency.json with ``summary.<model>.ort_vs_eager_b1`` and
 ``summary.<model>.speedup_over_macs_b32.<level>`` (measured ORT speedup / MACs reduction, the best
 width rule), ``..._b1``, and ``summary.<model>.latency_aware.<level>`` (``..._b1``) for the
@@ -24,7 +26,7 @@ import torch
 import icnn_compress as ic
 from icnn_compress.export import export_onnx
 from icnn_compress.io import atomic_write_json, environment_info
-from icnn_compress.measure import model_stats, ort_latency, ort_session, torch_latency
+from icnn_compress.measure import SpeedupTimer, model_stats, ort_latency, ort_session, torch_latency
 from icnn_compress.prune import prune_model
 
 
@@ -66,7 +68,19 @@ def main() -> None:
                         progress=False,
                     )
                     variants.append((f"{level}x", rt if rt == "latency" else round_to, res.model.eval()))
-            base_ms: dict[int, float] = {}
+            # speedups: the unpruned model timed again beside each pruned one (alternating rounds)
+            timers = {
+                b: SpeedupTimer(
+                    base,
+                    example,
+                    batch=b,
+                    threads=a.threads,
+                    provider=a.provider,
+                    warmup=a.warmup,
+                    repeats=a.repeats,
+                )
+                for b in (1, 32)
+            }
             for level, round_to, model in variants:
                 path = Path(tmp) / f"{name}_{level}_{round_to}.onnx"
                 export_onnx(model, path, example)
@@ -88,16 +102,13 @@ def main() -> None:
                     )
                     row[f"ort_b{b}"] = ort.to_dict()
                     row[f"eager_b{b}"] = eager.to_dict()
-                    if level == "1x":
-                        base_ms[b] = ort.median_ms
                 row["provider"] = row["ort_b1"]["provider"]
                 if level != "1x":
                     base_macs = rows[[r["model"] for r in rows].index(name)]["macs"]
                     row["macs_reduction"] = base_macs / row["macs"]
-                    row["ort_speedup_b32"] = base_ms[32] / row["ort_b32"]["median_ms"]
-                    row["speedup_over_macs_b32"] = row["ort_speedup_b32"] / row["macs_reduction"]
-                    row["ort_speedup_b1"] = base_ms[1] / row["ort_b1"]["median_ms"]
-                    row["speedup_over_macs_b1"] = row["ort_speedup_b1"] / row["macs_reduction"]
+                    for b in (1, 32):
+                        row[f"ort_speedup_b{b}"] = timers[b].speedup(model)
+                        row[f"speedup_over_macs_b{b}"] = row[f"ort_speedup_b{b}"] / row["macs_reduction"]
                 rows.append(row)
                 print(
                     f"{name} {level} round_to={round_to}: ORT b1 {row['ort_b1']['median_ms']:.3f} ms, "
