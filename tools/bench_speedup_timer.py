@@ -29,11 +29,6 @@ from icnn_compress.measure import SpeedupTimer
 from icnn_compress.prune import Target, prune_model
 
 
-def _median_ratio(pairs: list[tuple[float, float]]) -> float:
-    ratios = sorted(r / c for r, c in pairs)
-    return ratios[len(ratios) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vgg_small,resnet_cifar20")
@@ -73,8 +68,8 @@ def main() -> None:
         scores: dict[str, list[float]] = {"median3": [], f"median{a.rounds}": [], f"min{a.rounds}": []}
         for t in range(a.trials):
             pairs = timer.rounds_ms(pruned)
-            scores["median3"].append(_median_ratio(pairs[:3]))
-            scores[f"median{a.rounds}"].append(_median_ratio(pairs))
+            scores["median3"].append(SpeedupTimer.median_ratio(pairs[:3]))
+            scores[f"median{a.rounds}"].append(SpeedupTimer.median_ratio(pairs))
             scores[f"min{a.rounds}"].append(min(r for r, _ in pairs) / min(c for _, c in pairs))
             print(
                 name, f"trial {t + 1}/{a.trials}", {k: round(v[-1], 3) for k, v in scores.items()}, flush=True

@@ -71,5 +71,11 @@ class SpeedupTimer:
 
     def speedup(self, model: nn.Module) -> float:
         """Reference latency over ``model``'s: the median ratio of the alternating rounds."""
-        ratios = sorted(r / c for r, c in self.rounds_ms(model))
+        return self.median_ratio(self.rounds_ms(model))
+
+    @staticmethod
+    def median_ratio(pairs: list[tuple[float, float]]) -> float:
+        """The median of ``reference ms / model ms`` over ``rounds_ms`` pairs (the upper middle one
+        for an even count)."""
+        ratios = sorted(r / c for r, c in pairs)
         return ratios[len(ratios) // 2]
