@@ -87,7 +87,9 @@ def main() -> None:
             ref = evaluate(base, tmp, f"{name}_base", eval_dl, a, latency=True)
             # speedups: the unpruned model timed again beside each pruned one, median of alternating rounds
             timers = {
-                b: SpeedupTimer(base, example, batch=b, threads=a.threads, warmup=10, repeats=a.repeats)
+                b: SpeedupTimer(
+                    base, example, batch=b, threads=a.threads, warmup=10, repeats=a.repeats, stop_spread=None
+                )
                 for b in (1, 32)
             }
             out = summary.setdefault(name, {"unpruned": ref})

@@ -7,6 +7,9 @@ only on the widths), the speedup over the unpruned model is measured ``--trials`
 scored three ways from the same timings:
 
 - ``median<k>``: the median ratio of the first ``k`` rounds (k = 3 and ``--rounds``);
+- ``adaptive``: what ``SpeedupTimer.speedup`` returns with its default ``stop_spread`` (2%): the
+  median of the first ``--rounds // 2 + 1`` rounds when they agree within it, else of all rounds;
+  ``adaptive_rounds`` is the mean number of rounds it would have timed;
 - ``min<rounds>``: the fastest reference timing over the fastest candidate timing.
 
 Reported per estimator: the median over trials and the spread of the trials around it (min and max,
@@ -65,9 +68,19 @@ def main() -> None:
             warmup=a.warmup,
             repeats=a.repeats,
         )
-        scores: dict[str, list[float]] = {"median3": [], f"median{a.rounds}": [], f"min{a.rounds}": []}
+        scores: dict[str, list[float]] = {
+            "median3": [],
+            f"median{a.rounds}": [],
+            f"min{a.rounds}": [],
+            "adaptive": [],
+        }
+        used = []
+        first = a.rounds // 2 + 1
         for t in range(a.trials):
             pairs = timer.rounds_ms(pruned)
+            stop = SpeedupTimer.agree(pairs[:first], timer.stop_spread)
+            used.append(first if stop else a.rounds)
+            scores["adaptive"].append(SpeedupTimer.median_ratio(pairs[:first] if stop else pairs))
             scores["median3"].append(SpeedupTimer.median_ratio(pairs[:3]))
             scores[f"median{a.rounds}"].append(SpeedupTimer.median_ratio(pairs))
             scores[f"min{a.rounds}"].append(min(r for r, _ in pairs) / min(c for _, c in pairs))
@@ -83,6 +96,7 @@ def main() -> None:
                 "spread_low_pct": 100 * (min(values) / med - 1),
                 "spread_high_pct": 100 * (max(values) / med - 1),
             }
+        summary[name]["adaptive_rounds"] = statistics.mean(used)
         print(name, summary[name], flush=True)
     result = {
         "benchmark": "speedup_timer",

@@ -99,7 +99,7 @@ def main() -> None:
     example = torch.rand(1, 1, 28, 28)
     levels = [float(x) for x in a.levels.split(",")]
     rows, summary = [], {}
-    timing = dict(threads=a.threads, rounds=a.rounds, warmup=a.warmup, repeats=a.repeats)
+    timing = dict(threads=a.threads, rounds=a.rounds, warmup=a.warmup, repeats=a.repeats, stop_spread=None)
     for name in a.models.split(","):
         base = build(name, None)
         timers = {b: SpeedupTimer(base, example, batch=b, **timing) for b in BATCHES}

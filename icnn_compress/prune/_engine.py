@@ -120,7 +120,8 @@ class Target:
     """What to prune to: exactly one of a MACs reduction, a parameter reduction (both as factors,
     e.g. 2.0 = half) or a measured ONNX Runtime latency speedup (batch ``latency_batch``, CPU
     provider, ``latency_threads`` threads; each candidate timed in alternation with the unpruned
-    model, the median ratio of five rounds: ``measure.SpeedupTimer``)."""
+    model, the median ratio of five rounds, three when those agree within 2%:
+    ``measure.SpeedupTimer``)."""
 
     macs_reduction: float | None = None
     params_reduction: float | None = None

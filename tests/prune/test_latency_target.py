@@ -65,3 +65,47 @@ def test_speedup_timer_alternates_reference_and_candidate(drifting_timer):
     assert [Path(p).stem for p in drifting_timer] == ["reference", "candidate"] * 5
     # the same model against itself: each round's candidate ran one call (4%) later
     assert timer.speedup(model) == pytest.approx(1 / 1.04)
+
+
+def test_speedup_timer_stops_early_only_when_the_first_rounds_agree(monkeypatch):
+    """Three agreeing rounds of five end the measurement; three that disagree do not, and then the
+    answer is the median of all five."""
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1).eval()
+    steady = {"reference": [2.0] * 5, "candidate": [1.0, 1.01, 0.995, 5.0, 5.0]}
+    noisy = {"reference": [2.0] * 5, "candidate": [1.0, 1.2, 0.9, 1.1, 1.05]}
+    for seq, rounds, expect in ((steady, 3, 2 / 1.0), (noisy, 5, 2 / 1.05)):
+        calls = {"reference": 0, "candidate": 0}
+
+        def fake(path, batch_size, seq=seq, calls=calls, **kw):
+            stem = Path(path).stem
+            calls[stem] += 1
+            return types.SimpleNamespace(median_ms=seq[stem][calls[stem] - 1])
+
+        monkeypatch.setattr(_speedup, "ort_latency", fake)
+        timer = SpeedupTimer(model, torch.rand(1, 1, 16, 16), batch=2, threads=1, rounds=5, stop_spread=0.02)
+        assert timer.speedup(model) == pytest.approx(expect)
+        assert timer.rounds_used == [rounds] and calls == {"reference": rounds, "candidate": rounds}
+        # stop_spread=None times every round
+        calls.update(reference=0, candidate=0)
+        full = SpeedupTimer(model, torch.rand(1, 1, 16, 16), batch=2, threads=1, rounds=5, stop_spread=None)
+        full.speedup(model)
+        assert full.rounds_used == [5]
+
+
+def test_early_stop_moves_the_median_by_less_than_the_spread():
+    """The claim behind ``stop_spread``: when the first ``rounds // 2 + 1`` ratios agree within it,
+    the median of all ``rounds`` lies among them."""
+    rng = torch.Generator().manual_seed(0)
+    checked = 0
+    for rounds in (3, 4, 5, 7):
+        first = rounds // 2 + 1
+        for _ in range(2000):
+            ratios = (1 + 0.03 * torch.randn(rounds, generator=rng)).tolist()
+            pairs = [(r, 1.0) for r in ratios]
+            if not SpeedupTimer.agree(pairs[:first], 0.02):
+                continue
+            checked += 1
+            early, full = SpeedupTimer.median_ratio(pairs[:first]), SpeedupTimer.median_ratio(pairs)
+            assert min(ratios[:first]) <= full <= max(ratios[:first])
+            assert abs(early / full - 1) <= 0.02 + 1e-12
+    assert checked > 100
