@@ -19,6 +19,14 @@ __all__ = ["LatencyStats", "ort_latency", "ort_session", "pick_providers", "time
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 
+# ONNX Runtime's intra-op worker threads keep spinning for tens of milliseconds after a run. A
+# session timed while another session's workers still spin shares the cores with them: on the
+# 2-core benchmark VM, a conv timed within 30 ms of another session's run took up to 3x as long,
+# after 50 ms it did not. ``ort_latency`` therefore waits until SPIN_SETTLE_S have passed since a
+# different session last ran before it times one (only when the session changes).
+SPIN_SETTLE_S = 0.1
+_last_run: dict = {"session": None, "end": 0.0}
+
 
 @dataclass
 class LatencyStats:
@@ -186,8 +194,20 @@ def ort_latency(
         def call() -> None:
             sess.run(None, {inp.name: x})
 
-    times = time_callable(call, warmup=warmup, repeats=repeats)
+    _settle(sess)
+    try:
+        times = time_callable(call, warmup=warmup, repeats=repeats)
+    finally:
+        _last_run.update(session=id(sess), end=time.perf_counter())
     return _stats(times, batch_size, threads, used, warmup, bind)
+
+
+def _settle(sess) -> None:
+    """Wait until another session's spinning workers have gone idle (see ``SPIN_SETTLE_S``)."""
+    if _last_run["session"] not in (None, id(sess)):
+        wait = SPIN_SETTLE_S - (time.perf_counter() - _last_run["end"])
+        if wait > 0:
+            time.sleep(wait)
 
 
 def torch_latency(

@@ -132,3 +132,28 @@ def test_model_stats_are_the_same_on_the_meta_device_and_where_the_model_is():
     assert meta["params"] == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="where"):
         model_stats(model, example, where="cuda")
+
+
+def test_a_session_is_not_timed_while_another_ones_workers_still_spin(tmp_path, monkeypatch):
+    """ONNX Runtime's workers spin for tens of ms after a run; timing another session then shares
+    the cores with them. ``ort_latency`` waits out ``SPIN_SETTLE_S`` when the session changes, and
+    only then."""
+    from icnn_compress.measure import _latency
+    from icnn_compress.measure._latency import ort_session
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
+    paths = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for path in paths:
+        export_onnx(model, path, torch.rand(1, 1, 8, 8), check=False)
+    a, b = (ort_session(p, provider="cpu", threads=1) for p in paths)
+    waits: list[float] = []
+    monkeypatch.setattr(_latency.time, "sleep", waits.append)
+    monkeypatch.setattr(_latency, "_last_run", {"session": None, "end": 0.0})  # no earlier test's run
+    ort_latency(paths[0], 1, session=a, warmup=0, repeats=2)
+    ort_latency(paths[0], 1, session=a, warmup=0, repeats=2)
+    assert waits == []  # the same session again: nothing to wait for
+    ort_latency(paths[1], 1, session=b, warmup=0, repeats=2)
+    assert len(waits) == 1 and 0 < waits[0] <= _latency.SPIN_SETTLE_S
+    ort_latency(paths[1], 1, session=b, warmup=0, repeats=2)
+    ort_latency(paths[0], 1, session=a, warmup=0, repeats=2)
+    assert len(waits) == 2
