@@ -3,6 +3,7 @@
 from icnn_compress.measure._accuracy import class_accuracy, model_stats, ort_accuracy, ort_confusion
 from icnn_compress.measure._deployed import latency_guard, measure
 from icnn_compress.measure._latency import (
+    SPIN_SETTLE_S,
     LatencyStats,
     ort_latency,
     ort_session,
@@ -13,6 +14,7 @@ from icnn_compress.measure._latency import (
 from icnn_compress.measure._speedup import SpeedupTimer
 
 __all__ = [
+    "SPIN_SETTLE_S",
     "LatencyStats",
     "SpeedupTimer",
     "class_accuracy",

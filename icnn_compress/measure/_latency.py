@@ -15,7 +15,15 @@ from torch import nn
 
 from icnn_compress.errors import ConfigError, DataError
 
-__all__ = ["LatencyStats", "ort_latency", "ort_session", "pick_providers", "time_callable", "torch_latency"]
+__all__ = [
+    "SPIN_SETTLE_S",
+    "LatencyStats",
+    "ort_latency",
+    "ort_session",
+    "pick_providers",
+    "time_callable",
+    "torch_latency",
+]
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 
@@ -158,9 +166,14 @@ def ort_latency(
     repeats: int = 50,
     session=None,
     io_binding: bool | None = None,
+    settle_s: float = SPIN_SETTLE_S,
 ) -> LatencyStats:
     """Latency of one run on a random batch; ``input_shape`` (without batch) is read from the model
     when it is static.
+
+    When another session ran less than ``settle_s`` seconds ago, the timing waits for the rest of
+    that time first, so that the other session's spinning worker threads do not share the cores
+    (``SPIN_SETTLE_S``; 0 does not wait).
 
     ``io_binding`` (default: on for the CUDA and TensorRT providers) places the input once on the
     provider's device and binds the outputs there, so a GPU timing measures the model and not the
@@ -194,7 +207,7 @@ def ort_latency(
         def call() -> None:
             sess.run(None, {inp.name: x})
 
-    _settle(sess)
+    _settle(sess, settle_s)
     try:
         times = time_callable(call, warmup=warmup, repeats=repeats)
     finally:
@@ -202,10 +215,10 @@ def ort_latency(
     return _stats(times, batch_size, threads, used, warmup, bind)
 
 
-def _settle(sess) -> None:
+def _settle(sess, settle_s: float) -> None:
     """Wait until another session's spinning workers have gone idle (see ``SPIN_SETTLE_S``)."""
     if _last_run["session"] not in (None, id(sess)):
-        wait = SPIN_SETTLE_S - (time.perf_counter() - _last_run["end"])
+        wait = settle_s - (time.perf_counter() - _last_run["end"])
         if wait > 0:
             time.sleep(wait)
 
