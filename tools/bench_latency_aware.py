@@ -59,6 +59,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--eval-size", type=int, default=5000)
     p.add_argument("--recover-steps", type=int, default=150)
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="trained weights, '{model}' standing for the model's name "
+        "(default: the tools/bench_fashion.py baselines, runs/baselines/<model>_fashion_e6.pt)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "latency_aware.json"))
     p.add_argument("--render", action="store_true", help="only write the .md table from an existing --out")
     a = p.parse_args()
@@ -80,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name in a.models.split(","):
-            weights = baseline_path(name, 6)
+            weights = Path(a.weights.format(model=name)) if a.weights else baseline_path(name, 6)
             if not weights.is_file():
                 raise SystemExit(f"{weights} is missing: python tools/bench_fashion.py --model {name}")
             base = ic.models.create(name, num_classes=10, in_channels=1, weights=str(weights)).eval()
@@ -158,12 +164,13 @@ def main() -> None:
                 print(name, "latency target", s, out["latency_targets"][s], flush=True)
     result = {
         "benchmark": "latency_aware",
-        "command": f"python tools/bench_latency_aware.py --threads {a.threads}",
+        "command": f"python tools/bench_latency_aware.py --threads {a.threads}"
+        + (f" --weights {a.weights}" if a.weights else ""),
         "environment": environment_info(),
         "setup": {
             **vars(a),
             "criterion": "l2 + compensation",
-            "weights": "runs/baselines/<model>_fashion_e6.pt",
+            "weights": a.weights or "runs/baselines/<model>_fashion_e6.pt",
         },
         "rows": rows,
         "summary": {

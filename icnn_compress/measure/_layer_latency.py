@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _MEMORY: dict[str, dict[int, float]] = {}
+TIMING_METHOD = "settled"  # part of every cache key: change it when the way latency is timed changes
 VARY = ("out", "in")
 
 
@@ -124,7 +125,9 @@ def _one_conv_model(conv: nn.Conv2d, cin: int, cout: int, hw: tuple[int, int]) -
 
 def machine_key() -> list[str]:
     """What any measured latency depends on besides the model: host name, CPU model, the
-    instruction sets the kernels dispatch on, logical CPU count and ONNX Runtime version.
+    instruction sets the kernels dispatch on, logical CPU count, ONNX Runtime version and how it
+    was timed (``TIMING_METHOD``: entries timed before ``ort_latency`` waited for other sessions'
+    spinning workers are noise and are measured again, not read).
 
     A virtual machine's host name (often just ``vm``) and ``platform.processor()`` (empty on
     Linux) do not tell one CPU from another; tables measured on one host must not be read on
@@ -132,7 +135,7 @@ def machine_key() -> list[str]:
     import onnxruntime as ort
 
     name, flags = cpu_identity()
-    return [platform.node(), name, flags, f"{os.cpu_count()} cpus", ort.__version__]
+    return [platform.node(), name, flags, f"{os.cpu_count()} cpus", ort.__version__, TIMING_METHOD]
 
 
 def _key(conv: nn.Conv2d, hw, vary: str, batch: int, threads: int, provider: str) -> str:
