@@ -170,3 +170,24 @@ def probe_batches(dataset, seed: int, batches: int = 20, batch_size: int = 64) -
     g = torch.Generator().manual_seed(1000 + seed)
     sampler = RandomSampler(dataset, num_samples=batches * batch_size, generator=g)
     return list(DataLoader(dataset, batch_size=batch_size, sampler=sampler))
+
+
+def fashion_width_data(eval_size: int) -> tuple[DataLoader, DataLoader, list]:
+    """The width-rule benchmarks' Fashion-MNIST data: the training loader (batch 64, augmented),
+    the first ``eval_size`` test images (batches of 500) and 20 fixed probe batches of 64
+    un-augmented training images (the same for every prune; a sampler would draw new ones)."""
+    import icnn_compress as ic
+
+    train_dl, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
+    eval_dl = DataLoader(Subset(test_dl.dataset, range(eval_size)), batch_size=500)
+    plain = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
+    g = torch.Generator().manual_seed(0)
+    probe = list(
+        DataLoader(plain, batch_size=64, sampler=RandomSampler(plain, num_samples=64 * 20, generator=g))
+    )
+    return train_dl, eval_dl, probe
+
+
+def conv_widths(model: torch.nn.Module) -> dict[str, int]:
+    """``{conv name: output channels}`` of every Conv2d in ``model``."""
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}

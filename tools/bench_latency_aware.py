@@ -1,7 +1,7 @@
 """Latency-aware widths against multiples of 8, on trained models: accuracy, latency, landing.
 
-For each model (the Fashion-MNIST baselines of tools/bench_fashion.py, seed 0) and MACs level, the
-model is pruned with ``l2`` + compensation twice: uniform widths in multiples of 8
+For each model (the Fashion-MNIST baselines of tools/bench_fashion.py, seed 0, or ``--weights``)
+and MACs level, the model is pruned with ``l2`` + compensation twice: uniform widths in multiples of 8
 (``round_to=8``, the default) and latency-aware widths (``allocation="latency"``, planned on this
 machine for ONNX Runtime at batch 32 and ``--threads``). Each pruned model gets its BatchNorm
 re-estimated on 20 probe batches (one-shot), is exported and timed in ONNX Runtime at batch 1 and 32
@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import baseline_path, log_to_stdout
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from _common import baseline_path, conv_widths, fashion_width_data, log_to_stdout
 
 import icnn_compress as ic
 from icnn_compress.export import export_onnx
@@ -73,14 +72,7 @@ def main() -> None:
         render(json.loads(Path(a.out).read_text()), Path(a.out).with_suffix(".md"))
         return
     torch.set_num_threads(a.threads)
-    train_dl, test_dl = ic.data.loaders("fashion-mnist", batch_size=64, val_batch_size=500)
-    eval_dl = DataLoader(Subset(test_dl.dataset, range(a.eval_size)), batch_size=500)
-    plain = ic.data.loaders("fashion-mnist", batch_size=64, augment=False)[0].dataset
-    g = torch.Generator().manual_seed(0)
-    # the same 20 probe batches for every prune (a sampler would draw new ones each time)
-    probe = list(
-        DataLoader(plain, batch_size=64, sampler=RandomSampler(plain, num_samples=64 * 20, generator=g))
-    )
+    train_dl, eval_dl, probe = fashion_width_data(a.eval_size)
     example = torch.rand(1, 1, 28, 28)
     rows, summary = [], {}
     with tempfile.TemporaryDirectory() as d:
@@ -101,22 +93,10 @@ def main() -> None:
             out = summary.setdefault(name, {"unpruned": ref})
             print(name, "unpruned", ref, flush=True)
             for level in a.levels.split(","):
-                for rule, kw in RULES.items():
+                for rule in RULES:
                     t0 = time.perf_counter()
-                    res = prune_model(
-                        base,
-                        example,
-                        criterion="l2",
-                        target=Target(macs_reduction=float(level), latency_threads=a.threads),
-                        data=probe,
-                        compensate=True,
-                        bn_batches=0,
-                        refit_classifier=False,  # as the published numbers were measured
-                        progress=False,
-                        **kw,
-                    )
+                    res = prune_rule(base, example, float(level), rule, probe, a.threads)
                     prune_s = time.perf_counter() - t0
-                    reestimate_batchnorm(res.model, probe, max_batches=20)
                     one = evaluate(res.model, tmp, f"{name}_{level}_{rule}", eval_dl, a)
                     speedups = {b: timers[b].speedup(res.model) for b in (1, 32)}
                     _recover(res.model, base, train_dl, a.recover_steps)
@@ -126,11 +106,7 @@ def main() -> None:
                         "level": f"{level}x",
                         "rule": rule,
                         "macs_reduction": res.macs_reduction,
-                        "widths": {
-                            n: m.out_channels
-                            for n, m in res.model.named_modules()
-                            if isinstance(m, torch.nn.Conv2d)
-                        },
+                        "widths": conv_widths(res.model),
                         "speedup_b32": speedups[32],
                         "speedup_b1": speedups[1],
                         "oneshot": one["top1"],
@@ -192,6 +168,26 @@ def render(result: dict, path: Path) -> None:
     from bench_summary import latency_aware_md
 
     path.write_text("\n".join(latency_aware_md(result)) + "\n")
+
+
+def prune_rule(base: torch.nn.Module, example, level: float, rule: str, probe: list, threads: int):
+    """``base`` pruned as table 2c prunes it: ``l2`` + compensation to ``level`` times fewer MACs
+    with the width rule ``rule`` (a key of RULES; latency plans for ``threads`` ORT threads), then
+    BatchNorm re-estimated on the probe batches (the one-shot model). Returns the PruneResult."""
+    res = prune_model(
+        base,
+        example,
+        criterion="l2",
+        target=Target(macs_reduction=level, latency_threads=threads),
+        data=probe,
+        compensate=True,
+        bn_batches=0,
+        refit_classifier=False,  # as the published numbers were measured
+        progress=False,
+        **RULES[rule],
+    )
+    reestimate_batchnorm(res.model, probe, max_batches=20)
+    return res
 
 
 def _recover(model: torch.nn.Module, source: torch.nn.Module, train_dl, steps: int) -> None:

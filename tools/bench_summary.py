@@ -301,7 +301,8 @@ def latency_md(lat: dict) -> list[str]:
         "all graph optimisations) against PyTorch eager (inference_mode, same threads), "
         f"medians of {setup['repeats']} "
         f"calls after {setup['warmup']} warm-up (speedups: the median ratio of five rounds timed in "
-        f"alternation with the unpruned model); models pruned with `{setup['criterion']}` "
+        "alternation with the unpruned model; a session is timed only once another session's "
+        f"workers have been idle 0.1 s, `measure.SPIN_SETTLE_S`); models pruned with `{setup['criterion']}` "
         f"to each MACs reduction. Machine: {_machine(env)}. Reproduce: `{lat['command']}`.",
         "",
         "| model | round_to | MACs | ORT b1 ms | eager b1 ms | ORT b32 ms | eager b32 ms "
@@ -328,14 +329,15 @@ def latency_aware_md(result: dict) -> list[str]:
     ``latency_speedup`` targets land (from latency_aware.json)."""
     setup = result["setup"]
     md = [
-        f"The Fashion-MNIST baselines (`{setup['weights']}`), pruned with `{setup['criterion']}` to "
+        f"Fashion-MNIST base models (`{setup['weights']}`), pruned with `{setup['criterion']}` to "
         'each MACs target with `round_to=8` (the default) and with `allocation="latency"` (widths '
         "planned from conv latency tables measured on the machine: ONNX Runtime, batch 32, "
         f"{setup['threads']} threads); BatchNorm re-estimated on 20 probe batches (one-shot), then "
         f"{setup['recover_steps']} SGD steps distilled from the unpruned model (recovered). Top-1 in "
         f"ONNX Runtime on the first {setup['eval_size']} test images; speedups: the unpruned model "
         "timed again beside each pruned one, the median ratio of five alternating rounds of "
-        f"{setup['repeats']} calls after 10 (`measure.SpeedupTimer`). Then "
+        f"{setup['repeats']} calls after 10 (`measure.SpeedupTimer`; a session is timed only once "
+        "another session's workers have been idle 0.1 s). Then "
         "`Target(latency_speedup=...)` with latency-aware widths, measured again after pruning. "
         f"Machine: {_machine(result['environment'])}. Reproduce: `{result['command']}`.",
         "",
@@ -373,7 +375,8 @@ def latency_reach_md(result: dict) -> list[str]:
     md = [
         "Speedup / MACs reduction in ONNX Runtime (CPU provider, all graph optimisations, "
         f"{result['command'].split('--threads ')[1].split()[0]} intra-op threads, input {setup['input']}), "
-        "each speedup the median of alternating rounds against the unpruned model. "
+        "each speedup the median of alternating rounds against the unpruned model (a session timed "
+        "only once another session's workers have been idle 0.1 s). "
         "`floor`: the model with every layer 1, 4 or 8 channels wide, the fastest of the three; "
         "a pruned model keeps all its ops and maps, so `hard bound` = T(unpruned) / (T(floor) x "
         "MACs reduction) caps its ratio; `linear model`: the ratio if everything above the floor "

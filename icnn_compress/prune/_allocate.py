@@ -25,7 +25,7 @@ what the machine measures instead:
    meets the target is found by bisection, each probe measured on a quick copy pruned to its widths
    (the real MACs count, or the ONNX Runtime latency of the exported copy): the predictions only
    order the moves, the measurements decide where to stop, so a ``latency_speedup`` target lands
-   near it (README table 2c: within 5% in five of six cases, at most +5.4%). The model is then
+   near it (README table 2c: within 5% in five of six cases, +10.4% in the sixth). The model is then
    pruned to those widths with the chosen criterion (``prune_model(widths=...)``).
 """
 

@@ -690,8 +690,8 @@ def prune_model(
             ones into the consuming layers before removing it.
         round_to: keep the pruned layers' channel counts multiples of this (default 8: widths that
             stay on the fast vectorised kernels, so fewer MACs really run faster: at 2x fewer MACs
-            vgg_small ran 1.98x faster in ONNX Runtime, against 1.26x with free widths, ``None``;
-            resnet_cifar20 1.63x against 0.85x). A target is then met in
+            vgg_small ran 1.97x faster in ONNX Runtime, against 1.24x with free widths, ``None``;
+            resnet_cifar20 1.69x against 0.86x). A target is then met in
             whole groups of 8 channels: 0-6% past it on the small models and torchvision's
             VGG/MobileNet, 11% on resnet18 at 2x, against 0-3% with ``None``.
         max_layer_ratio: at most this fraction of any layer's channels is removed.
