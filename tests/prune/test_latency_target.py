@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from icnn_compress import models
+from icnn_compress.errors import ConfigError
 from icnn_compress.export import export_onnx
 from icnn_compress.measure import SpeedupTimer, _speedup
 from icnn_compress.prune import PruneResult, Target, prune_model
@@ -90,6 +91,9 @@ def test_speedup_timer_stops_early_only_when_the_first_rounds_agree(monkeypatch)
         full = SpeedupTimer(model, torch.rand(1, 1, 16, 16), batch=2, threads=1, rounds=5, stop_spread=None)
         full.speedup(model)
         assert full.rounds_used == [5]
+    for bad in (dict(stop_spread=-0.01), dict(rounds=0)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            SpeedupTimer(model, torch.rand(1, 1, 16, 16), **bad)
 
 
 def test_early_stop_moves_the_median_by_less_than_the_spread():
