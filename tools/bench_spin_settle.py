@@ -12,10 +12,10 @@ things with that wait (``settle``) and without it (``no-settle``, ``settle_s=0``
   ``--trials`` times. Reported: the median and largest disagreement between trials (|log ratio|
   as a percentage) and the number of *inversions*: widths at least 10% slower than the next wider
   one, which a staircase of channel blocks does not have;
-- **alternating rounds** as ``SpeedupTimer`` takes them: vgg_small (random weights) against the
-  same model pruned (``l1``) to 2x fewer MACs, five rounds of (reference, candidate) at batch 1
-  and 32, repeated ``--trials`` times. Reported: the spread of the rounds' ratios (largest / smallest - 1) and
-  the median ratio.
+- **alternating rounds**, taken by ``SpeedupTimer`` with the same ``settle_s``: vgg_small
+  (random weights) against the same model pruned (``l1``) to 2x fewer MACs, five rounds of
+  (reference, candidate) at batch 1 and 32, repeated ``--trials`` times. Reported: the spread of
+  the rounds' ratios (largest / smallest - 1) and the median ratio.
 
 Writes tools/results/spin_settle.json with a ``summary``.
 
@@ -38,7 +38,7 @@ from torch import nn
 import icnn_compress as ic
 from icnn_compress.export import export_onnx
 from icnn_compress.io import atomic_write_json, environment_info
-from icnn_compress.measure import SPIN_SETTLE_S, ort_latency, ort_session
+from icnn_compress.measure import SPIN_SETTLE_S, SpeedupTimer, ort_latency, ort_session
 from icnn_compress.prune import Target, prune_model
 
 MODES = {"no-settle": 0.0, "settle": SPIN_SETTLE_S}
@@ -70,22 +70,6 @@ def inversions(table: dict[int, float]) -> int:
     return sum(table[w] > 1.1 * table[v] for w, v in itertools.pairwise(ws))
 
 
-def rounds(tmp: Path, a, batch: int, settle_s: float) -> list[float]:
-    """Five alternating (reference, candidate) rounds: the reference / candidate ratios."""
-    paths = [tmp / "vgg_full.onnx", tmp / "vgg_pruned.onnx"]
-    sessions = [ort_session(p, provider="cpu", threads=a.threads) for p in paths]
-    out = []
-    for _ in range(5):
-        ref, cand = (
-            ort_latency(
-                p, batch, session=s, threads=a.threads, warmup=5, repeats=20, settle_s=settle_s
-            ).median_ms
-            for p, s in zip(paths, sessions)
-        )
-        out.append(ref / cand)
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -112,8 +96,13 @@ def main() -> None:
             refit_classifier=False,
             progress=False,
         ).model
-        export_onnx(full, tmp / "vgg_full.onnx", example, check=False)
-        export_onnx(pruned.eval(), tmp / "vgg_pruned.onnx", example, check=False)
+        timers = {
+            (b, mode): SpeedupTimer(
+                full, example, batch=b, threads=a.threads, stop_spread=None, settle_s=settle_s
+            )
+            for b in (1, 32)
+            for mode, settle_s in MODES.items()
+        }
         for trial in range(a.trials):
             for mode, settle_s in MODES.items():  # the two modes interleaved, so drift hits both
                 t0 = time.perf_counter()
@@ -125,7 +114,8 @@ def main() -> None:
                 entry["tables"].append(table)
                 entry["table_wall_s"].append(wall)
                 for b in (1, 32):
-                    entry[f"rounds_b{b}"].append(rounds(tmp, a, b, settle_s))
+                    pairs = timers[(b, mode)].rounds_ms(pruned)
+                    entry[f"rounds_b{b}"].append([r / c for r, c in pairs])
                 print(mode, f"trial {trial + 1}", {w: round(v, 2) for w, v in table.items()}, flush=True)
     for mode, entry in raw.items():
         tables = entry["tables"]

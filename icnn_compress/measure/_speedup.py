@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from icnn_compress.errors import ConfigError
-from icnn_compress.measure._latency import ort_latency, ort_session
+from icnn_compress.measure._latency import SPIN_SETTLE_S, ort_latency, ort_session
 
 __all__ = ["SpeedupTimer"]
 
@@ -37,6 +37,8 @@ class SpeedupTimer:
             +6.9% of the median, three once read 11.6% low, the ratio of minima -16% to +10%; a
             later run on a noisier day spread five rounds -18% to +14% (resnet_cifar20).
         warmup, repeats: calls per timing (the median of ``repeats`` after ``warmup``).
+        settle_s: each timing starts this long after the other model's last run, so that its
+            spinning ONNX Runtime workers are idle (``ort_latency``; 0 does not wait).
         stop_spread: ``speedup`` stops after ``rounds // 2 + 1`` rounds when their largest ratio is
             within this fraction of their smallest (0.02: 2%); the median of all ``rounds`` would lie
             between those two, so the answer moves by less than this. ``None`` always times every
@@ -55,6 +57,7 @@ class SpeedupTimer:
         warmup: int = 5,
         repeats: int = 20,
         stop_spread: float | None = 0.02,
+        settle_s: float = SPIN_SETTLE_S,
     ) -> None:
         if rounds < 1:
             raise ConfigError(f"rounds must be an int >= 1. Got {rounds!r} instead.")
@@ -63,7 +66,7 @@ class SpeedupTimer:
         self._tmp = tempfile.TemporaryDirectory()  # removed with the timer
         self.example, self.batch, self.threads, self.provider = example[:1], batch, threads, provider
         self.rounds, self.warmup, self.repeats = rounds, warmup, repeats
-        self.stop_spread = stop_spread
+        self.stop_spread, self.settle_s = stop_spread, settle_s
         self.rounds_used: list[int] = []  # rounds timed by each ``speedup`` call, in order
         self.reference = self._session(reference, "reference")
 
@@ -79,7 +82,13 @@ class SpeedupTimer:
     def _ms(self, entry) -> float:
         path, sess = entry
         return ort_latency(
-            path, self.batch, session=sess, threads=self.threads, warmup=self.warmup, repeats=self.repeats
+            path,
+            self.batch,
+            session=sess,
+            threads=self.threads,
+            warmup=self.warmup,
+            repeats=self.repeats,
+            settle_s=self.settle_s,
         ).median_ms
 
     def rounds_ms(self, model: nn.Module, *, early_stop: bool = False) -> list[tuple[float, float]]:

@@ -113,3 +113,18 @@ def test_early_stop_moves_the_median_by_less_than_the_spread():
             assert min(ratios[:first]) <= full <= max(ratios[:first])
             assert abs(early / full - 1) <= 0.02 + 1e-12
     assert checked > 100
+
+
+def test_speedup_timer_passes_its_settle_time_to_every_timing(monkeypatch):
+    seen = []
+
+    def fake(path, batch_size, **kw):
+        seen.append(kw["settle_s"])
+        return types.SimpleNamespace(median_ms=1.0)
+
+    monkeypatch.setattr(_speedup, "ort_latency", fake)
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1).eval()
+    SpeedupTimer(model, torch.rand(1, 1, 16, 16), batch=2, threads=1).speedup(model)
+    SpeedupTimer(model, torch.rand(1, 1, 16, 16), batch=2, threads=1, settle_s=0.0).speedup(model)
+    # equal rounds agree: three rounds of two timings each
+    assert seen == [_speedup.SPIN_SETTLE_S] * 6 + [0.0] * 6
