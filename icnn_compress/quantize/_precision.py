@@ -91,6 +91,7 @@ def float_stages(
     batch: int = 32,
     threads: int = 2,
     per_channel: bool = True,
+    reduce_range: bool = False,
     min_gain: float = 0.03,
     budget_s: float = 1.0,
     progress: bool = False,
@@ -104,6 +105,7 @@ def float_stages(
         batch: the batch size the deployed model runs at.
         threads: ONNX Runtime intra-op threads (CPU provider).
         per_channel: quantize the weights per output channel, as the real model will be.
+        reduce_range: 7-bit weights, as the real model will be.
         min_gain: a stage stays in float only when that makes the whole model at least this much
             faster (0.03 = 3%), so that timing noise does not decide.
         budget_s: about how long each candidate model is timed.
@@ -125,7 +127,15 @@ def float_stages(
 
         def timed(exclude) -> float:
             path = str(Path(tmp) / f"cand{len(tried)}.onnx")
-            quantize_qdq(pre_path, path, [sample[:1]], input_name, per_channel=per_channel, exclude=exclude)
+            quantize_qdq(
+                pre_path,
+                path,
+                [sample[:1]],
+                input_name,
+                per_channel=per_channel,
+                exclude=exclude,
+                reduce_range=reduce_range,
+            )
             return _median_ms(path, batch, threads, budget_s)
 
         fp32 = _median_ms(pre_path, batch, threads, budget_s)

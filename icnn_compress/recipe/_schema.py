@@ -301,6 +301,11 @@ class QuantizeConfig(_Strict):
     timing_threads: int | None = Field(
         None, ge=1, le=1024, description="ONNX Runtime threads 'auto' times with (null: measure.threads)"
     )
+    reduce_range: Literal["auto"] | bool = Field(
+        "auto",
+        description="7-bit weights: 'auto' (on x86 CPUs without VNNI, whose 8-bit kernels can "
+        "saturate), true or false (false for a model that will run on a VNNI CPU or Arm)",
+    )
 
     def options(self, measure: MeasureConfig | None = None):
         """These settings as the ``QuantizeOptions`` of ``quantize_onnx``; an unset timing batch or

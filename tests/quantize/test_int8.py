@@ -12,7 +12,7 @@ import torch
 from icnn_compress import models
 from icnn_compress.errors import ConfigError
 from icnn_compress.export import export_onnx, read_metadata
-from icnn_compress.quantize import QuantizeOptions, quantize_onnx
+from icnn_compress.quantize import QuantizeOptions, quantize_onnx, reduce_range_needed
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,8 @@ def test_guard_refuses_a_badly_calibrated_model_and_writes_nothing(tmp_path):
     assert not res.accepted and res.path is None and not out.exists()
     assert res.top1_agreement < 0.9
     assert "min_agreement 0.9" in res.reason
+    # the hint names only what these options have not tried: the other two methods, not per_channel
+    assert "method 'entropy' or 'percentile'" in res.reason and "per_channel" not in res.reason
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
@@ -102,6 +104,8 @@ def test_other_calibration_methods(fp32, tmp_path, method):
         ({"keep_float": ["a", ""]}, "keep_float node names must be non-empty strings"),
         ({"timing_batch": 0}, "timing_batch must be an int >= 1"),
         ({"timing_threads": 1.5}, "timing_threads must be an int >= 1"),
+        ({"reduce_range": "yes"}, "reduce_range must be 'auto', true or false"),
+        ({"reduce_range": 1}, "reduce_range must be 'auto', true or false"),
     ],
 )
 def test_bad_options_are_one_line_errors(kwargs, match):
@@ -251,3 +255,44 @@ def test_auto_reuses_its_choice_for_the_same_model_batch_and_threads(fp32, tmp_p
         QuantizeOptions(timing_batch=8, timing_threads=1, min_agreement=0.5),
     )
     assert other.precision["cached"] is False and set(calls[timed:]) == {8}
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "needed"),
+    [
+        ("x86_64", "avx2+fma", True),  # AVX2 without VNNI: u8 x s8 pairs summed in 16 bits saturate
+        ("x86_64", "", True),  # instruction sets unknown: the safe choice
+        ("AMD64", "avx2+fma+avx512f+avx512bw+avx512_vnni", False),
+        ("x86_64", "avx2+fma+avx_vnni", False),
+        ("aarch64", "asimddp", False),
+    ],
+)
+def test_reduce_range_is_needed_on_x86_without_vnni_only(machine, flags, needed):
+    assert reduce_range_needed(machine, flags) is needed
+
+
+def _weight_codes(path) -> np.ndarray:
+    """Every int8 weight code of the QDQ model's convolutions."""
+    graph = onnx.load(str(path)).graph
+    ints = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    return np.concatenate([w.ravel() for w in ints if w.ndim == 4])
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_reduce_range_writes_seven_bit_weights_and_says_so(fp32, tmp_path, reduce_range):
+    path, batches = fp32
+    out = tmp_path / "m.onnx"
+    opts = QuantizeOptions(min_agreement=0.0, keep_float="none", reduce_range=reduce_range)
+    res = quantize_onnx(path, out, batches[:2], batches[4:], opts)
+    codes = _weight_codes(out)
+    # per-channel symmetric weights: each channel's largest weight maps to the range's end
+    assert np.abs(codes).max() == (64 if reduce_range else 127)
+    assert res.reduce_range is reduce_range
+    assert json.loads(read_metadata(out)["quantization"])["reduce_range"] is reduce_range
+
+
+def test_reduce_range_auto_follows_this_cpu(fp32, tmp_path):
+    path, batches = fp32
+    res = quantize_onnx(path, tmp_path / "m.onnx", batches[:2], None, QuantizeOptions(min_agreement=0.0))
+    assert res.reduce_range is reduce_range_needed()
+    assert res.options["reduce_range"] == "auto"
