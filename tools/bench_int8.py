@@ -7,7 +7,9 @@ same way), pruned with ``--criterion`` + compensation to each MACs level (defaul
 ONNX and quantized with ``icnn_compress.quantize.quantize_onnx`` (static QDQ, per-channel weights,
 min-max calibration on 16 training batches, guard on the test set). Top-1 on the whole test set
 (10,000 images) in ONNX Runtime; latency: medians of ``--repeats`` runs after ``--warmup`` at batch
-1 and 32, ``--threads`` intra-op threads, CPU provider, all models timed in one process.
+1 and 32, ``--threads`` intra-op threads, CPU provider, all models timed in one process. Every
+speedup is measured as a ratio with ``SpeedupTimer``: ``--rounds`` alternating rounds of the two
+files, the median ratio (a VM that drifts between two timings taken minutes apart moves both).
 Writes tools/results/int8.json with ``summary.<model>.<level>`` = {fp32_top1, int8_top1,
 speedup_int8_over_fp32_b32, speedup_vs_unpruned_b32, ...}.
 
@@ -27,7 +29,7 @@ from _common import command_line, first_n_loader, log_to_stdout
 import icnn_compress as ic
 from icnn_compress.export import export_onnx
 from icnn_compress.io import atomic_write_json, environment_info
-from icnn_compress.measure import model_stats, ort_accuracy, ort_latency, ort_session
+from icnn_compress.measure import SpeedupTimer, model_stats, ort_accuracy, ort_latency, ort_session
 from icnn_compress.prune import prune_model
 from icnn_compress.quantize import QuantizeOptions, quantize_onnx, reduce_range_needed
 
@@ -56,6 +58,25 @@ def timed(path: Path, a) -> dict:
     return out
 
 
+def ratios(fp32: Path, unpruned: Path, files: dict, a) -> dict:
+    """Speedups measured as ratios in alternating rounds (``SpeedupTimer``, medians of ``a.rounds``):
+    INT8 (chosen mix, and every conv) over this float model at batch 32 and 1, and INT8 and this
+    float model over the unpruned float model at batch 32."""
+    kw = dict(threads=a.threads, rounds=a.rounds, warmup=a.warmup, repeats=20, stop_spread=None)
+    example = torch.rand(1, 1, 28, 28)  # unused: every model here is a file
+    own32 = SpeedupTimer(fp32, example, batch=32, **kw)
+    out = {}
+    if "int8" in files:
+        int8 = files["int8"]
+        out["int8_over_fp32_b32"] = own32.speedup(int8)
+        out["int8_over_fp32_b1"] = SpeedupTimer(fp32, example, batch=1, **kw).speedup(int8)
+        out["int8_over_unpruned_b32"] = SpeedupTimer(unpruned, example, batch=32, **kw).speedup(int8)
+    if "int8_all" in files:
+        out["int8_all_over_fp32_b32"] = own32.speedup(files["int8_all"])
+    out["fp32_over_unpruned_b32"] = SpeedupTimer(unpruned, example, batch=32, **kw).speedup(fp32)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vgg_small,resnet_cifar20")
@@ -70,6 +91,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per measured speedup")
     p.add_argument("--out", default=str(RESULTS / "int8.json"))
     a = p.parse_args()
     log_to_stdout()
@@ -108,6 +130,7 @@ def main() -> None:
                     progress=False,
                 ).fit()
                 variants.append((f"{level}x", pruned.eval(), res.macs_reduction))
+            unpruned_fp32 = None  # the first variant's file
             for level, model, reduction in variants:
                 fp32 = Path(tmp) / f"{name}_{level}.onnx"
                 export_onnx(model, fp32, example)
@@ -118,6 +141,7 @@ def main() -> None:
                     **model_stats(model, example),
                 }
                 row["fp32"] = {"top1": ort_accuracy(fp32, val_dl, threads=a.threads), **timed(fp32, a)}
+                files = {}  # the INT8 files the guard accepted
                 for key, opts in (("int8", options), ("int8_all", all_int8)):
                     q = quantize_onnx(fp32, Path(tmp) / f"{name}_{level}.{key}.onnx", train_dl, val_dl, opts)
                     row[key] = {
@@ -130,6 +154,9 @@ def main() -> None:
                     }
                     if q.accepted:
                         row[key].update({"top1": q.int8_top1, **timed(Path(q.path), a)})
+                        files[key] = q.path
+                row["ratios"] = ratios(fp32, unpruned_fp32 or fp32, files, a)
+                unpruned_fp32 = unpruned_fp32 or fp32
                 rows.append(row)
                 f = row["fp32"]
                 msg = f"{name} {level}: fp32 top-1 {f['top1']:.4f} b32 {f['b32']['median_ms']:.2f} ms"
@@ -141,28 +168,24 @@ def main() -> None:
             unpruned = rows[[r["model"] for r in rows].index(name)]
             summary[name] = {"unpruned_fp32_top1": unpruned["fp32"]["top1"]}
             if unpruned["int8"]["accepted"]:
-                summary[name]["unpruned_speedup_int8_over_fp32_b32"] = (
-                    unpruned["fp32"]["b32"]["median_ms"] / unpruned["int8"]["b32"]["median_ms"]
-                )
+                own = unpruned["ratios"]["int8_over_fp32_b32"]
+                summary[name]["unpruned_speedup_int8_over_fp32_b32"] = own
             for r in rows:
                 if r["model"] != name or r["level"] == "1x" or not r["int8"]["accepted"]:
                     continue
-                f, q, q_all = r["fp32"], r["int8"], r["int8_all"]
+                f, q = r["fp32"], r["int8"]
                 summary[name][r["level"]] = {
                     "macs_reduction": r["macs_reduction"],
                     "fp32_top1": f["top1"],
                     "int8_top1": q["top1"],
                     "top1_agreement": q["top1_agreement"],
-                    "speedup_int8_over_fp32_b32": f["b32"]["median_ms"] / q["b32"]["median_ms"],
-                    "speedup_int8_over_fp32_b1": f["b1"]["median_ms"] / q["b1"]["median_ms"],
-                    "speedup_vs_unpruned_b32": unpruned["fp32"]["b32"]["median_ms"] / q["b32"]["median_ms"],
-                    "speedup_fp32_vs_unpruned_b32": unpruned["fp32"]["b32"]["median_ms"]
-                    / f["b32"]["median_ms"],
+                    "speedup_int8_over_fp32_b32": r["ratios"]["int8_over_fp32_b32"],
+                    "speedup_int8_over_fp32_b1": r["ratios"]["int8_over_fp32_b1"],
+                    "speedup_vs_unpruned_b32": r["ratios"]["int8_over_unpruned_b32"],
+                    "speedup_fp32_vs_unpruned_b32": r["ratios"]["fp32_over_unpruned_b32"],
                     "int8_top1_vs_unpruned": q["top1"] - unpruned["fp32"]["top1"],
                     "kept_float_convs": len(q["kept_float"]),
-                    "speedup_all_int8_over_fp32_b32": f["b32"]["median_ms"] / q_all["b32"]["median_ms"]
-                    if q_all["accepted"]
-                    else None,
+                    "speedup_all_int8_over_fp32_b32": r["ratios"].get("int8_all_over_fp32_b32"),
                 }
     targets = {
         "int8_top1_within_fp32": 0.005,
@@ -205,8 +228,10 @@ def main() -> None:
             "BN folded by the pre-processing; "
             "int8: keep_float='auto' (stages that make the model faster in float stay float, timed at "
             "batch 32), int8_all: every convolution quantized",
-            "timing": f"ORT_ENABLE_ALL, sequential, intra_op {a.threads}, CPUExecutionProvider, median of "
-            f"{a.repeats} after {a.warmup} warm-up runs, one process",
+            "timing": f"ORT_ENABLE_ALL, sequential, intra_op {a.threads}, CPUExecutionProvider; ms columns: "
+            f"median of {a.repeats} after {a.warmup} warm-up runs, each model on its own, one process; "
+            f"speedups (x): SpeedupTimer, median ratio of {a.rounds} alternating rounds of 20 runs after "
+            f"{a.warmup}, 0.1 s apart",
         },
         "rows": rows,
         "summary": {**summary, "targets": targets, "met": met},

@@ -28,8 +28,10 @@ class SpeedupTimer:
     """ONNX Runtime speedup of models over ``reference`` (exported when the timer is made).
 
     Args:
-        reference: the model to compare against (usually the unpruned one); left where it is.
-        example: ``(1, C, H, W)`` input for the export; the batch is ``batch``.
+        reference: the model to compare against (usually the unpruned one; left where it is), or an
+            ONNX file of it (e.g. the float model an INT8 file was quantized from). Candidates too
+            may be modules or ONNX files.
+        example: ``(1, C, H, W)`` input for exporting modules; the batch is ``batch``.
         batch, threads, provider: how the models are run (``ort_session``/``ort_latency``).
         rounds: alternating (reference, candidate) rounds; the median ratio is kept. Five, so that
             two slowed rounds do not decide it: in two runs of ten measurements of one pruned
@@ -70,9 +72,13 @@ class SpeedupTimer:
         self.rounds_used: list[int] = []  # rounds timed by each ``speedup`` call, in order
         self.reference = self._session(reference, "reference")
 
-    def _session(self, model: nn.Module, name: str):
+    def _session(self, model: nn.Module | str | Path, name: str):
         from icnn_compress.export import export_onnx
 
+        if isinstance(model, (str, Path)):  # an ONNX file, timed as it is
+            if not Path(model).is_file():
+                raise ConfigError(f"SpeedupTimer: no ONNX file at {str(model)!r}.")
+            return Path(model), ort_session(model, provider=self.provider, threads=self.threads)
         device = next(model.parameters()).device
         path = Path(self._tmp.name) / f"{name}.onnx"
         export_onnx(model.cpu(), path, self.example.cpu(), check=False)
@@ -91,7 +97,9 @@ class SpeedupTimer:
             settle_s=self.settle_s,
         ).median_ms
 
-    def rounds_ms(self, model: nn.Module, *, early_stop: bool = False) -> list[tuple[float, float]]:
+    def rounds_ms(
+        self, model: nn.Module | str | Path, *, early_stop: bool = False
+    ) -> list[tuple[float, float]]:
         """``[(reference ms, model ms), ...]``, one pair per round, timed in alternation: all
         ``rounds`` of them, or with ``early_stop`` only the first ``rounds // 2 + 1`` when those
         agree within ``stop_spread``."""
@@ -103,7 +111,7 @@ class SpeedupTimer:
                 break
         return pairs
 
-    def speedup(self, model: nn.Module) -> float:
+    def speedup(self, model: nn.Module | str | Path) -> float:
         """Reference latency over ``model``'s: the median ratio of the alternating rounds (stopping
         early when the first ones agree, see ``stop_spread``)."""
         pairs = self.rounds_ms(model, early_stop=self.stop_spread is not None)

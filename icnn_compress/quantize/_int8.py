@@ -313,6 +313,17 @@ def quantize_onnx(
         quant_pre_process(str(fp32_path), pre)
         reduce_range = reduce_range_needed() if opts.reduce_range == "auto" else bool(opts.reduce_range)
         kept, choice = _kept_float(pre, calib[0], opts, fp32_path, progress, reduce_range)
+        if choice and choice["int8_ms"] >= choice["fp32_ms"]:  # even the best mix loses to float here
+            log.warning(
+                "INT8 is not faster than float on this machine for %s: %.2f ms against %.2f ms at "
+                "batch %d, %d threads (narrow layers, or a CPU without fast 8-bit kernels); the "
+                "float model is the one to deploy here",
+                fp32_path.name,
+                choice["int8_ms"],
+                choice["fp32_ms"],
+                choice["batch"],
+                choice["threads"],
+            )
         quantize_qdq(
             pre,
             q,

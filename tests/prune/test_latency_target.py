@@ -68,6 +68,22 @@ def test_speedup_timer_alternates_reference_and_candidate(drifting_timer):
     assert timer.speedup(model) == pytest.approx(1 / 1.04)
 
 
+def test_speedup_timer_times_onnx_files_as_they_are(drifting_timer, tmp_path):
+    """An ONNX file (e.g. an INT8 model) is timed from where it is, against a module or a file."""
+    model = models.create("resnet_cifar8", num_classes=5, in_channels=1).eval()
+    example = torch.rand(1, 1, 16, 16)
+    big, small = tmp_path / "big.onnx", tmp_path / "small.onnx"
+    export_onnx(model, big, example, check=False)
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(1, 5, 16), torch.nn.Flatten()).eval()
+    export_onnx(tiny, small, example, check=False)
+    ratio = big.stat().st_size / small.stat().st_size
+    timer = SpeedupTimer(big, example, batch=2, threads=1, rounds=3, stop_spread=None)
+    assert timer.speedup(small) == pytest.approx(ratio / 1.04)
+    assert [Path(p).name for p in drifting_timer] == ["big.onnx", "small.onnx"] * 3  # no copies made
+    with pytest.raises(ConfigError, match="no ONNX file at"):
+        timer.speedup(tmp_path / "missing.onnx")
+
+
 def test_speedup_timer_stops_early_only_when_the_first_rounds_agree(monkeypatch):
     """Three agreeing rounds of five end the measurement; three that disagree do not, and then the
     answer is the median of all five."""

@@ -191,6 +191,22 @@ def test_auto_leaves_in_float_the_stages_that_make_the_model_faster(fp32, tmp_pa
     assert all(p["tried"][c] == 5.0 for c in first)  # each conv back in INT8 alone: slower, stays
 
 
+def test_auto_warns_when_no_int8_mix_beats_float(fp32, tmp_path, monkeypatch, caplog):
+    from icnn_compress.quantize import _precision
+
+    path, batches = fp32
+
+    def fake_median(model_path, batch, threads, budget_s):
+        return 2.0 if Path(model_path).name == "pre.onnx" else 5.0  # float always faster
+
+    monkeypatch.setattr(_precision, "_median_ms", fake_median)
+    opts = QuantizeOptions(keep_float="auto", timing_batch=4, timing_threads=1, min_agreement=0.5)
+    with caplog.at_level("WARNING", logger="icnn_compress.quantize._int8"):
+        res = quantize_onnx(path, tmp_path / "m.onnx", batches[:2], None, opts)
+    assert res.accepted  # written (the guard judges accuracy), but the user is told
+    assert "INT8 is not faster than float on this machine for model.onnx: 5.00 ms against 2.00" in caplog.text
+
+
 def test_auto_measures_on_this_machine(fp32, tmp_path):
     path, batches = fp32
     res = quantize_onnx(path, tmp_path / "m.onnx", batches[:2], None, QuantizeOptions(min_agreement=0.5))
