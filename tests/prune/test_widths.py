@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from icnn_compress import ConfigError, models
 from icnn_compress._io import parse_cpuinfo
 from icnn_compress.measure import _layer_latency
-from icnn_compress.measure._layer_latency import conv_latency_table, latency_table_cache
+from icnn_compress.measure._layer_latency import conv_latency_table, latency_table_cache, table_widths
 from icnn_compress.prune import Target, prune_model
 
 from ._reload import save_and_reload_resnet_cifar8
@@ -126,3 +127,15 @@ def test_latency_aware_widths_meet_a_macs_target_on_kernel_friendly_widths(tmp_p
     assert changed, "nothing was pruned"
     assert all(w % 4 == 0 for w in changed.values()), changed
     assert conv_widths(model) == before  # the caller's model is untouched
+
+
+def test_default_table_widths_are_fine_where_a_block_matters_and_coarse_above():
+    narrow = table_widths(160)
+    assert narrow == list(range(4, 161, 4))  # the benchmark models: every multiple of 4
+    wide = table_widths(2048)
+    assert len(wide) == 144 and wide[-1] == 2048  # instead of 512 widths
+    steps = {b - a for a, b in itertools.pairwise(wide)}
+    assert steps == {4, 16, 32}
+    assert all(b - a == 4 for a, b in itertools.pairwise(wide) if b <= 256)
+    assert all(b - a == 32 for a, b in itertools.pairwise(wide) if a >= 1024)
+    assert table_widths(300)[-2:] == [288, 300] and table_widths(3) == [3]  # the width itself
