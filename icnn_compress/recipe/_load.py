@@ -97,8 +97,33 @@ def _fields(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+_UNION_TAGS = ("literal[", "list[", "dict[", "tuple[", "function-")
+
+
+def _is_union_tag(part) -> bool:
+    """Whether a location part names a member of a union type (pydantic adds one per member)."""
+    part = str(part)
+    return part in ("bool", "int", "float", "str", "none") or part.startswith(_UNION_TAGS)
+
+
+def _first_error(err: ValidationError) -> dict:
+    """The first error, its location without union-member tags; for a value that matched no
+    member of a union type (``"auto" | bool``), one message naming every member's rule."""
+    errors = err.errors()
+    e = dict(errors[0])
+    loc = tuple(p for p in e["loc"] if not _is_union_tag(p))
+    if len(loc) < len(e["loc"]):
+        msgs = []
+        for other in errors:
+            if tuple(p for p in other["loc"] if not _is_union_tag(p)) == loc and other["msg"] not in msgs:
+                msgs.append(other["msg"])
+        e["msg"] = ", or ".join([msgs[0], *(m[:1].lower() + m[1:] for m in msgs[1:])])
+    e["loc"] = loc
+    return e
+
+
 def _format(err: ValidationError, lines: dict[tuple, int], source: str, overridden: set[tuple]) -> str:
-    e = err.errors()[0]
+    e = _first_error(err)
     loc = tuple(str(p) for p in e["loc"])
     key = ".".join(loc)
     line = lines.get(loc) or lines.get(loc[:-1])

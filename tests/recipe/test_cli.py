@@ -167,11 +167,16 @@ def test_validate_show_list(recipe, capsys):
     ({"prune": {"macs_reduction": 0.5}}, r"tiny.yaml:\d+: prune.macs_reduction: Input should be greater"),
     ({"finetune": {"optimizr": "sgd"}}, r"unknown key 'finetune.optimizr'. Did you mean 'finetune.optim"),
     ({"data": {"name": "mnist"}}, r"data.name: Input should be 'synthetic-parts', 'fashion-mnist'"),
+    # a union type: the line names every member's rule, and the key without pydantic's member tags
+    ({"quantize": {"reduce_range": "maybe"}},
+     r"tiny.yaml:\d+: quantize.reduce_range: Input should be 'auto', or input should be a valid boolean"),
+    ({"quantize": {"keep_float": 7}},
+     r"tiny.yaml:\d+: quantize.keep_float: Input should be 'auto' or 'none', or input should be a valid li"),
 ])  # fmt: skip
 def test_invalid_recipes_name_key_line_and_allowed(tmp_path, capsys, mutation, match):
     data = json.loads(json.dumps(TINY))
     for section, values in mutation.items():
-        data[section].update(values)
+        data.setdefault(section, {}).update(values)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["validate", str(path)]) == 2
