@@ -1,18 +1,24 @@
 """Interpretability with and without the loss, on synthetic parts (docs/method.md sections 7, 8).
 
-The same vgg_small (same seed, data, schedule) is trained from scratch twice, once plain and once
-with masks + the filter loss on its top two conv layers. On those layers of both models we measure
-location instability (lower is better), part interpretability (higher is better), the ARI of the
-filter clusters against ground-truth parts, and test accuracy. Writes
-tools/results/interpretability.json (summary.location_instability_ratio,
-summary.part_interpretability_ratio, summary.accuracy_drop_points, summary.ari) and a Markdown table.
+The same vgg_small (same seed, data, schedule) is trained twice, once plain and once with masks +
+the filter loss on its top ``--layers`` conv layers: from scratch (``--protocol scratch``), or
+fine-tuned from one plain model trained from scratch (``--protocol finetune``, the route of a user
+who starts from trained weights; the plain fine-tune of the same epochs is the reference). On those
+layers of both models we measure location instability (lower is better), part interpretability
+(higher is better), the ARI of the filter clusters against ground-truth parts, and top-1 on
+``--test-size`` test images; the accuracy drop is paired (same images) with its standard error.
+Writes tools/results/<name>.json (summary.location_instability_ratio,
+summary.part_interpretability_ratio, summary.accuracy_drop_points, summary.ari, ...) and a
+Markdown table.
 
-    .venv/bin/python tools/bench_interpretability.py [--epochs 4] [--image-size 48]
+    .venv/bin/python tools/bench_interpretability.py [--epochs 4] [--image-size 48] [--name NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import time
 from pathlib import Path
 
@@ -37,9 +43,43 @@ PAPER = {
 }
 
 
-def train(with_loss: bool, a, train_dl, val_dl, out: Path):
+def _fit(model, a, loaders: tuple, out: Path, phase: str, *, epochs: int, lr: float, seed: int, handle=None):
+    """``epochs`` epochs at ``lr`` (cosine), with the filter loss when ``handle`` is given. Each
+    phase has its own folder under ``out`` and a run key of every setting that shapes it, so a
+    later run with other settings trains again while one with the same settings resumes (or
+    reuses the finished phase: e.g. the plain model shared by two fine-tune variants)."""
+    keys = ("difficulty", "seed", "image_size", "classes", "train_size", "epochs", "lr", "layers")
+    keys += ("weight", "warmup", "categories", "finetune_lr") if handle or "ft" in phase else ()
+    run_key = json.dumps({"phase": phase, "phase_epochs": epochs, **{k: getattr(a, k) for k in keys}})
+    trainer = ic.Trainer(
+        model,
+        *loaders,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        extra_loss=handle.loss if handle else None,
+        out_dir=out / phase,
+        resume=True,
+        run_key=run_key,
+    )
+    trainer.fit()
+    return trainer
+
+
+def train(with_loss: bool, a, train_dl, val_dl, out: Path, start: torch.nn.Module | None = None):
+    """One model of the comparison and the seconds it took.
+
+    ``--protocol scratch``: ``a.epochs`` from scratch, with the loss (masks on, then off for the last
+    ``a.unmask_epochs``) or without. ``--protocol finetune``: ``start`` (the plain model trained
+    from scratch) fine-tuned ``a.finetune_epochs`` more at ``a.finetune_lr``, with the loss or
+    without; the plain fine-tune is the reference, so both models train the same epochs."""
     torch.manual_seed(a.seed)
-    model = ic.models.create("vgg_small", num_classes=a.classes, in_channels=3)
+    if start is None:
+        model = ic.models.create("vgg_small", num_classes=a.classes, in_channels=3)
+        epochs, lr, tag = a.epochs, a.lr, ""
+    else:
+        model = copy.deepcopy(start)
+        epochs, lr, tag = a.finetune_epochs, a.finetune_lr, f"ft{a.finetune_epochs}_"
     convs = ic.icnn.top_layers(model, a.layers)
     handle = None
     if with_loss:
@@ -53,27 +93,28 @@ def train(with_loss: bool, a, train_dl, val_dl, out: Path):
         )
     t0 = time.perf_counter()
     unmask = a.unmask_epochs if with_loss else 0  # the last epochs without masks or loss
-    trainer = ic.Trainer(
-        model,
-        train_dl,
-        val_dl,
-        epochs=a.epochs - unmask,
-        lr=a.lr,
-        seed=a.seed,
-        extra_loss=handle.loss if handle else None,
-        out_dir=out / ("icnn" if with_loss else "plain"),
-        resume=True,
-    )
-    trainer.fit()
+    masked = epochs - unmask
+    phase = tag + (f"icnn_m{masked}" if with_loss else f"plain_e{epochs}")
+    _fit(model, a, (train_dl, val_dl), out, phase, epochs=masked, lr=lr, seed=a.seed, handle=handle)
     if unmask:
         handle.set_masks(False)
-        trainer = ic.Trainer(
-            model, train_dl, val_dl, epochs=unmask, lr=a.lr, seed=a.seed + 1, out_dir=out / "icnn_unmasked"
-        )
-        trainer.fit()
+        _fit(model, a, (train_dl, val_dl), out, f"{phase}_u{unmask}", epochs=unmask, lr=lr, seed=a.seed + 1)
     if handle is not None:
         handle.freeze()
-    return model, handle, convs, trainer.history[-1]["val_acc"], time.perf_counter() - t0
+    return model, handle, convs, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def correct_per_image(model: torch.nn.Module, loader: DataLoader) -> torch.Tensor:
+    """1.0 where ``model`` (eval mode) classifies the image right, else 0.0; shape ``(N,)``."""
+    model.eval()
+    return torch.cat([(model(x).argmax(1) == y).double() for x, y, *_ in loader])
+
+
+def paired_drop(plain: torch.Tensor, icnn: torch.Tensor) -> tuple[float, float]:
+    """Accuracy drop in points (plain minus icnn) on the same images, and its standard error."""
+    d = 100.0 * (plain - icnn)
+    return float(d.mean()), float(d.std(unbiased=True) / len(d) ** 0.5)
 
 
 def main() -> None:
@@ -92,14 +133,33 @@ def main() -> None:
     p.add_argument(
         "--unmask-epochs", type=int, default=0, help="the last N epochs without masks or loss (recipes: half)"
     )
+    p.add_argument(
+        "--protocol",
+        default="scratch",
+        choices=["scratch", "finetune"],
+        help="scratch: both models trained --epochs from scratch; finetune: a plain model trained "
+        "--epochs, then fine-tuned --finetune-epochs more with the loss and without (the reference)",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--test-size", type=int, default=6000, help="test images the accuracies are measured on")
+    p.add_argument("--name", default="interpretability", help="results file stem under --results-dir")
     p.add_argument("--difficulty", default="easy", choices=["easy", "hard"], help="the synthetic setting")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="runs/bench_interpretability")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="training phases, shared by the runs of one seed (runs/bench_interpretability/DIFFICULTY_sSEED)",
+    )
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     a = p.parse_args()
     log_to_stdout()
     torch.set_num_threads(a.threads)
-    out = Path(a.out)
+    out = Path(a.out or f"runs/bench_interpretability/{a.difficulty}_s{a.seed}")
+    figures = out / a.name
+    budget = a.finetune_epochs if a.protocol == "finetune" else a.epochs
+    if not 0 <= a.unmask_epochs < budget:
+        p.error(f"--unmask-epochs must be in [0, {budget - 1}] (the masked epochs come first)")
     kw = dict(num_classes=a.classes, image_size=a.image_size, seed=a.seed, difficulty=a.difficulty)
     train_dl, val_dl = ic.data.loaders(
         "synthetic-parts",
@@ -111,10 +171,17 @@ def main() -> None:
     )
     probe = ic.data.SyntheticParts("test", a.probe_size, annotations=True, **kw)
     probe_dl = DataLoader(probe, batch_size=128)
-    rows, record = {}, {}
+    test_dl = DataLoader(ic.data.SyntheticParts("test", a.test_size, **kw), batch_size=256)
+    start = base_acc = None
+    if a.protocol == "finetune":  # the plain model from scratch: where both fine-tunes start
+        start, *_ = train(False, a, train_dl, val_dl, out)
+        base_acc = float(correct_per_image(start, test_dl).mean())
+        print(f"plain base ({a.epochs} epochs from scratch): test acc {base_acc:.4f}")
+    rows, record, correct = {}, {}, {}
     for with_loss in (False, True):
         name = "icnn" if with_loss else "plain"
-        model, handle, convs, acc, secs = train(with_loss, a, train_dl, val_dl, out)
+        model, handle, convs, secs = train(with_loss, a, train_dl, val_dl, out, start)
+        correct[name] = correct_per_image(model, test_dl)
         sigs = filter_signatures(model, probe_dl, convs, num_classes=a.classes, handle=handle)
         layer_rows = {}
         for layer in convs:
@@ -132,27 +199,37 @@ def main() -> None:
             }
             record.setdefault("per_filter_instability", {})[f"{name}:{layer}"] = li["per_filter"]
             if layer == convs[-1]:
-                plot_filter_gallery(model, probe, sig, cl, out / f"gallery_{name}.png")
+                plot_filter_gallery(model, probe, sig, cl, figures / f"gallery_{name}.png")
         mean = {
             k: sum(r[k] for r in layer_rows.values()) / len(layer_rows)
             for k in ("location_instability", "part_interpretability", "ari")
         }
-        rows[name] = {"test_acc": acc, "train_seconds": secs, "layers": layer_rows, **mean}
+        rows[name] = {
+            "test_acc": float(correct[name].mean()),
+            "train_seconds": secs,
+            "layers": layer_rows,
+            **mean,
+        }
         print(
             name,
             {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[name].items() if k != "layers"},
         )
-    plot_instability_histogram(record["per_filter_instability"], out / "instability_hist.png")
+    plot_instability_histogram(record["per_filter_instability"], figures / "instability_hist.png")
     plain, icnn = rows["plain"], rows["icnn"]
+    drop, drop_se = paired_drop(correct["plain"], correct["icnn"])
     summary = {
         "location_instability_ratio": icnn["location_instability"] / plain["location_instability"],
         "part_interpretability_ratio": icnn["part_interpretability"]
         / max(plain["part_interpretability"], 1e-9),
-        "accuracy_drop_points": 100 * (plain["test_acc"] - icnn["test_acc"]),
+        "accuracy_drop_points": drop,
+        "accuracy_drop_se_points": drop_se,
         "ari": icnn["ari"],
         "ari_plain": plain["ari"],
         "plain_accuracy": plain["test_acc"],
         "icnn_accuracy": icnn["test_acc"],
+        "test_images": a.test_size,
+        "protocol": a.protocol,
+        "base_accuracy": base_acc,  # finetune: the plain model both fine-tunes start from
         "targets": {
             "location_instability_ratio": "<= 0.6",
             "part_interpretability_ratio": ">= 1.5",
@@ -171,7 +248,7 @@ def main() -> None:
     }
     results_dir = Path(a.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(result, results_dir / "interpretability.json")
+    atomic_write_json(result, results_dir / f"{a.name}.json")
     md = [
         "| model | test acc | location instability | part interpretability | ARI (clusters vs parts) |",
         "|---|---|---|---|---|",
@@ -185,7 +262,7 @@ def main() -> None:
         f"| ratio / drop | {summary['accuracy_drop_points']:+.2f} pt | "
         f"{summary['location_instability_ratio']:.3f} | {summary['part_interpretability_ratio']:.3f} | |"
     )
-    (results_dir / "interpretability.md").write_text("\n".join(md) + "\n")
+    (results_dir / f"{a.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
