@@ -117,6 +117,44 @@ def paired_drop(plain: torch.Tensor, icnn: torch.Tensor) -> tuple[float, float]:
     return float(d.mean()), float(d.std(unbiased=True) / len(d) ** 0.5)
 
 
+MERGED = (
+    "location_instability_ratio",
+    "part_interpretability_ratio",
+    "accuracy_drop_points",
+    "ari",
+    "ari_plain",
+    "plain_accuracy",
+    "icnn_accuracy",
+)
+
+
+def merge_seeds(results_dir: Path, name: str, seeds: list[int]) -> dict:
+    """``<name>.json`` from the runs ``<name>_s<seed>.json``: every summary key as the mean over
+    the seeds, with ``<key>_std`` (sample standard deviation) and ``per_seed`` beside it."""
+    runs = [json.loads((results_dir / f"{name}_s{seed}.json").read_text()) for seed in seeds]
+    per_seed = {str(seed): r["summary"] for seed, r in zip(seeds, runs)}
+    summary: dict = {}
+    for key in MERGED:
+        values = torch.tensor([r["summary"][key] for r in runs], dtype=torch.float64)
+        summary[key] = float(values.mean())
+        summary[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+    first = runs[0]
+    summary["targets"] = {**first["summary"]["targets"], "ari": ">= 0.7", "plain_accuracy": "0.85-0.95"}
+    summary["paper_ratios"] = PAPER
+    summary["per_seed"] = per_seed
+    merged = {
+        "benchmark": "interpretability",
+        "command": first["command"].replace(f"--seed {seeds[0]}", "--seed S"),
+        "merged_from": [f"{name}_s{seed}.json" for seed in seeds],
+        "environment": first["environment"],
+        "setup": {k: v for k, v in first["setup"].items() if k != "seed"},
+        "seeds": seeds,
+        "summary": summary,
+    }
+    atomic_write_json(merged, results_dir / f"{name}.json")
+    return merged
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=4)
@@ -152,7 +190,17 @@ def main() -> None:
         help="training phases, shared by the runs of one seed (runs/bench_interpretability/DIFFICULTY_sSEED)",
     )
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
+    p.add_argument(
+        "--merge",
+        default=None,
+        metavar="SEEDS",
+        help="train nothing: merge the runs NAME_s<seed>.json of these comma-separated seeds into NAME.json",
+    )
     a = p.parse_args()
+    if a.merge:
+        merged = merge_seeds(Path(a.results_dir), a.name, [int(x) for x in a.merge.split(",")])
+        print(json.dumps({k: round(v, 4) for k, v in merged["summary"].items() if isinstance(v, float)}))
+        return
     log_to_stdout()
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"runs/bench_interpretability/{a.difficulty}_s{a.seed}")
