@@ -43,13 +43,28 @@ PAPER = {
 }
 
 
-def _fit(model, a, loaders: tuple, out: Path, phase: str, *, epochs: int, lr: float, seed: int, handle=None):
+LOSS_KEYS = ("weight", "warmup", "categories")  # what shapes a phase trained with the loss
+
+
+def _fit(
+    model,
+    a,
+    loaders: tuple,
+    out: Path,
+    phase: str,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    handle=None,
+    shaping=(),
+):
     """``epochs`` epochs at ``lr`` (cosine), with the filter loss when ``handle`` is given. Each
-    phase has its own folder under ``out`` and a run key of every setting that shapes it, so a
-    later run with other settings trains again while one with the same settings resumes (or
-    reuses the finished phase: e.g. the plain model shared by two fine-tune variants)."""
-    keys = ("difficulty", "seed", "image_size", "classes", "train_size", "epochs", "lr", "layers")
-    keys += ("weight", "warmup", "categories", "finetune_lr") if handle or "ft" in phase else ()
+    phase has its own folder under ``out`` and a run key of every setting that shapes it (the
+    common ones and the arguments named in ``shaping``), so a later run with other settings trains
+    again while one with the same settings resumes (or reuses the finished phase: e.g. the plain
+    model shared by two fine-tune variants)."""
+    keys = ("difficulty", "seed", "image_size", "classes", "train_size", "epochs", "lr", "layers", *shaping)
     run_key = json.dumps({"phase": phase, "phase_epochs": epochs, **{k: getattr(a, k) for k in keys}})
     trainer = ic.Trainer(
         model,
@@ -95,10 +110,12 @@ def train(with_loss: bool, a, train_dl, val_dl, out: Path, start: torch.nn.Modul
     unmask = a.unmask_epochs if with_loss else 0  # the last epochs without masks or loss
     masked = epochs - unmask
     phase = tag + (f"icnn_m{masked}" if with_loss else f"plain_e{epochs}")
-    _fit(model, a, (train_dl, val_dl), out, phase, epochs=masked, lr=lr, seed=a.seed, handle=handle)
+    shaping = (("finetune_lr",) if start is not None else ()) + (LOSS_KEYS if with_loss else ())
+    kw = dict(lr=lr, shaping=shaping)
+    _fit(model, a, (train_dl, val_dl), out, phase, epochs=masked, seed=a.seed, handle=handle, **kw)
     if unmask:
         handle.set_masks(False)
-        _fit(model, a, (train_dl, val_dl), out, f"{phase}_u{unmask}", epochs=unmask, lr=lr, seed=a.seed + 1)
+        _fit(model, a, (train_dl, val_dl), out, f"{phase}_u{unmask}", epochs=unmask, seed=a.seed + 1, **kw)
     if handle is not None:
         handle.freeze()
     return model, handle, convs, time.perf_counter() - t0
