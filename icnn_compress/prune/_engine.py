@@ -726,11 +726,11 @@ def prune_model(
             latency-aware widths: each layer's latency is measured in ONNX Runtime against its
             width (``conv_latency_table``, on the provider, threads and batch of ``target``,
             cached per machine) and channels are taken where the latency falls the most for the
-            least importance lost, at widths on the fast side of each latency step; a
-            the point where the target is met is found by bisection on quick copies that are
-            measured (real MACs, or ONNX Runtime latency timed against the unpruned model), so a
-            ``latency_speedup`` target lands near it (within 5% in 5 of 6 benchmark cases, at most
-            +5.4%). Takes a ``macs_reduction`` or ``latency_speedup`` target. See
+            least importance lost, at widths on the fast side of each latency step; the point
+            where the target is met is found by bisection on quick copies that are measured (real
+            MACs, or ONNX Runtime latency timed against the unpruned model), so a
+            ``latency_speedup`` target lands near it (within 5% in 5 of 6 benchmark cases, +10.4%
+            in the sixth: README table 2c). Takes a ``macs_reduction`` or ``latency_speedup`` target. See
             ``icnn_compress.prune._allocate``.
         refit_classifier: when ``data`` is given, refit the last ``nn.Linear`` at the end (after
             BatchNorm re-estimation) so that its outputs match the unpruned model's on up to
