@@ -226,7 +226,8 @@ def quantize_qdq(
             reduce_range=reduce_range,
             extra_options={"CalibTensorRangeSymmetric": False},
         )
-    log.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+    if chatter.getvalue().strip():
+        log.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
 
 
 def _agreement(fp32_path: str, int8_path: str, validation, limit: int | None, progress: bool):
