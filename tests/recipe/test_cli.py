@@ -195,6 +195,24 @@ def test_yaml_syntax_error_and_bad_set(tmp_path, capsys):
     assert main(["validate", "quickstart", "--set", "noequals"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # a misspelt key inside a section gets the same suggestion as in a file
+        (
+            "prune.macs_reductio=3",
+            "--set prune.macs_reductio: unknown key 'prune.macs_reductio'. "
+            "Did you mean 'prune.macs_reduction'? Allowed here: criterion, ",
+        ),
+        ("prun.macs_reduction=3", "--set prun.macs_reduction: unknown key 'prun'. Did you mean 'prune'?"),
+    ],
+)
+def test_misspelt_set_key_gets_a_suggestion(capsys, override, expected):
+    assert main(["validate", "quickstart", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+
+
 _keys = st.sampled_from(["data", "model", "icnn", "finetune", "prune", "recover", "measure", "bogus"])
 _values = st.one_of(
     st.none(),
