@@ -730,8 +730,8 @@ def prune_model(
             where the target is met is found by bisection on quick copies that are measured (real
             MACs, or ONNX Runtime latency timed against the unpruned model), so a
             ``latency_speedup`` target lands near it (within 5% in 5 of 6 benchmark cases, +10.4%
-            in the sixth: README table 2c). Takes a ``macs_reduction`` or ``latency_speedup`` target. See
-            ``icnn_compress.prune._allocate``.
+            in the sixth: README table 2c). Takes a ``macs_reduction`` or ``latency_speedup``
+            target. See ``icnn_compress.prune._allocate``.
         refit_classifier: when ``data`` is given, refit the last ``nn.Linear`` at the end (after
             BatchNorm re-estimation) so that its outputs match the unpruned model's on up to
             ``max(bn_batches, probe_batches)`` probe batches (ridge least squares, no training;

@@ -226,8 +226,9 @@ def quantize_qdq(
             reduce_range=reduce_range,
             extra_options={"CalibTensorRangeSymmetric": False},
         )
-    if chatter.getvalue().strip():
-        log.debug("onnxruntime.quantization: %s", chatter.getvalue().strip())
+    printed = chatter.getvalue().strip()
+    if printed:
+        log.debug("onnxruntime.quantization: %s", printed)
 
 
 def _agreement(fp32_path: str, int8_path: str, validation, limit: int | None, progress: bool):

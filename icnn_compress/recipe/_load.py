@@ -128,21 +128,18 @@ def _format(err: ValidationError, lines: dict[tuple, int], source: str, overridd
     key = ".".join(loc)
     line = lines.get(loc) or lines.get(loc[:-1])
     culprits = [o for o in overridden if loc[: len(o)] == o or o[: len(loc)] == loc]
+    # the bad value, or a section that a --set changed, came from the command line
     named = ", ".join(".".join(o) for o in sorted(culprits))
+    where = f"--set {named}: " if culprits else (f"{source}:{line}: " if line else f"{source}: ")
     if e["type"] == "extra_forbidden":
         allowed = _fields(Recipe, loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         hint = f" Did you mean {'.'.join((*loc[:-1], close[0]))!r}?" if close else ""
-        where = f"--set {named}: " if culprits else (f"{source}:{line}: " if line else f"{source}: ")
         return f"{where}unknown key {key!r}.{hint} Allowed here: {', '.join(allowed)}."
-    if culprits:  # the bad value, or a section that a --set changed, came from the command line
-        if named == key:  # "--set a.b: <message>", not "--set a.b: a.b: <message>"
-            got = e.get("input")
-            got_s = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None), list)) else ""
-            return f"--set {key}: {e['msg']}" + (f" (got {got_s})." if got_s else ".")
-        where = f"--set {named}: "
-    else:
-        where = f"{source}:{line}: " if line else f"{source}: "
+    if named == key:  # "--set a.b: <message>", not "--set a.b: a.b: <message>"
+        got = e.get("input")
+        got_s = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None), list)) else ""
+        return f"--set {key}: {e['msg']}" + (f" (got {got_s})." if got_s else ".")
     got = e.get("input")
     if isinstance(got, dict):  # a whole section: its message says what is wrong
         return f"{where}{key}: {e['msg'].removeprefix('Value error, ')}."
