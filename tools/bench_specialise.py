@@ -45,7 +45,7 @@ from icnn_compress.prune import Target, prune_model, reestimate_batchnorm, restr
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vgg_small")
-    p.add_argument("--weights", required=True, help="comma-separated state dicts, one per base model")
+    p.add_argument("--weights", help="comma-separated state dicts, one per base model (required to run)")
     p.add_argument(
         "--kept",
         default="0,6;2,4;0,2,3,4,6;1,3,5,7,9",
@@ -62,14 +62,32 @@ def main() -> None:
     )
     p.add_argument("--recover-steps", type=int, default=100)
     p.add_argument("--step-ratio", type=float, default=0.1)
+    p.add_argument(
+        "--probe-seed",
+        type=int,
+        default=0,
+        help="draw other probe images (0: the draw of the published tables); the spread over draws "
+        "is part of a criterion's variance",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "specialise.json"))
     p.add_argument("--write-only", action="store_true", help="only rewrite the .md from the .json")
+    p.add_argument(
+        "--merge",
+        help="comma-separated results of runs that differ only in --probe-seed: write them as one "
+        "result (rows concatenated, gains paired within each run) to --out",
+    )
     a = p.parse_args()
     log_to_stdout()
     if a.write_only:
         Path(a.out).with_suffix(".md").write_text(markdown(json.loads(Path(a.out).read_text())) + "\n")
         return
+    if a.merge:
+        merged = merge(a.merge.split(","))
+        write(merged, merged["setup"]["model"], Path(a.out))
+        return
+    if not a.weights:
+        p.error("--weights is required (unless --merge or --write-only)")
     torch.set_num_threads(a.threads)
     train_aug = ic.data.loaders("fashion-mnist", batch_size=64)[0].dataset
     train_plain, test = (d.dataset for d in ic.data.loaders("fashion-mnist", batch_size=64, augment=False))
@@ -86,7 +104,7 @@ def main() -> None:
             train_plain,
             batch_size=64,
             sampler=RandomSampler(
-                train_plain, num_samples=64 * 20, generator=torch.Generator().manual_seed(7)
+                train_plain, num_samples=64 * 20, generator=torch.Generator().manual_seed(7 + a.probe_seed)
             ),
         )
     )
@@ -100,7 +118,9 @@ def main() -> None:
                         probe_ds,
                         batch_size=64,
                         sampler=RandomSampler(
-                            probe_ds, num_samples=64 * 20, generator=torch.Generator().manual_seed(b)
+                            probe_ds,
+                            num_samples=64 * 20,
+                            generator=torch.Generator().manual_seed(b + 100 * a.probe_seed),
                         ),
                     )
                 )
@@ -163,8 +183,20 @@ def main() -> None:
                             f"{recovered:.4f} [{res.macs_reduction:.2f}x, {time.perf_counter() - t0:.0f} s]",
                             flush=True,
                         )
-    summary: dict = {}
-    reference = f"head+{a.criterion}"
+    result = {
+        "benchmark": "specialise",
+        "command": command_line("bench_specialise.py", a, skip=("out",)),
+        "setup": {**vars(a), "kept_sets": sets, "eval": "every kept-class test image, PyTorch CPU"},
+        "rows": rows,
+    }
+    write(result, a.model, Path(a.out))
+
+
+def write(result: dict, model: str, out: Path) -> None:
+    """Adds the summary (mean, std and paired gain per kept count, level and method) to ``result``
+    and writes it as ``out`` (JSON) and its table beside it (``.md``)."""
+    rows, summary = result["rows"], {}
+    reference = f"head+{result['setup']['criterion']}"
     for key, row in rows.items():
         k, level, method = key.split("/")
         gain = {} if method == reference else paired(rows, key, reference)
@@ -178,15 +210,29 @@ def main() -> None:
     for k, levels in summary.items():
         for level, methods in levels.items():
             print(k, level, {m: round(v["recovered_mean"], 4) for m, v in methods.items()})
-    result = {
-        "benchmark": "specialise",
-        "command": command_line("bench_specialise.py", a, skip=("out",)),
-        "setup": {**vars(a), "kept_sets": sets, "eval": "every kept-class test image, PyTorch CPU"},
-        "rows": rows,
-        "summary": {a.model: summary},
+    result["summary"] = {model: summary}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result) + "\n")
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from runs that differ only in ``--probe-seed``: each row's values concatenated
+    (base-major within a run, runs in the given order); the setup records every seed."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("model", "weights", "kept", "levels", "criterion", "recover_steps", "step_ratio")
+    for path, run in zip(paths[1:], runs[1:]):
+        for k in keys:
+            if run["setup"].get(k) != runs[0]["setup"].get(k):
+                raise SystemExit(f"--merge: {path} has another {k} ({run['setup'].get(k)!r}) than {paths[0]}")
+    common = set.intersection(*(set(r["rows"]) for r in runs))
+    rows = {
+        key: {r: [v for run in runs for v in run["rows"][key][r]] for r in ("oneshot", "recovered")}
+        for key in sorted(common)
     }
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-    Path(a.out).with_suffix(".md").write_text(markdown(result) + "\n")
+    seeds = [run["setup"].get("probe_seed", 0) for run in runs]
+    setup = {**runs[0]["setup"], "probe_seed": seeds, "merged": list(paths)}
+    command = " ".join(["python tools/bench_specialise.py --merge", ",".join(paths)])
+    return {"benchmark": "specialise", "command": command, "setup": setup, "rows": rows}
 
 
 def paired(rows: dict, key: str, reference: str) -> dict:
@@ -205,8 +251,14 @@ def markdown(result: dict) -> str:
     rows, lines = result["rows"], []
     reference = f"head+{result['setup']['criterion']}"
     methods = sorted({k.split("/")[2] for k in rows} - {reference})
+    draws = result["setup"].get("probe_seed", 0)
+    over = (
+        "bases x probe draws x kept sets"
+        if isinstance(draws, list) and len(draws) > 1
+        else "bases x kept sets"
+    )
     lines += [
-        "Top-1 on the kept classes' test images, one-shot / recovered, mean over bases x kept sets; "
+        f"Top-1 on the kept classes' test images, one-shot / recovered, mean over {over}; "
         f"in brackets the paired gain over `{reference}` at the same base, set and level (points, "
         "mean ± std).",
         "",

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from icnn_compress._registry import Registry
 from icnn_compress.errors import ConfigError
+from icnn_compress.prune._fisher import FisherImportance
 from icnn_compress.prune._probe import collect_layer_inputs
 
 __all__ = [
@@ -44,6 +45,9 @@ class CriterionSpec:
         needs_data: it scores from probe batches (``prune_model`` then requires ``data``).
         needs_gradients: it reads ``.grad`` of the weights (``prune_model`` runs a backward pass
             on the probe batches before each step).
+        needs_labels: its ``refresh`` reads the batches' labels, numbered as the model's outputs
+            (with ``keep_classes``: the kept classes' batches, labels renumbered as the restricted
+            head's outputs).
         options: the option names the factory accepts; anything else is a ``ConfigError``.
     """
 
@@ -52,6 +56,7 @@ class CriterionSpec:
     needs_data: bool = False
     needs_gradients: bool = False
     options: tuple[str, ...] = ()
+    needs_labels: bool = False
 
 
 _CRITERIA: Registry[CriterionSpec] = Registry("criterion")
@@ -62,13 +67,15 @@ def _accepted(factory: Callable) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
-def register_criterion(name: str, *, needs_data: bool = False, needs_gradients: bool = False):
+def register_criterion(
+    name: str, *, needs_data: bool = False, needs_gradients: bool = False, needs_labels: bool = False
+):
     """Decorator: register ``fn(**options) -> torch_pruning Importance`` (a function or an
     ``Importance`` class) under ``name``; its keyword arguments are the criterion's options.
     A refresh before each pruning step is a ``refresh(model, loader)`` method of the importance."""
 
     def wrap(factory):
-        spec = CriterionSpec(name, factory, needs_data, needs_gradients, _accepted(factory))
+        spec = CriterionSpec(name, factory, needs_data, needs_gradients, _accepted(factory), needs_labels)
         _CRITERIA.register(name)(spec)
         return factory
 
@@ -110,6 +117,7 @@ register_criterion("fpgm")(_no_options(tp.importance.FPGMImportance))
 register_criterion("taylor", needs_data=True, needs_gradients=True)(
     _no_options(tp.importance.GroupTaylorImportance)
 )
+register_criterion("fisher", needs_data=True, needs_labels=True)(FisherImportance)
 register_criterion("bn-scale")(_no_options(tp.importance.BNScaleImportance))
 register_criterion("lamp")(_no_options(tp.importance.LAMPImportance))
 

@@ -30,6 +30,7 @@ from icnn_compress.prune._classes import (
 )
 from icnn_compress.prune._compensation import compensate_group
 from icnn_compress.prune._criteria import criterion_spec, make_importance
+from icnn_compress.prune._fisher import check_labels
 from icnn_compress.prune._probe import collect_layer_inputs, reestimate_batchnorm
 
 _log = logging.getLogger(__name__)
@@ -348,21 +349,19 @@ def _taylor_gradients(model: nn.Module, loader: DataLoader, batches: int) -> Non
     device = next(model.parameters()).device
     was = model.training
     model.eval()
-    for i, batch in enumerate(loader):
-        if i >= batches:
-            break
-        out = model(batch[0].to(device))
-        labels = batch[1].to(device)
-        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < out.shape[1]:
-            model.zero_grad()
-            model.train(was)
-            raise DataError(
-                f"criterion 'taylor': the data's labels run from {int(labels.min())} to "
-                f"{int(labels.max())}, but the model has {out.shape[1]} outputs (labels must be "
-                f"0..{out.shape[1] - 1}, numbered as the model's outputs)."
-            )
-        nn.functional.cross_entropy(out, labels).backward()
-    model.train(was)
+    try:
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            out = model(batch[0].to(device))
+            labels = batch[1].to(device)
+            check_labels(out, labels, "taylor")
+            nn.functional.cross_entropy(out, labels).backward()
+    except DataError:
+        model.zero_grad()
+        raise
+    finally:
+        model.train(was)
 
 
 def _track_removed(
@@ -416,12 +415,13 @@ def _ignored_modules(model: nn.Module, ignored_names: list[str], keep_classifier
 def _prepare_step(
     model, importance, spec, data, probe_batches: int, compensate: bool, fit, labelled=None
 ) -> dict:
-    """Before a pruning step: refresh data-driven scores on ``data`` and, for Taylor, the loss
-    gradients on ``labelled`` (default ``data``; a specialisation's kept-class batches, labels
-    numbered as its restricted head); returns the consumers' inputs on the probe batches of
-    ``fit`` when compensating (else ``{}``): ``data`` itself, or the kept classes' images."""
+    """Before a pruning step: refresh data-driven scores on ``data`` (a criterion that reads
+    labels: on ``labelled``) and, for Taylor, the loss gradients on ``labelled`` (default
+    ``data``; a specialisation's kept-class batches, labels numbered as its restricted head).
+    Returns the consumers' inputs on the probe batches of ``fit`` when compensating (else
+    ``{}``): ``data`` itself, or the kept classes' images."""
     if hasattr(importance, "refresh"):
-        importance.refresh(model, data)
+        importance.refresh(model, labelled if spec.needs_labels and labelled is not None else data)
     if spec.needs_gradients:
         _taylor_gradients(model, data if labelled is None else labelled, probe_batches)
     if not compensate:
@@ -682,9 +682,9 @@ def prune_model(
         model: the network (copied unless ``inplace``).
         example_inputs: ``(1, C, H, W)``: traced by torch-pruning and used to count MACs.
         criterion: a name from ``list_criteria()``: ``icnn-cluster``, ``l1``, ``l2``, ``fpgm``,
-            ``taylor``, ``bn-scale``, ``lamp``, ``random``.
+            ``taylor``, ``fisher``, ``bn-scale``, ``lamp``, ``random``.
         target: a ``Target``, or a float = MACs reduction factor (2.0 = half the MACs).
-        data: probe batches ``(images, labels, ...)``; needed by ``icnn-cluster``, ``taylor``,
+        data: probe batches ``(images, labels, ...)``; needed by ``icnn-cluster``, ``taylor``, ``fisher``,
             compensation, BatchNorm re-estimation and refreshed at every step.
         compensate: fold a least-squares reconstruction of each removed channel from the kept
             ones into the consuming layers before removing it.
@@ -812,7 +812,7 @@ def prune_model(
     ignored = _ignored_modules(model, ignored_names, keep_classifier)
     clf = _classifier(model)
     fit = data  # what the pruned model is fitted to: the probe, or the kept classes' images of it
-    labelled = None  # what taylor's gradients are taken on, when not ``data``
+    labelled = None  # what taylor and fisher take their loss on, when not ``data``
     if keep_classes is not None:
         keep_classes = check_keep_classes(keep_classes, clf)
         # the class responses weigh the scores in every mode but 'criterion' (a probe pass saved there)
@@ -821,7 +821,7 @@ def prune_model(
         # the specialised model is fitted to the kept classes' images: compensation, BatchNorm
         # statistics and the classifier refit (the ranking reads every class)
         fit = kept_class_batches(data, keep_classes, max(bn_batches, probe_batches))
-        if spec.needs_gradients:  # taylor's loss goes through the restricted head: labels renumbered
+        if spec.needs_gradients or spec.needs_labels:  # the loss goes through the restricted head
             renumber = torch.full((clf.out_features,), -1, dtype=torch.long)
             renumber[keep_classes] = torch.arange(len(keep_classes))
             labelled = [(x, renumber[y.cpu()].to(y.device)) for x, y in fit]

@@ -1,0 +1,118 @@
+"""The `fisher` criterion: per image, the squared first-order loss change of zeroing a channel,
+summed over images; with keep_classes, the kept classes' loss through the restricted head."""
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from icnn_compress.errors import DataError
+from icnn_compress.prune import criterion_spec, make_importance, prune_model, restrict_classifier
+from tests.prune.test_keep_classes import class_coded_model_and_data
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Flatten(),  # a linear that reads 5 x 4 x 4 features: each channel is 16 of its inputs
+        nn.Linear(80, 3),
+    ).eval()
+
+
+def gated_scores(model: nn.Module, x, y, after: int, channels: int):
+    """The reference: a gate of ones multiplies module ``after``'s output channels; per image the
+    gradient of its own loss by the gate, squared, summed over the images."""
+    gate = torch.ones(channels, requires_grad=True)
+    handle = model[after].register_forward_hook(lambda m, i, out: out * gate.view(1, -1, 1, 1))
+    total = torch.zeros(channels, dtype=torch.float64)
+    try:
+        for n in range(len(x)):
+            loss = nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1])
+            (g,) = torch.autograd.grad(loss, gate)
+            total += g.double() ** 2
+    finally:
+        handle.remove()
+    return total
+
+
+@pytest.mark.parametrize("root, after", [(0, 3), (4, 6)])
+def test_scores_are_the_per_image_squared_loss_change_of_zeroing_a_channel(root, after):
+    """Read at the next conv's input (after pooling) or the linear's (each channel spread over 16
+    features), the score of every channel equals the gated reference."""
+    model = small_net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+    importance = make_importance("fisher", probe_batches=3)
+    importance.refresh(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    conv = model[root]
+    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+    expected = gated_scores(model, x, y, after, conv.out_channels)
+    torch.testing.assert_close(importance(group).double(), expected, rtol=1e-4, atol=1e-9)
+
+
+def test_only_probe_batches_are_read():
+    model = small_net()
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    importance = make_importance("fisher", probe_batches=2)
+    importance.refresh(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    assert {len(t) for t in importance.terms.values()} == {8}
+
+
+def test_registered_as_reading_labels():
+    spec = criterion_spec("fisher")
+    assert spec.needs_data and spec.needs_labels and not spec.needs_gradients
+    assert "probe_batches" in spec.options
+
+
+def test_keep_classes_takes_the_loss_through_the_restricted_head(monkeypatch):
+    """With keep_classes, refresh sees only the kept classes' images, labels renumbered as the
+    2-way head's outputs, and the filters of the dropped classes (unused by that loss) go."""
+    from icnn_compress.prune._fisher import FisherImportance
+
+    seen: list = []
+    refresh = FisherImportance.refresh
+
+    def spy(self, model, loader):
+        seen.append((torch.cat([b[1] for b in loader]), model[4].out_features))
+        return refresh(self, model, loader)
+
+    monkeypatch.setattr(FisherImportance, "refresh", spy)
+    model, data = class_coded_model_and_data()
+    res = prune_model(
+        model,
+        torch.rand(1, 4, 8, 8),
+        criterion="fisher",
+        target=1.9,
+        data=data,
+        keep_classes=[1, 3],
+        keep_classes_mode="criterion",
+        step_ratio=0.25,
+        progress=False,
+        bn_batches=0,
+    )
+    assert seen and all(heads == 2 and set(labels.tolist()) == {0, 1} for labels, heads in seen)
+    assert res.removed["0"] and all(f % 4 in (0, 2) for f in res.removed["0"])
+
+
+def test_refuses_labels_the_model_has_no_output_for():
+    model, data = class_coded_model_and_data()
+    expected = r"criterion 'fisher': the data's labels run from 0 to 3, but the model has 2 outputs"
+    with pytest.raises(DataError, match=expected):
+        prune_model(
+            restrict_classifier(model, [1, 3]),
+            torch.rand(1, 4, 8, 8),
+            criterion="fisher",
+            target=1.5,
+            data=data,
+            progress=False,
+            bn_batches=0,
+        )
