@@ -7,8 +7,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from icnn_compress.errors import DataError
-from icnn_compress.prune import criterion_spec, make_importance, prune_model, restrict_classifier
+from icnn_compress.prune import criterion_spec, make_importance, prune_model
 from tests.prune.test_keep_classes import class_coded_model_and_data
 
 
@@ -101,18 +100,3 @@ def test_keep_classes_takes_the_loss_through_the_restricted_head(monkeypatch):
     )
     assert seen and all(heads == 2 and set(labels.tolist()) == {0, 1} for labels, heads in seen)
     assert res.removed["0"] and all(f % 4 in (0, 2) for f in res.removed["0"])
-
-
-def test_refuses_labels_the_model_has_no_output_for():
-    model, data = class_coded_model_and_data()
-    expected = r"criterion 'fisher': the data's labels run from 0 to 3, but the model has 2 outputs"
-    with pytest.raises(DataError, match=expected):
-        prune_model(
-            restrict_classifier(model, [1, 3]),
-            torch.rand(1, 4, 8, 8),
-            criterion="fisher",
-            target=1.5,
-            data=data,
-            progress=False,
-            bn_batches=0,
-        )

@@ -248,15 +248,17 @@ def test_taylor_takes_its_gradients_through_the_restricted_head(monkeypatch):
     assert res.removed["0"] and all(f % 4 in (0, 2) for f in res.removed["0"])
 
 
-def test_taylor_refuses_labels_the_head_has_no_output_for():
+@pytest.mark.parametrize("criterion", ["taylor", "fisher"])
+def test_loss_criteria_refuse_labels_the_head_has_no_output_for(criterion):
     from icnn_compress.errors import DataError
 
     model, data = class_coded_model_and_data()
-    with pytest.raises(DataError, match=r"labels run from 0 to 3, but the model has 2 outputs"):
+    expected = rf"criterion '{criterion}': the data's labels run from 0 to 3, but the model has 2 outputs"
+    with pytest.raises(DataError, match=expected):
         prune_model(
             restrict_classifier(model, [1, 3]),
             torch.rand(1, 4, 8, 8),
-            criterion="taylor",
+            criterion=criterion,
             target=1.5,
             data=data,
             progress=False,
