@@ -117,9 +117,10 @@ class KeepClassesImportance(tp.importance.Importance):
       the kept classes, its mean response to them over its mean response to all classes: generic
       filters keep their rank, those selective for dropped classes fall, those for kept ones rise;
     * ``"criterion"``: the criterion's own scores. The kept classes still shape them where the
-      criterion reads labels: ``taylor`` takes its loss gradients through the restricted head on
-      the kept classes' images, so each channel scores what removing it costs the kept classes'
-      loss (to first order); the strongest specialisation measured (benchmarks table 8c).
+      criterion reads labels: ``taylor`` and ``fisher`` take their loss through the restricted
+      head on the kept classes' images, so each channel scores what removing it costs the kept
+      classes' loss (Taylor: to first order over the batch; Fisher: per image, squared); the
+      strongest specialisations measured (benchmarks tables 8c and 8d).
 
     ``bind`` gives it the engine's bookkeeping of which original channels each conv still has,
     so responses measured once stay aligned."""

@@ -712,8 +712,8 @@ def prune_model(
             to all classes on ``data`` (``keep_classes_mode="relevance"``, the default), or the
             filters whose category is outside the kept set go first (``"category"``; it cost up
             to 3.4 points one-shot at 8x in the specialisation benchmark), or the criterion's own
-            scores (``"criterion"``; with ``criterion="taylor"`` the loss gradients are the kept
-            classes', through the restricted head). The MACs target counts from
+            scores (``"criterion"``; with ``criterion="taylor"`` or ``"fisher"`` the loss is the
+            kept classes', through the restricted head). The MACs target counts from
             the unrestricted model. Needs ``data`` of every class; the compensation, the
             BatchNorm re-estimation and the classifier refit read only the kept classes' images
             of it (``kept_class_batches``: up to ``max(bn_batches, probe_batches)`` batches).

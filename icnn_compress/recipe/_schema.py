@@ -217,7 +217,8 @@ class PruneConfig(_Strict):
     keep_classes_mode: Literal["relevance", "category", "criterion"] = Field(
         "relevance",
         description="keep_classes: weigh scores by relevance, other categories first, or the criterion's "
-        "own scores (with criterion 'taylor': the kept classes' loss through the restricted head)",
+        "own scores (with criterion 'taylor' or 'fisher': the kept classes' loss through the restricted "
+        "head)",
     )
 
     @model_validator(mode="after")
