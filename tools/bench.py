@@ -10,7 +10,7 @@ widths on trained models (bench_latency_aware.py), how far latency can follow MA
 (latency_reach.py), how repeatable a measured speedup is (bench_speedup_timer.py), INT8, the
 torchvision model zoo (bench_zoo.py), the pruning criteria, where the loss's accuracy cost comes
 from (bench_icnn_cost.py), the interpretable route over two independently trained bases
-(bench_route.py) and category-aware compression (bench_specialise.py, tables 8-8c), then
+(bench_route.py) and category-aware compression (bench_specialise.py, tables 8-8d), then
 ``tools/bench_summary.py``
 (results/summary.json, results/summary.md, the accuracy-vs-latency plot and, for the full run,
 the table in README.md). Every stage caches what it trains under runs/ and the criteria, cost and
@@ -51,6 +51,9 @@ E4_BASES = "runs/baselines/vgg_small_fashion_e4_n20000.pt,runs/baselines/vgg_sma
 QUICK_BASES = (
     "runs/bench_icnn_cost/quick/base_vgg_small_s0.pt,runs/bench_icnn_cost/quick/base_vgg_small_s1.pt"
 )
+
+
+FISHER_MODES = "criterion:fisher,criterion:taylor,relevance"
 
 
 def _specialise(weights: str, kept: str, levels: str, modes: str, out: str, *extra: str) -> list[str]:
@@ -326,7 +329,7 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
         ],
         (5400.0, 300.0),
     ),
-    "specialise": (  # tables 8-8c; the e4/n20000 bases are trained here, the quick ones by icnn_cost
+    "specialise": (  # tables 8-8d; the e4/n20000 bases are trained here, the quick ones by icnn_cost
         [
             ["bench_fashion.py", "--model", "vgg_small", "--epochs", "4", "--train-size", "20000"],
             [
@@ -343,6 +346,23 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
             _specialise(QUICK_BASES, KEPT, "2,4,8", "category,relevance", "specialise", "--threads", "1"),
             _specialise(E4_BASES, KEPT, "2,4", "category,relevance", "specialise_kept"),
             _specialise(E4_BASES, KEPT, "4", "criterion:taylor,full:taylor,relevance", "specialise_taylor"),
+            *(  # table 8d: two probe draws side by side, then merged
+                [
+                    "&",
+                    *_specialise(
+                        E4_BASES, KEPT, "4", FISHER_MODES, f"specialise_fisher_p{s}", "--threads", "1"
+                    ),
+                    *("--probe-seed", str(s)),
+                ]
+                for s in (0, 1)
+            ),
+            [
+                "bench_specialise.py",
+                "--merge",
+                "{results}/specialise_fisher_p0.json,{results}/specialise_fisher_p1.json",
+                "--out",
+                "{results}/specialise_fisher.json",
+            ],
         ],
         [
             _specialise(
