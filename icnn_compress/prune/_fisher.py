@@ -7,7 +7,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from icnn_compress.errors import DataError
+from icnn_compress.errors import ConfigError, DataError
 
 __all__ = ["FisherImportance", "check_labels"]
 
@@ -44,7 +44,7 @@ class FisherImportance(tp.importance.Importance):
 
     def __init__(self, probe_batches: int = 8) -> None:
         if probe_batches < 1:
-            raise ValueError(f"probe_batches must be >= 1. Got {probe_batches}.")
+            raise ConfigError(f"criterion 'fisher': probe_batches must be >= 1. Got {probe_batches}.")
         self.probe_batches = probe_batches
         self.terms: dict[nn.Module, Tensor] = {}  # reader (first of its input) -> (N, C_in) float32
         self.reader: dict[nn.Module, nn.Module] = {}  # every reader -> the one its input is filed under

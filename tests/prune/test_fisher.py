@@ -100,3 +100,10 @@ def test_keep_classes_takes_the_loss_through_the_restricted_head(monkeypatch):
     )
     assert seen and all(heads == 2 and set(labels.tolist()) == {0, 1} for labels, heads in seen)
     assert res.removed["0"] and all(f % 4 in (0, 2) for f in res.removed["0"])
+
+
+def test_refuses_no_probe_batches():
+    from icnn_compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"criterion 'fisher': probe_batches must be >= 1. Got 0."):
+        make_importance("fisher", probe_batches=0)
