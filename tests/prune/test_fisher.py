@@ -1,5 +1,5 @@
 """The `fisher` criterion: per image, the squared first-order loss change of zeroing a channel,
-summed over images; with keep_classes, the kept classes' loss through the restricted head."""
+summed over images (with keep_classes: tests/prune/test_keep_classes.py)."""
 
 import pytest
 import torch
@@ -7,8 +7,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from icnn_compress.prune import criterion_spec, make_importance, prune_model
-from tests.prune.test_keep_classes import class_coded_model_and_data
+from icnn_compress.prune import criterion_spec, make_importance
 
 
 def small_net() -> nn.Module:
@@ -70,36 +69,6 @@ def test_registered_as_reading_labels():
     spec = criterion_spec("fisher")
     assert spec.needs_data and spec.needs_labels and not spec.needs_gradients
     assert "probe_batches" in spec.options
-
-
-def test_keep_classes_takes_the_loss_through_the_restricted_head(monkeypatch):
-    """With keep_classes, refresh sees only the kept classes' images, labels renumbered as the
-    2-way head's outputs, and the filters of the dropped classes (unused by that loss) go."""
-    from icnn_compress.prune._fisher import FisherImportance
-
-    seen: list = []
-    refresh = FisherImportance.refresh
-
-    def spy(self, model, loader):
-        seen.append((torch.cat([b[1] for b in loader]), model[4].out_features))
-        return refresh(self, model, loader)
-
-    monkeypatch.setattr(FisherImportance, "refresh", spy)
-    model, data = class_coded_model_and_data()
-    res = prune_model(
-        model,
-        torch.rand(1, 4, 8, 8),
-        criterion="fisher",
-        target=1.9,
-        data=data,
-        keep_classes=[1, 3],
-        keep_classes_mode="criterion",
-        step_ratio=0.25,
-        progress=False,
-        bn_batches=0,
-    )
-    assert seen and all(heads == 2 and set(labels.tolist()) == {0, 1} for labels, heads in seen)
-    assert res.removed["0"] and all(f % 4 in (0, 2) for f in res.removed["0"])
 
 
 def test_refuses_no_probe_batches():

@@ -217,29 +217,42 @@ def test_a_specialisation_is_compensated_and_refit_on_the_kept_classes(monkeypat
     assert all(set(labels.tolist()) <= {1, 3} for _, labels in seen)
 
 
-def test_taylor_takes_its_gradients_through_the_restricted_head(monkeypatch):
-    """criterion='taylor' with keep_classes: the loss is taken on the kept classes' images with their
-    labels renumbered as the restricted head's outputs (before: class 3 against a 2-way head,
-    IndexError), and the filters of the dropped classes, which the kept loss does not use, go."""
+@pytest.mark.parametrize(
+    "criterion, mode, where",
+    [
+        ("taylor", "relevance", "engine._taylor_gradients"),
+        ("fisher", "criterion", "FisherImportance.refresh"),
+    ],
+)
+def test_loss_criteria_take_their_loss_through_the_restricted_head(monkeypatch, criterion, mode, where):
+    """A criterion that reads labels with keep_classes: the loss is taken on the kept classes' images
+    with their labels renumbered as the restricted head's outputs (before: class 3 against a 2-way
+    head, IndexError), and the filters of the dropped classes, which the kept loss does not use, go.
+    Taylor's gradients and Fisher's refresh are spied on where the engine calls them."""
     from icnn_compress.prune import _engine as engine
+    from icnn_compress.prune._fisher import FisherImportance
 
+    owner_name, attr = where.split(".")
+    owner = {"engine": engine, "FisherImportance": FisherImportance}[owner_name]
     seen: list = []
-    gradients = engine._taylor_gradients
+    original = getattr(owner, attr)
 
-    def spy(model, loader, batches):
+    def spy(*args):
+        model = next(a for a in args if isinstance(a, nn.Module))
+        loader = args[args.index(model) + 1]
         seen.append((torch.cat([b[1] for b in loader]), model[4].out_features))
-        return gradients(model, loader, batches)
+        return original(*args)
 
-    monkeypatch.setattr(engine, "_taylor_gradients", spy)
+    monkeypatch.setattr(owner, attr, spy)
     model, data = class_coded_model_and_data()
     res = prune_model(
         model,
         torch.rand(1, 4, 8, 8),
-        criterion="taylor",
+        criterion=criterion,
         target=1.9,
         data=data,
         keep_classes=[1, 3],
-        keep_classes_mode="relevance",
+        keep_classes_mode=mode,
         step_ratio=0.25,
         progress=False,
         bn_batches=0,
