@@ -545,10 +545,13 @@ def _dispatch(a) -> int:
         from icnn_compress.recipe import RunContext, load_recipe
 
         recipe = load_recipe(a.recipe, a.set)
+        context = RunContext(recipe, device="cpu", progress=False)
         if a.command == "validate":
-            RunContext(recipe, device="cpu", progress=False).check()
+            context.check()
             print("ok")
-        elif a.json:
+            return EXIT_OK
+        context.check_names()  # show: names only, no data read (validate checks the rest)
+        if a.json:
             print(json.dumps(recipe.model_dump(mode="json"), indent=1))
         else:
             print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")

@@ -26,7 +26,9 @@ A recipe is a YAML file of sections; every key is optional and has the default b
 `prune-recipe show RECIPE` prints a recipe with every default filled in; `--set key.sub=value`
 overrides one key from the command line (the value is read as YAML: `null`, numbers, lists).
 Unknown keys and out-of-range values are refused with one line that names the key, the file line
-(or the `--set` option) and what is allowed. YAML is read with `safe_load`.
+(or the `--set` option) and what is allowed; `show` also refuses an unknown dataset, model or
+criterion name, and `prune-recipe validate RECIPE` checks everything a run would use (layers,
+weights file, data sizes) without writing. YAML is read with `safe_load`.
 
 This page is generated from the schema by `tools/gen_recipe_docs.py`; a test fails when it is out
 of date.

@@ -195,19 +195,10 @@ class RunContext:
         return model.eval(), spec
 
     # ----- checks -----
-    def check(self, *, training: bool = True) -> None:
-        """Resolve every name and size the recipe uses, reading but never writing: dataset, model
-        (built on the meta device), ICNN layers, criterion, ignored layers, weights file, device,
-        and that a training epoch has at least one batch. Raises ``ConfigError``/``DataError``."""
+    def check_names(self) -> None:
+        """The dataset, model and criterion names exist (registry lookups only: no data is read and
+        no model is built). Raises ``ConfigError`` naming the key and the names available."""
         r = self.recipe
-        if r.finetune.tensorboard and training:
-            from icnn_compress.train import tensorboard_available
-
-            if not tensorboard_available():
-                raise ConfigError(
-                    "finetune.tensorboard: true needs the 'tensorboard' package: pip install "
-                    "'icnn-compress[tensorboard]', or set finetune.tensorboard=false."
-                )
         if r.data.name not in ic.data.list_datasets():
             known = ", ".join(ic.data.list_datasets())
             raise ConfigError(f"data.name: unknown dataset {r.data.name!r}; available: {known}.")
@@ -223,6 +214,21 @@ class RunContext:
                 f"prune.criterion: unknown criterion {r.prune.criterion!r}; available: "
                 f"{', '.join(list_criteria())}."
             )
+
+    def check(self, *, training: bool = True) -> None:
+        """Resolve every name and size the recipe uses, reading but never writing: dataset, model
+        (built on the meta device), ICNN layers, criterion, ignored layers, weights file, device,
+        and that a training epoch has at least one batch. Raises ``ConfigError``/``DataError``."""
+        r = self.recipe
+        if r.finetune.tensorboard and training:
+            from icnn_compress.train import tensorboard_available
+
+            if not tensorboard_available():
+                raise ConfigError(
+                    "finetune.tensorboard: true needs the 'tensorboard' package: pip install "
+                    "'icnn-compress[tensorboard]', or set finetune.tensorboard=false."
+                )
+        self.check_names()
         if r.model.weights is not None:
             w = Path(r.model.weights)
             looks_like_path = w.suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in r.model.weights

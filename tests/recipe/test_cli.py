@@ -161,6 +161,10 @@ def test_validate_show_list(recipe, capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["prune"]["macs_reduction"] == 3 and shown["finetune"]["optimizer"] == "sgd"
     assert main(["list"]) == 0 and "quickstart" in capsys.readouterr().out
+    # show resolves names as validate does: a misspelt criterion is the error, not a printed recipe
+    assert main(["show", str(recipe), "--set", "prune.criterion=l7"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "prune.criterion: unknown criterion 'l7'; available:" in captured.err
 
 
 @pytest.mark.parametrize(("mutation", "match"), [
