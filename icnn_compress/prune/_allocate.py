@@ -279,7 +279,9 @@ def prune_latency_aware(model: nn.Module, example_inputs: Tensor, *, target, dat
     spec = criterion_spec(kw["criterion"])
     if (spec.needs_data or kw["compensate"]) and data is None:
         raise ConfigError(f"criterion {kw['criterion']!r} / compensate=True needs data= (probe batches).")
-    importance = _importance(spec, kw["criterion"], kw["probe_batches"], kw["criterion_options"])
+    importance = _importance(
+        spec, kw["criterion"], kw["probe_batches"], kw["criterion_options"], kw["compensate"], kw["ridge"]
+    )
     work = copy.deepcopy(model)  # scores and groups are read from a copy; the caller's model is untouched
     device = next(work.parameters()).device
     example = example_inputs.to(device)

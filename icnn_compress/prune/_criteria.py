@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 
 from icnn_compress._registry import Registry
 from icnn_compress.errors import ConfigError
-from icnn_compress.prune._fisher import FisherImportance
 from icnn_compress.prune._probe import collect_layer_inputs
 
 __all__ = [
@@ -117,7 +116,6 @@ register_criterion("fpgm")(_no_options(tp.importance.FPGMImportance))
 register_criterion("taylor", needs_data=True, needs_gradients=True)(
     _no_options(tp.importance.GroupTaylorImportance)
 )
-register_criterion("fisher", needs_data=True, needs_labels=True)(FisherImportance)
 register_criterion("bn-scale")(_no_options(tp.importance.BNScaleImportance))
 register_criterion("lamp")(_no_options(tp.importance.LAMPImportance))
 

@@ -396,9 +396,14 @@ def _track_absorbed(
                 out.setdefault(name, {})[orig[chans[0]]] = [(orig[c], w) for c, (_, w) in zip(chans[1:], ks)]
 
 
-def _importance(spec, criterion: str, probe_batches: int, criterion_options: dict | None):
-    """The criterion's importance object, with ``probe_batches`` when it takes that option."""
-    options = {"probe_batches": probe_batches} if "probe_batches" in spec.options else {}
+def _importance(
+    spec, criterion: str, probe_batches: int, criterion_options: dict | None, compensate: bool, ridge: float
+):
+    """The criterion's importance object, given the pruning run's ``probe_batches``, ``ridge`` and
+    whether it compensates (``residual``: score what compensation leaves) for the options it takes;
+    the caller's ``criterion_options`` win."""
+    run = {"probe_batches": probe_batches, "residual": compensate, "ridge": ridge}
+    options = {k: v for k, v in run.items() if k in spec.options}
     return make_importance(criterion, **{**options, **(criterion_options or {})})
 
 
@@ -795,7 +800,7 @@ def prune_model(
             else "keep_classes"
         )
         raise ConfigError(f"{what} needs data= (a DataLoader of probe batches).")
-    importance = _importance(spec, criterion, probe_batches, criterion_options)
+    importance = _importance(spec, criterion, probe_batches, criterion_options, compensate, ridge)
     # modules of the caller's model are matched by name before the copy, so they keep meaning
     ignored_names = ignored_module_names(model, ignored_layers)
     # the unpruned model whose classifier outputs the pruned one's are refit to: the caller's

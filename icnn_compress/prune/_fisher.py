@@ -8,10 +8,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from icnn_compress.errors import ConfigError, DataError
+from icnn_compress.prune._criteria import flattened_channels, register_criterion
 
 __all__ = ["FisherImportance", "check_labels"]
 
 _READS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+RESIDUAL_MAX_WIDTH = 4096  # wider inputs (VGG's flattened 25088 features) are scored plainly
 
 
 def check_labels(out: Tensor, labels: Tensor, criterion: str) -> None:
@@ -24,6 +26,7 @@ def check_labels(out: Tensor, labels: Tensor, criterion: str) -> None:
         )
 
 
+@register_criterion("fisher", needs_data=True, needs_labels=True)
 class FisherImportance(tp.importance.Importance):
     """Fisher pruning (Theis et al., 2018): channel ``c`` of a dependency group scores
 
@@ -37,27 +40,53 @@ class FisherImportance(tp.importance.Importance):
     batch first. With ``keep_classes`` the loss is the kept classes' through the restricted head, on
     their images (benchmarks table 8d).
 
+    With ``residual=True`` (what ``prune_model`` passes when it compensates, unless the option is
+    set) ``x`` of channel ``c`` is replaced by its residual on the other channels of the same input,
+    ``x_c - mean_c - sum_j a_j (x_j - mean_j)`` with ``a`` the least-squares fit over the probe's
+    positions (ridge ``ridge`` relative to the mean variance): what compensation cannot rebuild of
+    the channel and the loss therefore still loses. A channel that the others reconstruct well
+    scores low even if it matters to the loss. Inputs wider than 4096 features and linear layers
+    that read a flattened map are scored plainly.
+
     A residual stream channel is scored where each block reads it; the identity path that carries
     it further is not seen (as for every input-side score). ``refresh(model, loader)`` before
     scoring (``prune_model`` calls it at every step, on ``probe_batches`` labelled batches).
     """
 
-    def __init__(self, probe_batches: int = 8) -> None:
+    def __init__(self, probe_batches: int = 8, residual: bool = False, ridge: float = 1e-5) -> None:
         if probe_batches < 1:
             raise ConfigError(f"criterion 'fisher': probe_batches must be >= 1. Got {probe_batches}.")
-        self.probe_batches = probe_batches
+        if not isinstance(residual, bool):
+            raise ConfigError(f"criterion 'fisher': residual must be true or false. Got {residual!r}.")
+        if not ridge > 0:
+            raise ConfigError(f"criterion 'fisher': ridge must be > 0. Got {ridge!r}.")
+        self.probe_batches, self.residual, self.ridge = probe_batches, residual, ridge
         self.terms: dict[nn.Module, Tensor] = {}  # reader (first of its input) -> (N, C_in) float32
+        self.residual_terms: dict[nn.Module, Tensor] = {}  # the same with the residuals of x
         self.reader: dict[nn.Module, nn.Module] = {}  # every reader -> the one its input is filed under
 
     def refresh(self, model: nn.Module, loader: DataLoader) -> None:
-        """Per image and input channel of every conv and linear layer, ``sum_hw x * dL/dx``."""
+        """Per image and input channel of every conv and linear layer, ``sum_hw x * dL/dx`` (and,
+        with ``residual``, the same with each channel's residual on the others)."""
         readers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        seen: list[tuple[nn.Module, Tensor]] = []
-        handles = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0]))) for m in readers]
-        terms: dict[nn.Module, list[Tensor]] = {}
         device = next(model.parameters()).device
         was = model.training
         model.eval()
+        try:
+            fits = (
+                _residual_fits(model, loader, readers, self.probe_batches, self.ridge)
+                if self.residual
+                else {}
+            )
+            self._gradient_terms(model, loader, readers, device, fits)
+        finally:
+            model.train(was)
+
+    def _gradient_terms(self, model, loader, readers, device, fits: dict) -> None:
+        seen: list[tuple[nn.Module, Tensor]] = []
+        handles = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0]))) for m in readers]
+        terms: dict[nn.Module, list[Tensor]] = {}
+        residual_terms: dict[nn.Module, list[Tensor]] = {}
         try:
             for i, batch in enumerate(loader):
                 if i >= self.probe_batches:
@@ -75,15 +104,19 @@ class FisherImportance(tp.importance.Importance):
                 for (m, x), g in zip(inputs, grads):
                     if g is None:
                         continue
-                    term = x.detach() * g
-                    term = term.sum((2, 3)) if term.dim() == 4 else term.reshape(len(term), -1)
-                    terms.setdefault(m, []).append(term.float().cpu())
+                    x = x.detach()
+                    terms.setdefault(m, []).append(_per_channel(x * g))
+                    if m in fits:
+                        mean, weights = fits[m]
+                        # residuals of every channel at once: a 1x1 channel mix of the centred input
+                        r = torch.einsum("nc...,cd->nd...", x - _as_map(mean, x), weights)
+                        residual_terms.setdefault(m, []).append(_per_channel(r * g))
                 seen.clear()
         finally:
             for h in handles:
                 h.remove()
-            model.train(was)
         self.terms = {m: torch.cat(t) for m, t in terms.items()}
+        self.residual_terms = {m: torch.cat(t) for m, t in residual_terms.items()}
 
     @torch.no_grad()
     def __call__(self, group, **kwargs) -> Tensor | None:
@@ -97,10 +130,71 @@ class FisherImportance(tp.importance.Importance):
             if key is None or key in counted or key not in self.terms or any(r is None for r in root_idxs):
                 continue
             counted.add(key)
-            terms = self.terms[key][:, list(idxs)]
+            source = self.terms
+            if key in self.residual_terms:
+                c_in = self.terms[key].shape[1]
+                if flattened_channels(dep.target.module, list(idxs), list(root_idxs), c_in) is None:
+                    source = self.residual_terms  # a flattened map's channel is scored plainly
+            terms = source[key][:, list(idxs)]
             if total is None:
                 total = torch.zeros(len(terms), len(group[0].idxs))
             total.index_add_(1, torch.as_tensor(root_idxs), terms)
         if total is None:
             return None
         return total.double().pow(2).sum(0).float()
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    """``(N, C, ...)`` -> ``(N, C)`` float32 on the CPU: summed over positions."""
+    return (t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t).float().cpu()
+
+
+def _as_map(v: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector ``(C,)`` shaped to broadcast over ``like`` ``(N, C, ...)``."""
+    return v.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
+
+
+@torch.no_grad()
+def _residual_fits(
+    model: nn.Module, loader: DataLoader, readers: list[nn.Module], batches: int, ridge: float
+) -> dict[nn.Module, tuple[Tensor, Tensor]]:
+    """For every layer input up to ``RESIDUAL_MAX_WIDTH`` channels wide: its channel means ``(C,)``
+    and the weights ``(C, C)`` whose column ``c`` maps the centred input to channel ``c``'s
+    least-squares residual on the other channels (over every position of the first ``batches``
+    batches): the precision matrix ``P`` of the ridge-regularised covariance, column ``c`` divided by
+    ``P[c, c]``. Filed under the first reader of each input tensor."""
+    seen: list[tuple[nn.Module, Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0]))) for m in readers]
+    sums: dict[nn.Module, list] = {}  # reader -> [sum x x^T (float64), sum x, rows]
+    device = next(model.parameters()).device
+    try:
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            seen.clear()
+            model(batch[0].to(device))
+            done: set[int] = set()
+            for m, x in seen:
+                if id(x) in done or x.dim() < 2 or x.shape[1] > RESIDUAL_MAX_WIDTH:
+                    continue
+                done.add(id(x))
+                rows = x.movedim(1, -1).reshape(-1, x.shape[1]).float()
+                s = sums.setdefault(m, [0.0, 0.0, 0])
+                s[0] = s[0] + (rows.t() @ rows).double()
+                s[1] = s[1] + rows.sum(0).double()
+                s[2] += len(rows)
+            seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    fits = {}
+    for m, (gram, total, n) in sums.items():
+        mean = total / n
+        cov = gram / n - torch.outer(mean, mean)
+        cov += (
+            ridge * (cov.diagonal().mean() + 1e-12) * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        )
+        factor, info = torch.linalg.cholesky_ex(cov)
+        precision = torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)
+        fits[m] = (mean.float(), (precision / precision.diagonal()).float())
+    return fits

@@ -76,3 +76,90 @@ def test_refuses_no_probe_batches():
 
     with pytest.raises(ConfigError, match=r"criterion 'fisher': probe_batches must be >= 1. Got 0."):
         make_importance("fisher", probe_batches=0)
+
+
+def reconstructed_scores(model: nn.Module, x, y, after: int, channels: int):
+    """The reference of ``residual=True``: each channel of module ``after``'s output is moved by a
+    gate ``t`` towards its least-squares reconstruction from the other channels (with intercept,
+    fitted over every position of ``x``); per image the gradient of its loss by ``t``, squared,
+    summed over the images."""
+    with torch.no_grad():
+        acts = []
+        handle = model[after].register_forward_hook(lambda m, i, out: acts.append(out))
+        model(x)
+        handle.remove()
+        rows = acts[0].movedim(1, -1).reshape(-1, channels).double()
+    total = torch.zeros(channels, dtype=torch.float64)
+    for c in range(channels):
+        others = torch.cat([rows[:, [j for j in range(channels) if j != c]], torch.ones(len(rows), 1)], 1)
+        coef = torch.linalg.lstsq(others, rows[:, c : c + 1]).solution
+        recon = (others @ coef).float().reshape(*acts[0].movedim(1, -1).shape[:-1])
+        for n in range(len(x)):
+            t = torch.zeros((), requires_grad=True)
+
+            def move(m, i, out, c=c, n=n, t=t, recon=recon):
+                out = out.clone()
+                out[:, c] = out[:, c] + t * (recon[n : n + 1] - out[:, c])
+                return out
+
+            handle = model[after].register_forward_hook(move)
+            try:
+                loss = nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1])
+                (g,) = torch.autograd.grad(loss, t)
+                total[c] += g.double() ** 2
+            finally:
+                handle.remove()
+    return total
+
+
+def test_residual_scores_are_the_loss_change_left_after_compensation():
+    """residual=True: a channel's score is the per-image squared loss change of replacing it by
+    what the other channels reconstruct of it (what compensation folds in), not of zeroing it."""
+    model = small_net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    conv = model[0]
+    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+    residual = make_importance("fisher", probe_batches=3, residual=True, ridge=1e-9)
+    residual.refresh(model, loader)
+    expected = reconstructed_scores(model, x, y, 3, conv.out_channels)
+    torch.testing.assert_close(residual(group).double(), expected, rtol=1e-3, atol=1e-9)
+    plain = make_importance("fisher", probe_batches=3)
+    plain.refresh(model, loader)
+    assert not torch.allclose(plain(group), residual(group), rtol=0.05)  # a different ranking input
+
+
+def test_residual_scores_a_flattened_map_plainly():
+    """A linear reading a flattened map loses whole channels: scored as plain Fisher."""
+    model = small_net()
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    conv = model[4]
+    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+    expected = gated_scores(model, x, y, 6, conv.out_channels)
+    residual = make_importance("fisher", probe_batches=3, residual=True)
+    residual.refresh(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    torch.testing.assert_close(residual(group).double(), expected, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize(("compensate", "options", "residual"), [
+    (True, None, True), (False, None, False), (True, {"residual": False}, False),
+])  # fmt: skip
+def test_prune_model_scores_residuals_when_it_compensates(compensate, options, residual):
+    from icnn_compress.prune._engine import _importance
+
+    importance = _importance(criterion_spec("fisher"), "fisher", 4, options, compensate, 1e-3)
+    assert importance.residual is residual and importance.ridge == 1e-3 and importance.probe_batches == 4
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"residual": "yes"}, r"criterion 'fisher': residual must be true or false. Got 'yes'."),
+    ({"ridge": 0.0}, r"criterion 'fisher': ridge must be > 0. Got 0.0."),
+])  # fmt: skip
+def test_refuses_bad_residual_options(options, match):
+    from icnn_compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        make_importance("fisher", **options)
