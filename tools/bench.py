@@ -10,7 +10,7 @@ widths on trained models (bench_latency_aware.py), how far latency can follow MA
 (latency_reach.py), how repeatable a measured speedup is (bench_speedup_timer.py), INT8, the
 torchvision model zoo (bench_zoo.py), the pruning criteria, where the loss's accuracy cost comes
 from (bench_icnn_cost.py), the interpretable route over two independently trained bases
-(bench_route.py) and category-aware compression (bench_specialise.py, tables 8-8d), then
+(bench_route.py) and category-aware compression (bench_specialise.py, tables 8-8e), then
 ``tools/bench_summary.py``
 (results/summary.json, results/summary.md, the accuracy-vs-latency plot and, for the full run,
 the table in README.md). Every stage caches what it trains under runs/ and the criteria, cost and
@@ -346,23 +346,32 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
             _specialise(QUICK_BASES, KEPT, "2,4,8", "category,relevance", "specialise", "--threads", "1"),
             _specialise(E4_BASES, KEPT, "2,4", "category,relevance", "specialise_kept"),
             _specialise(E4_BASES, KEPT, "4", "criterion:taylor,full:taylor,relevance", "specialise_taylor"),
-            *(  # table 8d: two probe draws side by side, then merged
-                [
-                    "&",
-                    *_specialise(
-                        E4_BASES, KEPT, "4", FISHER_MODES, f"specialise_fisher_p{s}", "--threads", "1"
+            *(  # tables 8d (Fisher on the channels themselves) and 8e (on their residuals, the
+                # default with compensation): two probe draws side by side, then merged
+                step
+                for name, modes, options in (
+                    # (arguments are str.format-ted: braces doubled)
+                    ("specialise_fisher", FISHER_MODES, '{{"residual": false}}'),
+                    ("specialise_residual", "criterion:fisher", "{{}}"),
+                )
+                for step in (
+                    *(
+                        [
+                            "&",
+                            *_specialise(E4_BASES, KEPT, "4", modes, f"{name}_p{s}", "--threads", "1"),
+                            *("--probe-seed", str(s), "--criterion-options", options),
+                        ]
+                        for s in (0, 1)
                     ),
-                    *("--probe-seed", str(s)),
-                ]
-                for s in (0, 1)
+                    [
+                        "bench_specialise.py",
+                        "--merge",
+                        f"{{results}}/{name}_p0.json,{{results}}/{name}_p1.json",
+                        "--out",
+                        f"{{results}}/{name}.json",
+                    ],
+                )
             ),
-            [
-                "bench_specialise.py",
-                "--merge",
-                "{results}/specialise_fisher_p0.json,{results}/specialise_fisher_p1.json",
-                "--out",
-                "{results}/specialise_fisher.json",
-            ],
         ],
         [
             _specialise(
@@ -375,7 +384,7 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
                 "5",
             )
         ],
-        (7200.0, 60.0),
+        (9000.0, 60.0),
     ),
     "summary": (
         [["bench_summary.py", "--results", "{results}", "--readme", "README.md"]],

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 import icnn_compress as ic
 from icnn_compress.data import ClassSubset
-from icnn_compress.prune import Target, prune_model, reestimate_batchnorm, restrict_classifier
+from icnn_compress.prune import Target, criterion_spec, prune_model, reestimate_batchnorm, restrict_classifier
 
 
 def main() -> None:
@@ -68,6 +68,13 @@ def main() -> None:
         default=0,
         help="draw other probe images (0: the draw of the published tables); the spread over draws "
         "is part of a criterion's variance",
+    )
+    p.add_argument(
+        "--criterion-options",
+        type=json.loads,
+        default={},
+        help="JSON options for the keep_classes runs' criterion, where it takes them (e.g. "
+        "'{\"residual\": false}': Fisher on the channels themselves, as table 8d was measured)",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "specialise.json"))
@@ -143,6 +150,7 @@ def main() -> None:
                             res = prune_model(base, example, criterion=crit, data=everything, **common)
                             res.model = restrict_classifier(res.model, kept)
                         elif not method.startswith("head+"):
+                            takes = criterion_spec(crit or a.criterion).options
                             res = prune_model(
                                 base,
                                 example,
@@ -150,6 +158,9 @@ def main() -> None:
                                 data=everything,
                                 keep_classes=kept,
                                 keep_classes_mode=mode,
+                                criterion_options={
+                                    k: v for k, v in a.criterion_options.items() if k in takes
+                                },
                                 **common,
                             )
                         else:
@@ -206,6 +217,7 @@ def write(result: dict, model: str, out: Path) -> None:
             for f, fn in (("mean", statistics.fmean), ("std", statistics.pstdev))
         }
         stats.update({f"{r}_gain_over_head_points": g[0] for r, g in gain.items()})
+        stats.update({f"{r}_gain_over_head_points_std": g[1] for r, g in gain.items()})
         summary.setdefault(k, {}).setdefault(level, {})[method] = stats
     for k, levels in summary.items():
         for level, methods in levels.items():
@@ -219,7 +231,16 @@ def merge(paths: list[str]) -> dict:
     """One result from runs that differ only in ``--probe-seed``: each row's values concatenated
     (base-major within a run, runs in the given order); the setup records every seed."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    keys = ("model", "weights", "kept", "levels", "criterion", "recover_steps", "step_ratio")
+    keys = (
+        "model",
+        "weights",
+        "kept",
+        "levels",
+        "criterion",
+        "recover_steps",
+        "step_ratio",
+        "criterion_options",
+    )
     for path, run in zip(paths[1:], runs[1:]):
         for k in keys:
             if run["setup"].get(k) != runs[0]["setup"].get(k):
