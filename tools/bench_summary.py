@@ -43,6 +43,8 @@ SECTIONS = {
     "gpu_check": "gpu_check.json",
     "fashion_vgg_small": "fashion_vgg_small.json",
     "fashion_resnet_cifar20": "fashion_resnet_cifar20.json",
+    "specialise_residual": "specialise_residual.json",
+    "specialise_fisher": "specialise_fisher.json",
 }
 
 
@@ -509,6 +511,56 @@ def interpretability_md(it: dict) -> list[str]:
     return md
 
 
+def specialise_md(results: list[dict]) -> list[str]:
+    """Category-aware compression: per kept-class count and level, each method's one-shot and
+    recovered top-1 gain over restricting the head + ``l2`` (paired, points), from the
+    ``bench_specialise.py`` results given (the first one's ``head+l2`` is the reference shown)."""
+    labels = {
+        "criterion:fisher": "Fisher, `keep_classes_mode=criterion`",
+        "criterion:taylor": "Taylor, `keep_classes_mode=criterion`",
+        "relevance": "`l2`, `keep_classes_mode=relevance` (the default)",
+        "head+l2@kept": "head restricted + `l2`, compensated on the kept classes",
+    }
+    setup = results[0]["setup"]
+    model, draws = setup["model"], setup.get("probe_seed", [0])
+    bases, sets = len(setup["weights"].split(",")), len(next(iter(setup["kept_sets"].values())))
+    md = [
+        f"{model} on Fashion-MNIST, {bases} independently trained bases x "
+        f"{len(draws) if isinstance(draws, list) else 1} probe draws x {sets} kept sets per row; top-1 on "
+        "every kept-class test image, one-shot (compensation, BatchNorm re-estimated on the kept "
+        f"classes) / after {setup['recover_steps']} recovery steps; gain = paired points over "
+        "restricting the head + `l2` with compensation at the same MACs (mean ± std). Reproduce: "
+        "`python tools/bench.py --only specialise` (docs/benchmarks.md 8d-8e).",
+        "",
+        "| kept classes | MACs | head + `l2` | method | one-shot gain | recovered gain | +1 point one-shot |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, levels in results[0]["summary"][model].items():
+        for level, methods in levels.items():
+            ref = methods["head+l2"]
+            rows = []
+            for i, result in enumerate(results):
+                plain = (result["setup"].get("criterion_options") or {}).get("residual") is False
+                for method, st in result["summary"][model].get(k, {}).get(level, {}).items():
+                    if method == "head+l2" or (i > 0 and method == "head+l2@kept"):
+                        continue
+                    name = labels.get(method, method)
+                    if method == "criterion:fisher":
+                        name += ", on the channels (8d)" if plain else ", residual after compensation (8e)"
+                    one, rec = st["oneshot_gain_over_head_points"], st["recovered_gain_over_head_points"]
+                    met = "" if method == "head+l2@kept" else "met" if one >= 1.0 else "missed"
+                    rows.append(
+                        (
+                            method == "head+l2@kept",  # the control last
+                            f"| {k} | {level} | {ref['oneshot_mean']:.4f} / {ref['recovered_mean']:.4f} "
+                            f"| {name} | {one:+.2f} ± {st['oneshot_gain_over_head_points_std']:.2f} | "
+                            f"{rec:+.2f} ± {st['recovered_gain_over_head_points_std']:.2f} | {met} |",
+                        )
+                    )
+            md += [row for _, row in sorted(rows, key=lambda r: r[0])]
+    return md
+
+
 def overhead_md(sections: dict) -> list[str]:
     md = [
         "| where | model, input (batch) | step with / without the loss (top layer, the default) "
@@ -690,6 +742,14 @@ def main() -> None:
             *interpretability_md(sections["interpretability"]),
         ]
     md += ["", "#### 4. Training-step overhead of the loss", "", *overhead_md(sections)]
+    if "specialise_residual" in sections:
+        shown = [sections[k] for k in ("specialise_residual", "specialise_fisher") if k in sections]
+        md += [
+            "",
+            "#### 5. Category-aware compression: a model specialised to the classes a deployment needs",
+            "",
+            *specialise_md(shown),
+        ]
     missing = [f for k, f in SECTIONS.items() if k not in sections]
     if missing:
         md += ["", f"Not run into {results}: {', '.join(missing)}."]

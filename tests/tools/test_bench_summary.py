@@ -199,3 +199,40 @@ def test_latency_aware_and_reach_tables_are_part_of_the_readme_block(tmp_path):
     assert "#### 2d. How far latency can follow MACs" in text
     assert "| m | 32 | 25.0% | 2x | 1.50 | 0.70 | 0.80 | 0.50 | 0.60 | >= 0.9 |" in text
     assert "| m | 1 | 40.0% | 2x | 1.50 | 0.70 | - | 0.50 | 0.60 | >= 0.8 |" in text
+
+
+def test_specialise_table_pairs_each_method_with_the_head_restriction(tmp_path):
+    """Table 5 reads both specialisation results: the residual Fisher run and the earlier one with
+    Fisher on the channels; the target verdict follows the one-shot gain."""
+
+    def result(gain: float, options: dict) -> dict:
+        stats = {"oneshot_mean": 0.8, "recovered_mean": 0.85}
+        gains = {
+            "oneshot_gain_over_head_points": gain,
+            "oneshot_gain_over_head_points_std": 0.5,
+            "recovered_gain_over_head_points": 0.1,
+            "recovered_gain_over_head_points_std": 0.2,
+        }
+        return {
+            "command": "python tools/bench_specialise.py --merge a,b",
+            "setup": {
+                "model": "m",
+                "weights": "a.pt,b.pt",
+                "probe_seed": [0, 1],
+                "kept_sets": {"5": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]},
+                "recover_steps": 100,
+                "criterion_options": options,
+            },
+            "summary": {"m": {"5": {"4x": {"head+l2": stats, "criterion:fisher": {**stats, **gains}}}}},
+        }
+
+    (tmp_path / "specialise_residual.json").write_text(json.dumps(result(1.5, {})))
+    (tmp_path / "specialise_fisher.json").write_text(json.dumps(result(0.6, {"residual": False})))
+    proc = run_summary(tmp_path, "<!-- bench:start -->\n<!-- bench:end -->\n")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "README.md").read_text()
+    assert "#### 5. Category-aware compression" in text
+    assert "2 independently trained bases x 2 probe draws" in text
+    fisher = "| 5 | 4x | 0.8000 / 0.8500 | Fisher, `keep_classes_mode=criterion`"
+    assert f"{fisher}, residual after compensation (8e) | +1.50 ± 0.50 | +0.10 ± 0.20 | met |" in text
+    assert f"{fisher}, on the channels (8d) | +0.60 ± 0.50 | +0.10 ± 0.20 | missed |" in text
