@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 import icnn_compress as ic
 from icnn_compress.data import ClassSubset
+from icnn_compress.io import environment_info
 from icnn_compress.prune import Target, criterion_spec, prune_model, reestimate_batchnorm, restrict_classifier
 
 
@@ -197,6 +198,7 @@ def main() -> None:
     result = {
         "benchmark": "specialise",
         "command": command_line("bench_specialise.py", a, skip=("out",)),
+        "environment": environment_info(),
         "setup": {**vars(a), "kept_sets": sets, "eval": "every kept-class test image, PyTorch CPU"},
         "rows": rows,
     }
@@ -253,7 +255,13 @@ def merge(paths: list[str]) -> dict:
     seeds = [run["setup"].get("probe_seed", 0) for run in runs]
     setup = {**runs[0]["setup"], "probe_seed": seeds, "merged": list(paths)}
     command = " ".join(["python tools/bench_specialise.py --merge", ",".join(paths)])
-    return {"benchmark": "specialise", "command": command, "setup": setup, "rows": rows}
+    return {
+        "benchmark": "specialise",
+        "command": command,
+        "environment": runs[0].get("environment"),
+        "setup": setup,
+        "rows": rows,
+    }
 
 
 def paired(rows: dict, key: str, reference: str) -> dict:
