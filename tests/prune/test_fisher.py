@@ -163,3 +163,39 @@ def test_refuses_bad_residual_options(options, match):
 
     with pytest.raises(ConfigError, match=match):
         make_importance("fisher", **options)
+
+
+class _Stream(nn.Module):
+    """A residual stream (conv ``a`` + block output, read by ``b`` and ``d``) and an inner conv
+    ``b`` read by ``c`` alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.Conv2d(6, 5, 3, padding=1),
+            nn.Conv2d(5, 6, 1),
+        )
+        self.d, self.head = nn.Conv2d(6, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = torch.relu(x + self.c(torch.relu(self.b(x))))
+        return self.head(torch.relu(self.d(x)).mean((2, 3)))
+
+
+def test_residual_streams_are_scored_plainly():
+    """A channel that several layers read is carried on by the identity path, which compensation
+    does not rebuild: its score stays plain Fisher; a channel one layer reads gets the residual."""
+    model = _Stream().eval()
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    plain, residual = make_importance("fisher"), make_importance("fisher", residual=True)
+    plain.refresh(model, loader)
+    residual.refresh(model, loader)
+    stream = graph.get_pruning_group(model.a, tp.prune_conv_out_channels, idxs=list(range(6)))
+    inner = graph.get_pruning_group(model.b, tp.prune_conv_out_channels, idxs=list(range(5)))
+    torch.testing.assert_close(residual(stream), plain(stream))
+    assert not torch.allclose(residual(inner), plain(inner), rtol=0.05)
