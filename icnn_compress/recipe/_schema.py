@@ -218,7 +218,8 @@ class PruneConfig(_Strict):
         "relevance",
         description="keep_classes: weigh scores by relevance, other categories first, or the criterion's "
         "own scores (with criterion 'taylor' or 'fisher': the kept classes' loss through the restricted "
-        "head)",
+        "head; 'criterion' with criterion 'fisher' and compensate measured best: +1.5 points one-shot "
+        "over a restricted head + l2 with 5 of 10 classes kept at 4x, benchmarks 8e)",
     )
 
     @model_validator(mode="after")
