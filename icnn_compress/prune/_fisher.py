@@ -38,7 +38,7 @@ class FisherImportance(tp.importance.Importance):
     squared per image (the empirical Fisher information), the terms of images that pull in opposite
     directions add instead of cancelling as in first-order Taylor, whose score sums them over the
     batch first. With ``keep_classes`` the loss is the kept classes' through the restricted head, on
-    their images (benchmarks table 8d).
+    their images (benchmarks tables 8d-8e).
 
     With ``residual=True`` (what ``prune_model`` passes when it compensates, unless the option is
     set) ``x`` of channel ``c`` is replaced by its residual on the other channels of the same input,
@@ -46,9 +46,10 @@ class FisherImportance(tp.importance.Importance):
     positions (ridge ``ridge`` relative to the mean variance): what compensation cannot rebuild of
     the channel and the loss therefore still loses. A channel that the others reconstruct well
     scores low even if it matters to the loss. Channels read by several layers (a residual stream,
-    which identity paths carry on uncompensated), inputs wider than 4096 features and linear
-    layers that read a flattened map are scored plainly (on resnet_cifar20 residual scores on the
-    streams lost 1-10 points one-shot).
+    which identity paths carry on uncompensated: on resnet_cifar20 residual scores there lost 1-10
+    points one-shot), inputs wider than 4096 features and linear layers that read a flattened map
+    are scored plainly. A depthwise conv is pruned with the layer it follows; the channel is scored
+    where the next regular layer reads it.
 
     A residual stream channel is scored where each block reads it; the identity path that carries
     it further is not seen (as for every input-side score). ``refresh(model, loader)`` before
@@ -182,9 +183,13 @@ def _residual_fits(
             model(batch[0].to(device))
             done: set[int] = set()
             for m, x in seen:
-                if id(x) in done or x.dim() < 2 or x.shape[1] > RESIDUAL_MAX_WIDTH:
+                if id(x) in done:
                     continue
                 done.add(id(x))
+                if x.dim() < 2 or x.shape[1] > RESIDUAL_MAX_WIDTH:
+                    continue
+                if isinstance(m, nn.Conv2d) and m.groups > 1:
+                    continue  # a grouped conv's input is pruned with its producer, never scored here
                 rows = x.movedim(1, -1).reshape(-1, x.shape[1]).float()
                 s = sums.setdefault(m, [0.0, 0.0, 0])
                 s[0] = s[0] + (rows.t() @ rows).double()
