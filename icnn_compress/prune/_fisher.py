@@ -123,25 +123,26 @@ class FisherImportance(tp.importance.Importance):
 
     @torch.no_grad()
     def __call__(self, group, **kwargs) -> Tensor | None:
-        reads = []  # (input key, reader, its channel indices, the root's)
+        reads = {}  # input key -> (reader, its channel indices, the root's)
         for i, (dep, idxs) in enumerate(group):
             if dep.pruning_fn not in _READS:
                 continue
             key = self.reader.get(dep.target.module)
             root_idxs = group[i].root_idxs
-            if key is None or key in {r[0] for r in reads} or key not in self.terms:
+            if key is None or key in reads or key not in self.terms or any(r is None for r in root_idxs):
                 continue
-            if any(r is None for r in root_idxs):
-                continue
-            reads.append((key, dep.target.module, list(idxs), list(root_idxs)))
+            reads[key] = (dep.target.module, list(idxs), list(root_idxs))
         # a channel read by several layers (a residual stream) is also carried on by identity paths
         # that no compensation rebuilds: scored plainly, as icnn-cluster ranks streams by magnitude
         residual = len(reads) == 1
         total: Tensor | None = None
-        for key, module, idxs, root_idxs in reads:
+        for key, (module, idxs, root_idxs) in reads.items():
             source = self.terms
-            flattened = flattened_channels(module, idxs, root_idxs, self.terms[key].shape[1]) is not None
-            if residual and key in self.residual_terms and not flattened:
+            if (
+                residual
+                and key in self.residual_terms
+                and flattened_channels(module, idxs, root_idxs, self.terms[key].shape[1]) is None
+            ):
                 source = self.residual_terms  # a flattened map's channel is scored plainly
             terms = source[key][:, idxs]
             if total is None:
