@@ -329,7 +329,7 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
         ],
         (5400.0, 300.0),
     ),
-    "specialise": (  # tables 8-8d; the e4/n20000 bases are trained here, the quick ones by icnn_cost
+    "specialise": (  # tables 8-8e; the e4/n20000 bases are trained here, the quick ones by icnn_cost
         [
             ["bench_fashion.py", "--model", "vgg_small", "--epochs", "4", "--train-size", "20000"],
             [
