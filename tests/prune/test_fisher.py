@@ -71,13 +71,6 @@ def test_registered_as_reading_labels():
     assert "probe_batches" in spec.options
 
 
-def test_refuses_no_probe_batches():
-    from icnn_compress.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=r"criterion 'fisher': probe_batches must be >= 1. Got 0."):
-        make_importance("fisher", probe_batches=0)
-
-
 def reconstructed_scores(model: nn.Module, x, y, after: int, channels: int):
     """The reference of ``residual=True``: each channel of module ``after``'s output is moved by a
     gate ``t`` towards its least-squares reconstruction from the other channels (with intercept,
@@ -122,7 +115,7 @@ def test_residual_scores_are_the_loss_change_left_after_compensation():
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
     conv = model[0]
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
-    residual = make_importance("fisher", probe_batches=3, residual=True, ridge=1e-9)
+    residual = make_importance("fisher", probe_batches=3, residual=True, ridge=1e-9, eliminate=False)
     residual.refresh(model, loader)
     expected = reconstructed_scores(model, x, y, 3, conv.out_channels)
     torch.testing.assert_close(residual(group).double(), expected, rtol=1e-3, atol=1e-9)
@@ -156,7 +149,10 @@ def test_prune_model_scores_residuals_when_it_compensates(compensate, options, r
 
 @pytest.mark.parametrize(("options", "match"), [
     ({"residual": "yes"}, r"criterion 'fisher': residual must be true or false. Got 'yes'."),
-    ({"ridge": 0.0}, r"criterion 'fisher': ridge must be > 0. Got 0.0."),
+    ({"ridge": 0.0}, r"criterion 'fisher': ridge must be a number > 0. Got 0.0."),
+    ({"eliminate": 1}, r"criterion 'fisher': eliminate must be true or false. Got 1."),
+    ({"probe_batches": 0}, r"criterion 'fisher': probe_batches must be an int >= 1. Got 0."),
+    ({"probe_batches": 2.5}, r"criterion 'fisher': probe_batches must be an int >= 1. Got 2.5."),
 ])  # fmt: skip
 def test_refuses_bad_residual_options(options, match):
     from icnn_compress.errors import ConfigError
@@ -199,3 +195,126 @@ def test_residual_streams_are_scored_plainly():
     inner = graph.get_pruning_group(model.b, tp.prune_conv_out_channels, idxs=list(range(5)))
     torch.testing.assert_close(residual(stream), plain(stream))
     assert not torch.allclose(residual(inner), plain(inner), rtol=0.05)
+
+
+def eliminated_scores(model: nn.Module, x, y, after: int, channels: int, ridge: float):
+    """The reference of ``eliminate=True``: greedy backward elimination with every residual fitted
+    afresh (an explicit inverse of the kept channels' covariance, the ridge of the full one), its
+    loss change summed image by image; returns the costs at removal, in the order of removal."""
+    acts = []
+    handle = model[after].register_forward_hook(lambda m, i, out: acts.append(out))
+    maps = []
+    try:
+        for n in range(len(x)):
+            acts.clear()
+            loss = nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1])
+            (g,) = torch.autograd.grad(loss, acts[0])
+            maps.append((acts[0].detach().double()[0], g.double()[0]))  # (C, H, W) each
+    finally:
+        handle.remove()
+    rows = torch.cat([a.reshape(channels, -1).t() for a, _ in maps])
+    mean = rows.mean(0)
+    cov = torch.cov(rows.t(), correction=0)
+    cov += ridge * cov.diagonal().mean() * torch.eye(channels, dtype=torch.float64)
+    alive, order, costs = list(range(channels)), [], []
+    while alive:
+        prec = torch.linalg.inv(cov[alive][:, alive])
+        cost = []
+        for k, c in enumerate(alive):
+            w = prec[:, k] / prec[k, k]
+            total = 0.0
+            for a, g in maps:
+                centred = a[alive] - mean[alive].view(-1, 1, 1)
+                residual = torch.einsum("jhw,j->hw", centred, w)
+                total += float((residual * g[c]).sum()) ** 2
+            cost.append(total)
+        k = min(range(len(alive)), key=cost.__getitem__)
+        order.append(alive.pop(k))
+        costs.append(cost[k])
+    return order, costs
+
+
+def test_eliminated_scores_refit_the_residuals_on_the_channels_kept():
+    """eliminate=True: channels go in the order of a greedy elimination whose residuals are re-fitted
+    on the channels still kept; scores are the running maximum of the costs at removal."""
+    model = small_net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    conv = model[0]
+    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+    importance = make_importance("fisher", probe_batches=3, residual=True, ridge=1e-3)
+    importance.refresh(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    scores = importance(group).double()
+    order, costs = eliminated_scores(model, x, y, 3, conv.out_channels, 1e-3)
+    assert torch.argsort(scores).tolist() == order
+    running = torch.tensor(costs, dtype=torch.float64).cummax(0).values
+    torch.testing.assert_close(scores[order], running, rtol=1e-3, atol=1e-9)
+
+
+def test_a_step_bound_ranks_only_the_channels_a_step_removes():
+    """With a bound of k removals the k lowest scores are the full elimination's; the channels
+    left score above every one of them."""
+    from icnn_compress.prune._fisher import eliminate
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 7, 5, generator=g)  # 40 images, 7 channels, 5 positions
+    grad = torch.randn(40, 7, 5, generator=g)
+    centred = x - x.mean((0, 2)).view(1, -1, 1)
+    cross = torch.einsum("njp,ncp->njc", centred, grad)
+    rows = x.movedim(1, -1).reshape(-1, 7).double()
+    precision = torch.linalg.inv(torch.cov(rows.t(), correction=0) + 1e-3 * torch.eye(7, dtype=torch.float64))
+    candidates = [6, 0, 2, 5, 1, 3, 4]
+    full = eliminate(cross, precision, candidates)
+    bounded = eliminate(cross, precision, candidates, bound=3)
+    lowest = torch.argsort(full)[:3]
+    torch.testing.assert_close(bounded[lowest], full[lowest])
+    rest = [i for i in range(7) if i not in lowest.tolist()]
+    assert bool((bounded[rest] > bounded[lowest].max()).all())
+    assert len(set(full.tolist())) == 7  # strictly increasing in the order of removal
+
+
+def test_elimination_does_not_score_both_twins_as_rebuildable():
+    """Two identical channels rebuild each other: leave-one-out residuals score both near zero;
+    the elimination removes one at that cost and then finds the other expensive."""
+    model = small_net()
+    with torch.no_grad():
+        model[0].weight[1] = model[0].weight[0]
+        model[0].bias[1] = model[0].bias[0]
+        model[1].weight[1], model[1].bias[1] = model[1].weight[0], model[1].bias[0]
+        model[1].running_mean[1], model[1].running_var[1] = model[1].running_mean[0], model[1].running_var[0]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=list(range(6)))
+    scores = {}
+    for eliminate in (False, True):
+        importance = make_importance("fisher", probe_batches=3, residual=True, eliminate=eliminate)
+        importance.refresh(model, loader)
+        scores[eliminate] = importance(group).double()
+    loo, elim = scores[False], scores[True]
+    assert max(loo[0], loo[1]) < 1e-3 * loo.median()
+    assert min(elim[0], elim[1]) < 1e-3 * elim.median()
+    assert max(elim[0], elim[1]) > 1e-2 * elim.median()
+
+
+def test_cross_terms_past_the_memory_budget_fall_back_to_leave_one_out(monkeypatch):
+    from icnn_compress.prune import _fisher
+
+    model = small_net()
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=list(range(6)))
+    loo = make_importance("fisher", probe_batches=3, residual=True, eliminate=False)
+    loo.refresh(model, loader)
+    monkeypatch.setattr(_fisher, "ELIMINATION_MAX_BYTES", 4 * 12 * 6 * 6 - 1)  # one byte short
+    short = make_importance("fisher", probe_batches=3, residual=True)
+    short.refresh(model, loader)
+    assert not short.cross
+    torch.testing.assert_close(short(group), loo(group))
+    monkeypatch.setattr(_fisher, "ELIMINATION_MAX_BYTES", 4 * 12 * 6 * 6)
+    enough = make_importance("fisher", probe_batches=3, residual=True)
+    enough.refresh(model, loader)
+    assert [m for m in enough.cross] == [model[4]]
