@@ -10,7 +10,8 @@ widths on trained models (bench_latency_aware.py), how far latency can follow MA
 (latency_reach.py), how repeatable a measured speedup is (bench_speedup_timer.py), INT8, the
 torchvision model zoo (bench_zoo.py), the pruning criteria, where the loss's accuracy cost comes
 from (bench_icnn_cost.py), the interpretable route over two independently trained bases
-(bench_route.py) and category-aware compression (bench_specialise.py, tables 8-8e), then
+(bench_route.py), category-aware compression (bench_specialise.py, tables 8-8f) and Fisher's
+residual scores without kept classes (bench_fisher.py, table 8g), then
 ``tools/bench_summary.py``
 (results/summary.json, results/summary.md, the accuracy-vs-latency plot and, for the full run,
 the table in README.md). Every stage caches what it trains under runs/ and the criteria, cost and
@@ -329,7 +330,7 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
         ],
         (5400.0, 300.0),
     ),
-    "specialise": (  # tables 8-8e; the e4/n20000 bases are trained here, the quick ones by icnn_cost
+    "specialise": (  # tables 8-8f; the e4/n20000 bases are trained here, the quick ones by icnn_cost
         [
             ["bench_fashion.py", "--model", "vgg_small", "--epochs", "4", "--train-size", "20000"],
             [
@@ -346,13 +347,15 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
             _specialise(QUICK_BASES, KEPT, "2,4,8", "category,relevance", "specialise", "--threads", "1"),
             _specialise(E4_BASES, KEPT, "2,4", "category,relevance", "specialise_kept"),
             _specialise(E4_BASES, KEPT, "4", "criterion:taylor,full:taylor,relevance", "specialise_taylor"),
-            *(  # tables 8d (Fisher on the channels themselves) and 8e (on their residuals, the
-                # default with compensation): two probe draws side by side, then merged
+            *(  # tables 8d (Fisher on the channels themselves), 8e (on their leave-one-out residuals)
+                # and 8f (residuals by backward elimination, the default with compensation): two
+                # probe draws side by side, then merged
                 step
                 for name, modes, options in (
                     # (arguments are str.format-ted: braces doubled)
                     ("specialise_fisher", FISHER_MODES, '{{"residual": false}}'),
-                    ("specialise_residual", "criterion:fisher", "{{}}"),
+                    ("specialise_residual", "criterion:fisher", '{{"eliminate": false}}'),
+                    ("specialise_eliminate", "criterion:fisher", "{{}}"),
                 )
                 for step in (
                     *(
@@ -384,7 +387,37 @@ STAGES: dict[str, tuple[list[list[str]], list[list[str]], tuple[float, float]]] 
                 "5",
             )
         ],
-        (9000.0, 60.0),
+        (13000.0, 60.0),
+    ),
+    "fisher": (  # table 8g: Fisher's residual scores without keep_classes, on the e4/n20000 bases
+        [
+            ["bench_fashion.py", "--model", m, "--epochs", "4", "--train-size", "20000", "--seed", s]
+            for m in ("vgg_small", "resnet_cifar20")
+            for s in ("0", "1")
+        ]
+        + [
+            ["&", "bench_fisher.py", "--models", m, "--out", f"{{results}}/fisher_{m}.json"]
+            for m in ("vgg_small", "resnet_cifar20")
+        ]
+        + [
+            [
+                "bench_fisher.py",
+                "--merge",
+                "{results}/fisher_vgg_small.json,{results}/fisher_resnet_cifar20.json",
+                "--out",
+                "{results}/fisher.json",
+            ]
+        ],
+        [
+            ["bench_fashion.py", "--model", "resnet_cifar20", "--epochs", "1", "--train-size", "6000"],
+            [
+                "bench_fisher.py",
+                *("--models", "resnet_cifar20", "--bases", "1", "--seeds", "0", "--levels", "2"),
+                *("--baseline-epochs", "1", "--train-size", "6000", "--eval-size", "500"),
+                *("--out", "{results}/fisher.json"),
+            ],
+        ],
+        (3600.0, 60.0),
     ),
     "summary": (
         [["bench_summary.py", "--results", "{results}", "--readme", "README.md"]],
