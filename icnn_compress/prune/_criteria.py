@@ -705,11 +705,19 @@ def _precision(a: Tensor, ridge: float) -> tuple[np.ndarray, _Columns]:
             # kept as B^T (n, r), C-ordered: each column is one contiguous matrix-vector product
             bt = np.ascontiguousarray(torch.linalg.solve_triangular(factor, a, upper=False).numpy().T)
             return (1.0 - (bt * bt).sum(1)) / lam, _Columns(bt=bt, lam=lam)
-    cov = a.t() @ a / r
-    cov.diagonal().add_(lam)
-    factor, info = torch.linalg.cholesky_ex(cov)  # SPD (ridge): half the time of an LU inverse
-    prec = (torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)).numpy()
+    prec = ridge_precision(a.t() @ a / r, ridge).numpy()
     return prec.diagonal().copy(), _Columns(prec=prec)
+
+
+def ridge_precision(cov: Tensor, ridge: float) -> Tensor:
+    """``(cov + lam I)^-1`` for a covariance ``(n, n)``, ``lam = ridge * mean variance`` (the mean
+    of its diagonal): the precision matrix whose column ``c`` divided by its diagonal entry gives
+    channel ``c``'s least-squares residual weights on the others. Cholesky (the ridge makes it
+    SPD: half the time of an LU inverse); a direct inverse if that fails (non-finite inputs)."""
+    lam = ridge * (float(cov.diagonal().mean()) + 1e-30)
+    cov = cov + lam * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+    factor, info = torch.linalg.cholesky_ex(cov)
+    return torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)
 
 
 def _lift_representatives(scores: Tensor, labels: Tensor | None) -> Tensor:

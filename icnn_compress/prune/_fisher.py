@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from icnn_compress.errors import ConfigError, DataError
-from icnn_compress.prune._criteria import flattened_channels, register_criterion
+from icnn_compress.prune._criteria import flattened_channels, register_criterion, ridge_precision
 
 __all__ = ["FisherImportance", "check_labels", "eliminate"]
 
@@ -333,10 +333,5 @@ def _residual_fits(
     for m, (gram, total, n) in sums.items():
         mean = total / n
         cov = gram / n - torch.outer(mean, mean)
-        cov += (
-            ridge * (cov.diagonal().mean() + 1e-12) * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
-        )
-        factor, info = torch.linalg.cholesky_ex(cov)
-        precision = torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(cov)
-        fits[m] = (mean.float(), precision)
+        fits[m] = (mean.float(), ridge_precision(cov, ridge))
     return fits
