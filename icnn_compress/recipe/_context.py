@@ -214,6 +214,25 @@ class RunContext:
                 f"prune.criterion: unknown criterion {r.prune.criterion!r}; available: "
                 f"{', '.join(list_criteria())}."
             )
+        self._check_criterion_options()
+
+    def _check_criterion_options(self) -> None:
+        """``prune.criterion_options`` are options the criterion takes, with values it accepts
+        (its importance object is built, which reads no data)."""
+        from icnn_compress.prune import make_importance
+
+        p = self.recipe.prune
+        if not p.criterion_options:
+            return
+        if p.criterion == "icnn-cluster" and "distance_threshold" in p.criterion_options:
+            raise ConfigError(
+                "prune.criterion_options: set icnn-cluster's distance_threshold as "
+                "analysis.distance_threshold (the report's clusters and pruning's are the same)."
+            )
+        try:
+            make_importance(p.criterion, **p.criterion_options)
+        except ConfigError as e:
+            raise ConfigError(f"prune.criterion_options: {e}") from None
 
     def check(self, *, training: bool = True) -> None:
         """Resolve every name and size the recipe uses, reading but never writing: dataset, model

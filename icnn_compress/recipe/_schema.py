@@ -181,6 +181,15 @@ class PruneConfig(_Strict):
         description="channels per layer: uniform (round_to) or latency (planned from ONNX Runtime "
         "latency tables measured on this machine; a macs_reduction or latency_speedup target)",
     )
+    criterion_options: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        max_length=100,
+        description="options of prune.criterion, as its keyword arguments (python -c 'import "
+        'icnn_compress.prune as p; print(p.criterion_spec("fisher").options)\' lists them), e.g. '
+        "{residual: false} for fisher or {stream_ranking: magnitude} for icnn-cluster; an option the "
+        "criterion does not take is an error; icnn-cluster's distance_threshold is "
+        "analysis.distance_threshold",
+    )
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="at most this share of a layer is removed")
     global_ranking: bool = Field(
         False, description="rank channels across layers (else the same ratio in each)"

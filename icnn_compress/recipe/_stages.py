@@ -245,13 +245,20 @@ def prune_with(ctx: RunContext, model: nn.Module, criterion: str | None = None):
         refit_classifier=refit,
         keep_classes=p.keep_classes,
         keep_classes_mode=p.keep_classes_mode,
-        criterion_options=(
-            {"distance_threshold": ctx.recipe.analysis.distance_threshold}
-            if (criterion or p.criterion) == "icnn-cluster"
-            else None
-        ),
+        criterion_options=_criterion_options(ctx, criterion or p.criterion),
         progress=ctx.progress,
     )
+
+
+def _criterion_options(ctx: RunContext, criterion: str) -> dict:
+    """The options ``criterion`` is built with: icnn-cluster's clusters at the analysis' distance
+    threshold; ``prune.criterion_options`` when it is the recipe's criterion (not a compared one)."""
+    options = {}
+    if criterion == "icnn-cluster":
+        options["distance_threshold"] = ctx.recipe.analysis.distance_threshold
+    if criterion == ctx.recipe.prune.criterion:
+        options.update(ctx.recipe.prune.criterion_options)
+    return options
 
 
 def _unpruned(ctx: RunContext, run: RunDirectory, *, base: bool = False) -> nn.Module:

@@ -167,6 +167,36 @@ def test_validate_show_list(recipe, capsys):
     assert captured.out == "" and "prune.criterion: unknown criterion 'l7'; available:" in captured.err
 
 
+@pytest.mark.parametrize(("sets", "match"), [
+    (["prune.criterion=fisher", "prune.criterion_options.bogus=1"],
+     "prune.criterion_options: criterion 'fisher' has no option 'bogus'; its options: probe_batches"),
+    (["prune.criterion=fisher", "prune.criterion_options.ridge=-1"],
+     "prune.criterion_options: criterion 'fisher': ridge must be a number > 0. Got -1."),
+    (["prune.criterion=icnn-cluster", "prune.criterion_options.distance_threshold=0.3"],
+     "prune.criterion_options: set icnn-cluster's distance_threshold as analysis.distance_threshold"),
+])  # fmt: skip
+def test_criterion_options_are_checked_before_a_run(recipe, tmp_path, capsys, sets, match):
+    args = [x for kv in sets for x in ("--set", kv)]
+    assert main(["validate", str(recipe), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+    out = tmp_path / "never"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet", *args]) == 2
+    assert not out.exists()  # refused before anything was written
+
+
+def test_criterion_options_reach_the_recipes_criterion_only():
+    from icnn_compress.recipe._stages import _criterion_options
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
+        "prune.criterion=fisher", "prune.criterion_options.residual=false",
+    ])  # fmt: skip
+    ctx = RunContext(recipe)
+    assert _criterion_options(ctx, "fisher") == {"residual": False}
+    assert _criterion_options(ctx, "icnn-cluster") == {"distance_threshold": 0.25}  # a compared one
+    assert _criterion_options(ctx, "l2") == {}
+
+
 @pytest.mark.parametrize(("mutation", "match"), [
     ({"prune": {"macs_reduction": 0.5}}, r"tiny.yaml:\d+: prune.macs_reduction: Input should be greater"),
     ({"finetune": {"optimizr": "sgd"}}, r"unknown key 'finetune.optimizr'. Did you mean 'finetune.optim"),
