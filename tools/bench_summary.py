@@ -43,9 +43,12 @@ SECTIONS = {
     "gpu_check": "gpu_check.json",
     "fashion_vgg_small": "fashion_vgg_small.json",
     "fashion_resnet_cifar20": "fashion_resnet_cifar20.json",
+    "specialise_eliminate": "specialise_eliminate.json",
     "specialise_residual": "specialise_residual.json",
     "specialise_fisher": "specialise_fisher.json",
+    "fisher": "fisher.json",
 }
+SPECIALISE = ("specialise_eliminate", "specialise_residual", "specialise_fisher")  # table 5, in order
 
 
 def _load(results: Path) -> dict[str, dict]:
@@ -530,7 +533,7 @@ def specialise_md(results: list[dict]) -> list[str]:
         "every kept-class test image, one-shot (compensation, BatchNorm re-estimated on the kept "
         f"classes) / after {setup['recover_steps']} recovery steps; gain = paired points over "
         "restricting the head + `l2` with compensation at the same MACs (mean ± std). Reproduce: "
-        "`python tools/bench.py --only specialise` (docs/benchmarks.md 8d-8e).",
+        "`python tools/bench.py --only specialise` (docs/benchmarks.md 8d-8f).",
         "",
         "| kept classes | MACs | head + `l2` | method | one-shot gain | recovered gain | +1 point one-shot |",
         "|---|---|---|---|---|---|---|",
@@ -540,13 +543,13 @@ def specialise_md(results: list[dict]) -> list[str]:
             ref = methods["head+l2"]
             rows = []
             for i, result in enumerate(results):
-                plain = (result["setup"].get("criterion_options") or {}).get("residual") is False
+                options = result["setup"].get("criterion_options") or {}
                 for method, st in result["summary"][model].get(k, {}).get(level, {}).items():
                     if method == "head+l2" or (i > 0 and method == "head+l2@kept"):
                         continue
                     name = labels.get(method, method)
                     if method == "criterion:fisher":
-                        name += ", on the channels (8d)" if plain else ", residual after compensation (8e)"
+                        name += _fisher_variant(options)
                     one, rec = st["oneshot_gain_over_head_points"], st["recovered_gain_over_head_points"]
                     met = "" if method == "head+l2@kept" else "met" if one >= 1.0 else "missed"
                     rows.append(
@@ -558,6 +561,50 @@ def specialise_md(results: list[dict]) -> list[str]:
                         )
                     )
             md += [row for _, row in sorted(rows, key=lambda r: r[0])]
+    return md
+
+
+def _fisher_variant(options: dict) -> str:
+    """How a Fisher row scored its channels, from its ``criterion_options``."""
+    if options.get("residual") is False:
+        return ", on the channels (8d)"
+    if options.get("eliminate") is False:
+        return ", leave-one-out residuals (8e)"
+    return ", residuals by elimination (8f, the default)"
+
+
+def fisher_md(result: dict) -> list[str]:
+    """Fisher's scores with compensation, without kept classes (bench_fisher.py): per model and
+    level, each variant's one-shot top-1 and paired gains over ``l2`` and plain Fisher."""
+    labels = {
+        "l2": "`l2`",
+        "fisher-plain": "Fisher on the channels (`residual: false`)",
+        "fisher-loo": "Fisher, leave-one-out residuals (`eliminate: false`)",
+        "fisher": "Fisher, residuals by elimination (the default)",
+    }
+    setup = result["setup"]
+    md = [
+        f"Fashion-MNIST, {setup['bases']} independently trained quick bases ({setup['baseline_epochs']} "
+        f"epochs on {setup['train_size']} images) x {len(str(setup['seeds']).split(','))} probe draws per "
+        f"row; one-shot (compensation, BatchNorm re-estimated, classifier refit; no training), top-1 on "
+        f"{setup['eval_size']} test images; gains are paired points (mean ± std over the cells); time: "
+        "median pruning seconds on one thread. Reproduce: `python tools/bench.py --only fisher` "
+        "(docs/benchmarks.md 8g).",
+        "",
+        "| model | MACs | ranking | one-shot top-1 | gain over `l2` | gain over plain Fisher | pruning s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, levels in result["summary"].items():
+        for level, variants in levels.items():
+            for variant, st in variants.items():
+                gains = [
+                    f"{st[k]:+.2f} ± {st[k.replace('_points', '_std')]:.2f}" if k in st else ""
+                    for k in ("gain_over_l2_points", "gain_over_fisher-plain_points")
+                ]
+                md.append(
+                    f"| {model} | {level} | {labels.get(variant, variant)} | {st['oneshot']:.4f} ± "
+                    f"{st['std']:.4f} | {gains[0]} | {gains[1]} | {st['seconds_median']:.0f} |"
+                )
     return md
 
 
@@ -742,13 +789,20 @@ def main() -> None:
             *interpretability_md(sections["interpretability"]),
         ]
     md += ["", "#### 4. Training-step overhead of the loss", "", *overhead_md(sections)]
-    if "specialise_residual" in sections:
-        shown = [sections[k] for k in ("specialise_residual", "specialise_fisher") if k in sections]
+    shown = [sections[k] for k in SPECIALISE if k in sections]
+    if shown:
         md += [
             "",
             "#### 5. Category-aware compression: a model specialised to the classes a deployment needs",
             "",
             *specialise_md(shown),
+        ]
+    if "fisher" in sections:
+        md += [
+            "",
+            "#### 6. Fisher pruning with compensation, without kept classes: what to score",
+            "",
+            *fisher_md(sections["fisher"]),
         ]
     missing = [f for k, f in SECTIONS.items() if k not in sections]
     if missing:

@@ -202,8 +202,9 @@ def test_latency_aware_and_reach_tables_are_part_of_the_readme_block(tmp_path):
 
 
 def test_specialise_table_pairs_each_method_with_the_head_restriction(tmp_path):
-    """Table 5 reads both specialisation results: the residual Fisher run and the earlier one with
-    Fisher on the channels; the target verdict follows the one-shot gain."""
+    """Table 5 reads the three specialisation results: Fisher's residuals by elimination, the
+    earlier leave-one-out ones and Fisher on the channels, labelled by their criterion options, the
+    elimination first; the target verdict follows the one-shot gain."""
 
     def result(gain: float, options: dict) -> dict:
         stats = {"oneshot_mean": 0.8, "recovered_mean": 0.85}
@@ -226,7 +227,8 @@ def test_specialise_table_pairs_each_method_with_the_head_restriction(tmp_path):
             "summary": {"m": {"5": {"4x": {"head+l2": stats, "criterion:fisher": {**stats, **gains}}}}},
         }
 
-    (tmp_path / "specialise_residual.json").write_text(json.dumps(result(1.5, {})))
+    (tmp_path / "specialise_eliminate.json").write_text(json.dumps(result(1.8, {})))
+    (tmp_path / "specialise_residual.json").write_text(json.dumps(result(1.5, {"eliminate": False})))
     (tmp_path / "specialise_fisher.json").write_text(json.dumps(result(0.6, {"residual": False})))
     proc = run_summary(tmp_path, "<!-- bench:start -->\n<!-- bench:end -->\n")
     assert proc.returncode == 0, proc.stderr
@@ -234,5 +236,33 @@ def test_specialise_table_pairs_each_method_with_the_head_restriction(tmp_path):
     assert "#### 5. Category-aware compression" in text
     assert "2 independently trained bases x 2 probe draws" in text
     fisher = "| 5 | 4x | 0.8000 / 0.8500 | Fisher, `keep_classes_mode=criterion`"
-    assert f"{fisher}, residual after compensation (8e) | +1.50 ± 0.50 | +0.10 ± 0.20 | met |" in text
-    assert f"{fisher}, on the channels (8d) | +0.60 ± 0.50 | +0.10 ± 0.20 | missed |" in text
+    rows = [
+        f"{fisher}, residuals by elimination (8f, the default) | +1.80 ± 0.50 | +0.10 ± 0.20 | met |",
+        f"{fisher}, leave-one-out residuals (8e) | +1.50 ± 0.50 | +0.10 ± 0.20 | met |",
+        f"{fisher}, on the channels (8d) | +0.60 ± 0.50 | +0.10 ± 0.20 | missed |",
+    ]
+    assert all(row in text for row in rows)
+    assert [text.index(row) for row in rows] == sorted(text.index(row) for row in rows)
+    assert text.count("| 5 | 4x |") == 3  # the head restriction is the reference, not a row
+
+
+def test_fisher_table_shows_each_ranking_with_its_paired_gains(tmp_path):
+    stats = {"oneshot": 0.81, "std": 0.01, "cells": 4, "seconds_median": 65.0}
+    gains = {"gain_over_l2_points": 3.1, "gain_over_l2_std": 0.9}
+    gains |= {"gain_over_fisher-plain_points": 1.28, "gain_over_fisher-plain_std": 0.7}
+    result = {
+        "command": "python tools/bench_fisher.py --merge a,b",
+        "setup": {"bases": 2, "seeds": "0,1", "baseline_epochs": 4, "train_size": 20000, "eval_size": 5000},
+        "summary": {
+            "resnet_cifar20": {"4x": {"l2": {**stats, "oneshot": 0.78}, "fisher": {**stats, **gains}}}
+        },
+    }
+    (tmp_path / "fisher.json").write_text(json.dumps(result))
+    proc = run_summary(tmp_path, "<!-- bench:start -->\n<!-- bench:end -->\n")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "README.md").read_text()
+    assert "#### 6. Fisher pruning with compensation, without kept classes" in text
+    assert "2 independently trained quick bases (4 epochs on 20000 images) x 2 probe draws" in text
+    assert "| resnet_cifar20 | 4x | `l2` | 0.7800 ± 0.0100 |  |  | 65 |" in text
+    row = "| resnet_cifar20 | 4x | Fisher, residuals by elimination (the default) | 0.8100 ± 0.0100 |"
+    assert f"{row} +3.10 ± 0.90 | +1.28 ± 0.70 | 65 |" in text
