@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from _common import baseline_path, command_line, load_fashion_model, log_to_stdout, probe_batches, top1
+from bench_summary import fisher_md
 from torch.utils.data import DataLoader, Subset
 
 import icnn_compress as ic
@@ -163,24 +164,11 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def write(result: dict, out: Path) -> None:
-    """Adds the summary to ``result`` and writes it to ``out`` (and a table to ``out`` .md)."""
+    """Adds the summary to ``result`` and writes it to ``out`` (and README table 6's rows to
+    ``out`` .md)."""
     result["summary"] = summarise(result["rows"])
     atomic_write_json(result, out)
-    lines = [
-        "| model | level | variant | one-shot top-1 | gain over l2 | gain over fisher-plain | s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for model, levels in result["summary"].items():
-        for level, variants in levels.items():
-            for variant, s in variants.items():
-                gains = [
-                    f"{s[k]:+.2f} ± {s[k.replace('points', 'std')]:.2f}" if k in s else ""
-                    for k in ("gain_over_l2_points", "gain_over_fisher-plain_points")
-                ]
-                lines.append(
-                    f"| {model} | {level} | {variant} | {s['oneshot']:.4f} ± {s['std']:.4f} | "
-                    f"{gains[0]} | {gains[1]} | {s['seconds_median']:.0f} |"
-                )
+    lines = fisher_md(result)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -50,7 +50,8 @@ def test_merge_summarises_every_model_with_paired_gains(tmp_path):
     )
     assert resnet["fisher"]["gain_over_fisher-plain_points"] == -1.0 and resnet["fisher"]["cells"] == 4
     assert resnet["l2"]["oneshot"] == 0.7055 and resnet["fisher"]["seconds_median"] == 30.0
-    assert "| resnet_cifar20 | 4x | fisher | 0.7455" in (tmp_path / "fisher.md").read_text()
+    table = (tmp_path / "fisher.md").read_text()
+    assert "| resnet_cifar20 | 4x | Fisher, residuals by elimination (the default) | 0.7455" in table
 
 
 def test_merge_refuses_runs_with_other_settings(tmp_path):
