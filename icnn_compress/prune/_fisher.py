@@ -244,9 +244,12 @@ def eliminate(cross: Tensor, precision: Tensor, candidates: list[int], bound: in
     candidates."""
     p = precision.double().clone()
     cand = torch.as_tensor(list(candidates), dtype=torch.long)
-    k = len(cand)
-    sub = cross[:, :, cand]  # (N, C, K): the candidates' gradients against every channel
-    u = torch.einsum("njk,jk->nk", sub, p[:, cand].to(sub.dtype)).double()
+    n, c, k = len(cross), cross.shape[1], len(cand)
+    # (C, N, K), contiguous: row j holds every image's candidates against channel j, so that the
+    # contraction over j at each removal is one matrix-vector product (not a strided copy)
+    sub = cross[:, :, cand].permute(1, 0, 2).contiguous()
+    u = torch.einsum("jnk,jk->nk", sub, p[:, cand].to(sub.dtype)).double()
+    sub = sub.view(c, n * k)
     scores = torch.zeros(k, dtype=torch.float64)
     left = torch.ones(k, dtype=torch.bool)
     limit = k if bound is None else min(k, max(int(bound), 0))
@@ -266,7 +269,7 @@ def eliminate(cross: Tensor, precision: Tensor, candidates: list[int], bound: in
         pivot = float(column[a])
         if pivot <= 0:
             break  # numerically singular: the rest are ranked by their current cost below
-        v = torch.einsum("njk,j->nk", sub, column.to(sub.dtype)).double()
+        v = (column.to(sub.dtype) @ sub).view(n, k).double()
         u -= v * (column[cand] / pivot).view(1, -1)
         p -= torch.outer(column, column) / pivot
     if bool(left.any()):
