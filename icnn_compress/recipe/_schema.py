@@ -227,8 +227,8 @@ class PruneConfig(_Strict):
         "relevance",
         description="keep_classes: weigh scores by relevance, other categories first, or the criterion's "
         "own scores (with criterion 'taylor' or 'fisher': the kept classes' loss through the restricted "
-        "head; 'criterion' with criterion 'fisher' and compensate measured best: +1.5 points one-shot "
-        "over a restricted head + l2 with 5 of 10 classes kept at 4x, benchmarks 8e)",
+        "head; 'criterion' with criterion 'fisher' and compensate measured best: +2.4 / +1.3 points "
+        "one-shot over a restricted head + l2 with 2 / 5 of 10 classes kept at 4x, benchmarks 8f)",
     )
 
     @model_validator(mode="after")
