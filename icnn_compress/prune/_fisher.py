@@ -149,13 +149,18 @@ class FisherImportance(tp.importance.Importance):
                         centred = x - _as_map(mean, x)
                         # residuals of every channel at once: a 1x1 channel mix of the centred input
                         weights = (precision / precision.diagonal()).to(x.dtype)
-                        r = torch.einsum("nc...,cd->nd...", centred, weights)
-                        residual_terms.setdefault(m, []).append(_per_channel(r * g))
                         if m in crossed:
                             # (N, C, positions) each; a linear's input is one position
                             xs, gs = (t.reshape(*t.shape[:2], -1) for t in (centred, g))
                             pair = torch.einsum("njp,ncp->njc", xs, gs)
                             cross.setdefault(m, []).append(pair.float().cpu())
+                            # the leave-one-out terms follow from it without another pass over
+                            # the positions: sum_j pair[n, j, c] * weights[j, c]
+                            term = torch.einsum("njc,jc->nc", pair, weights).float().cpu()
+                        else:
+                            r = torch.einsum("nc...,cd->nd...", centred, weights)
+                            term = _per_channel(r * g)
+                        residual_terms.setdefault(m, []).append(term)
                 seen.clear()
         finally:
             for h in handles:

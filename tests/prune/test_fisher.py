@@ -318,3 +318,19 @@ def test_cross_terms_past_the_memory_budget_fall_back_to_leave_one_out(monkeypat
     enough = make_importance("fisher", probe_batches=3, residual=True)
     enough.refresh(model, loader)
     assert [m for m in enough.cross] == [model[4]]
+
+
+def test_leave_one_out_terms_from_the_cross_terms_equal_the_direct_ones():
+    """With cross terms the leave-one-out terms are read off them: the same numbers as the 1x1
+    channel mix of the centred input computes without them."""
+    model = small_net()
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    direct = make_importance("fisher", probe_batches=3, residual=True, eliminate=False)
+    crossed = make_importance("fisher", probe_batches=3, residual=True)
+    direct.refresh(model, loader)
+    crossed.refresh(model, loader)
+    assert model[4] in crossed.cross and model[4] not in direct.cross
+    torch.testing.assert_close(
+        crossed.residual_terms[model[4]], direct.residual_terms[model[4]], rtol=1e-4, atol=1e-6
+    )
