@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from icnn_compress.errors import ConfigError, DataError
 from icnn_compress.prune._criteria import flattened_channels, register_criterion, ridge_precision
+from icnn_compress.prune._probe import collect_layer_inputs
 
 __all__ = ["FisherImportance", "check_labels", "eliminate"]
 
@@ -93,6 +94,9 @@ class FisherImportance(tp.importance.Importance):
         # (x_j - mean_j) * dL_n/dx_c; and reader -> the precision matrix (C, C) float64 of its input
         self.cross: dict[nn.Module, Tensor] = {}
         self.precision: dict[nn.Module, Tensor] = {}
+        # with residual: every reader's input rows on the probe, as compensation collects them
+        # (``prune_model`` reuses them instead of another pass)
+        self.inputs: dict[nn.Module, Tensor] = {}
         # set by prune_model before a step of per-layer ranking: group -> the most channels the
         # step can remove from it (None: rank them all)
         self.step_bound: Callable[[object], int | None] | None = None
@@ -106,10 +110,10 @@ class FisherImportance(tp.importance.Importance):
         was = model.training
         model.eval()
         try:
-            fits = (
+            fits, self.inputs = (
                 _residual_fits(model, loader, readers, self.probe_batches, self.ridge)
                 if self.residual
-                else {}
+                else ({}, {})
             )
             self._gradient_terms(model, loader, readers, device, fits)
         finally:
@@ -303,43 +307,35 @@ def _as_map(v: Tensor, like: Tensor) -> Tensor:
 @torch.no_grad()
 def _residual_fits(
     model: nn.Module, loader: DataLoader, readers: list[nn.Module], batches: int, ridge: float
-) -> dict[nn.Module, tuple[Tensor, Tensor]]:
+) -> tuple[dict[nn.Module, tuple[Tensor, Tensor]], dict[nn.Module, Tensor]]:
     """For every layer input up to ``RESIDUAL_MAX_WIDTH`` channels wide: its channel means ``(C,)``
     and the precision matrix ``P`` ``(C, C)`` float64 of its ridge-regularised covariance over every
     position of the first ``batches`` batches; column ``c`` of ``P`` divided by ``P[c, c]`` maps the
     centred input to channel ``c``'s least-squares residual on the other channels. Filed under the
-    first reader of each input tensor."""
-    seen: list[tuple[nn.Module, Tensor]] = []
-    handles = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0]))) for m in readers]
+    first reader of each input tensor. The same pass collects every reader's input rows as
+    ``collect_layer_inputs`` does (second value), which compensation then reuses."""
     sums: dict[nn.Module, list] = {}  # reader -> [sum x x^T (float64), sum x, rows]
-    device = next(model.parameters()).device
-    try:
-        for i, batch in enumerate(loader):
-            if i >= batches:
-                break
-            seen.clear()
-            model(batch[0].to(device))
-            done: set[int] = set()
-            for m, x in seen:
-                if id(x) in done:
-                    continue
-                done.add(id(x))
-                if x.dim() < 2 or x.shape[1] > RESIDUAL_MAX_WIDTH:
-                    continue
-                if isinstance(m, nn.Conv2d) and m.groups > 1:
-                    continue  # a grouped conv's input is pruned with its producer, never scored here
-                rows = x.movedim(1, -1).reshape(-1, x.shape[1]).float()
-                s = sums.setdefault(m, [0.0, 0.0, 0])
-                s[0] = s[0] + (rows.t() @ rows).double()
-                s[1] = s[1] + rows.sum(0).double()
-                s[2] += len(rows)
-            seen.clear()
-    finally:
-        for h in handles:
-            h.remove()
+
+    def add(seen: list[tuple[nn.Module, Tensor]]) -> None:
+        done: set[int] = set()
+        for m, x in seen:
+            if id(x) in done:
+                continue
+            done.add(id(x))
+            if x.dim() < 2 or x.shape[1] > RESIDUAL_MAX_WIDTH:
+                continue
+            if isinstance(m, nn.Conv2d) and m.groups > 1:
+                continue  # a grouped conv's input is pruned with its producer, never scored here
+            rows = x.movedim(1, -1).reshape(-1, x.shape[1]).float()
+            s = sums.setdefault(m, [0.0, 0.0, 0])
+            s[0] = s[0] + (rows.t() @ rows).double()
+            s[1] = s[1] + rows.sum(0).double()
+            s[2] += len(rows)
+
+    inputs = collect_layer_inputs(model, loader, readers, max_batches=batches, on_batch=add)
     fits = {}
     for m, (gram, total, n) in sums.items():
         mean = total / n
         cov = gram / n - torch.outer(mean, mean)
         fits[m] = (mean.float(), ridge_precision(cov, ridge))
-    return fits
+    return fits, inputs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -18,14 +20,20 @@ def collect_layer_inputs(
     max_batches: int = 8,
     rows_per_batch: int = 512,
     seed: int = 0,
+    on_batch: Callable[[list[tuple[nn.Module, Tensor]]], None] | None = None,
 ) -> dict[nn.Module, Tensor]:
     """For each module, a matrix ``(rows, C_in)`` of its input vectors (conv: channel vectors at
-    random spatial positions; linear: the input rows), from at most ``max_batches`` batches."""
+    random spatial positions; linear: the input rows), from at most ``max_batches`` batches.
+    ``on_batch``, if given, is called after each batch's forward pass with every ``(module, full
+    input)`` of that pass, in call order, so that another statistic shares the pass."""
     g = torch.Generator().manual_seed(seed)
     store: dict[nn.Module, list[Tensor]] = {m: [] for m in modules}
+    seen: list[tuple[nn.Module, Tensor]] = []
 
     def hook(module, args):
         x = args[0].detach()
+        if on_batch is not None:
+            seen.append((module, x))
         if x.dim() == 4:
             n, c, h, w = x.shape
             if n * h * w > rows_per_batch:
@@ -51,7 +59,11 @@ def collect_layer_inputs(
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
+            seen.clear()
             model(batch[0].to(device))
+            if on_batch is not None:
+                on_batch(seen)
+        seen.clear()
     finally:
         for h in handles:
             h.remove()

@@ -334,3 +334,33 @@ def test_leave_one_out_terms_from_the_cross_terms_equal_the_direct_ones():
     torch.testing.assert_close(
         crossed.residual_terms[model[4]], direct.residual_terms[model[4]], rtol=1e-4, atol=1e-6
     )
+
+
+def test_residual_refresh_collects_the_rows_compensation_reads(monkeypatch):
+    """The residual fits' pass also collects every layer's input rows, the same rows as
+    collect_layer_inputs, and prune_model compensates from them without another pass."""
+    from icnn_compress.prune import Target, _engine, prune_model
+    from icnn_compress.prune._probe import collect_layer_inputs
+
+    model = small_net()
+    g = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)
+    ]
+    importance = make_importance("fisher", probe_batches=3, residual=True)
+    importance.refresh(model, batches)
+    readers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    expected = collect_layer_inputs(model, batches, readers, max_batches=3)
+    assert importance.inputs.keys() == expected.keys()
+    for m, rows in expected.items():
+        assert torch.equal(importance.inputs[m], rows)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("compensation collected the probe inputs again")
+
+    monkeypatch.setattr(_engine, "collect_layer_inputs", no_second_pass)
+    result = prune_model(
+        model, torch.rand(1, 3, 8, 8), criterion="fisher", target=Target(macs_reduction=1.3),
+        data=batches, compensate=True, probe_batches=3, round_to=None, progress=False,
+    )  # fmt: skip
+    assert result.compensated_layers > 0 and result.macs_reduction >= 1.3
